@@ -1,0 +1,158 @@
+"""Per-projection sparsity from alpha under a global, parameter-weighted budget, rounded to exact TopK counts."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ExportError
+from .weights import Projection
+
+__all__ = [
+    "ALLOCATIONS",
+    "DIRECTIONS",
+    "BUDGET_TOLERANCE",
+    "ModuleSparsity",
+    "keep_count",
+    "effective_sparsity",
+    "allocate",
+]
+
+ALLOCATIONS = ("acttail", "uniform", "block")
+DIRECTIONS = ("heavy-tail", "light-tail")
+BUDGET_TOLERANCE = 0.002
+
+
+@dataclass(frozen=True)
+class ModuleSparsity:
+    """What one projection keeps: ``keep`` of its ``in_features`` inputs per token."""
+
+    alpha: float
+    keep: int
+    in_features: int
+    out_features: int
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.keep / self.in_features
+
+    def to_dict(self) -> dict:
+        return {"alpha": round(self.alpha, 4), "sparsity": round(self.sparsity, 4), "keep": self.keep,
+                "in_features": self.in_features}
+
+
+def keep_count(sparsity: float, in_features: int) -> int:
+    """k_p = clamp(round((1 - s_p) * d_in), 1, d_in)."""
+    return min(max(round((1.0 - sparsity) * in_features), 1), in_features)
+
+
+def effective_sparsity(modules: dict[str, ModuleSparsity]) -> float:
+    """sum_p n_p (1 - k_p / d_in) / sum_p n_p: the fraction of projection weights a decode step skips."""
+    params = sum(m.out_features * m.in_features for m in modules.values())
+    skipped = sum(m.out_features * (m.in_features - m.keep) for m in modules.values())
+    return skipped / params
+
+
+def _solve_linear_rule(scores: np.ndarray, params: np.ndarray, target: float, epsilon: float,
+                       s_min: float, s_max: float) -> np.ndarray:
+    """s_p = clip(eta * ((1 - eps) + 2 eps r_p), s_min, s_max) with eta bisected so that the weighted mean is ``target``.
+
+    :param scores: r_p in [0, 1], 1 = gets the most sparsity
+    """
+    base = (1.0 - epsilon) + 2.0 * epsilon * scores
+
+    def mean_sparsity(eta: float) -> float:
+        return float(np.average(np.clip(eta * base, s_min, s_max), weights=params))
+
+    high = 1.0
+    while mean_sparsity(high) < target:
+        high *= 2
+        if high > 1e9:
+            raise ExportError(f"sparsity {target} cannot be reached with epsilon={epsilon} and max sparsity {s_max}")
+    low = 0.0
+    for _ in range(200):
+        mid = (low + high) / 2
+        low, high = (mid, high) if mean_sparsity(mid) < target else (low, mid)
+    return np.clip(high * base, s_min, s_max)
+
+
+def _round_to_budget(sparsity: np.ndarray, projections: list[Projection], target: float,
+                     s_min: float, s_max: float) -> np.ndarray:
+    """Integer keep counts whose effective sparsity is as close to ``target`` as single-step changes can bring it."""
+    d_in = np.array([p.in_features for p in projections])
+    d_out = np.array([p.out_features for p in projections])
+    wanted = (1.0 - sparsity) * d_in
+    keep = np.array([keep_count(s, d) for s, d in zip(sparsity, d_in)])
+    keep_min = np.array([keep_count(s_max, d) for d in d_in])
+    keep_max = np.array([keep_count(s_min, d) for d in d_in])
+    excess = float((d_out * (d_in - keep)).sum() - target * (d_out * d_in).sum())  # skipped minus wanted params
+    while True:
+        # Too sparse: raise the keep of the projection rounded down the most; too dense: the reverse.
+        step = 1 if excess > 0 else -1
+        residual = (wanted - keep) * step
+        movable = (keep < keep_max) if step > 0 else (keep > keep_min)
+        if not movable.any():
+            break
+        i = int(np.argmax(np.where(movable, residual, -np.inf)))
+        if abs(excess - step * d_out[i]) >= abs(excess):
+            break
+        keep[i] += step
+        excess -= step * d_out[i]
+    return keep
+
+
+def _scores(projections: list[Projection], alphas: dict[str, float], method: str, sparser: str) -> np.ndarray:
+    """r_p in [0, 1] from alpha (or the block's mean alpha), oriented so that 1 means sparsest."""
+    alpha = np.array([alphas[p.name] for p in projections])
+    if method == "block":
+        by_layer = defaultdict(list)
+        for p, a in zip(projections, alpha):
+            by_layer[p.layer].append(a)
+        alpha = np.array([np.mean(by_layer[p.layer]) for p in projections])
+    spread = alpha.max() - alpha.min()
+    r = (alpha - alpha.min()) / spread if spread > 0 else np.full_like(alpha, 0.5)
+    # heavy-tail: the smallest alpha (heaviest tail) gets the most sparsity; light-tail (AlphaPruning) the reverse.
+    return 1.0 - r if sparser == "heavy-tail" else r
+
+
+def allocate(projections: list[Projection] | tuple[Projection, ...], alphas: dict[str, float], target: float,
+             method: str = "acttail", epsilon: float = 0.3, sparser: str = "heavy-tail",
+             s_min: float = 0.0, s_max: float = 0.99) -> dict[str, ModuleSparsity]:
+    """Choose each projection's TopK count so that the parameter-weighted sparsity is ``target`` (within rounding).
+
+    :param alphas: Hill alpha per module name
+    :param target: S, the mean sparsity over all projection parameters, in [0, 1)
+    :param method: ``acttail`` (linear rule on alpha), ``uniform`` (s_p = S), ``block`` (linear rule on the block mean alpha)
+    :param epsilon: spread of the linear rule: sparsities lie in eta * [1 - eps, 1 + eps] before clipping
+    :param sparser: ``heavy-tail`` gives small alpha more sparsity, ``light-tail`` large alpha (AlphaPruning's direction)
+    :param s_min: lower clip of each projection's sparsity
+    :param s_max: upper clip of each projection's sparsity
+    """
+    if method not in ALLOCATIONS:
+        raise ExportError(f"unknown allocation {method!r}; choose from {', '.join(ALLOCATIONS)}")
+    if sparser not in DIRECTIONS:
+        raise ExportError(f"unknown direction {sparser!r}; choose from {', '.join(DIRECTIONS)}")
+    if not 0.0 <= target < 1.0:
+        raise ExportError(f"sparsity must be in [0, 1), got {target}")
+    if not 0.0 <= epsilon <= 1.0:
+        raise ExportError(f"epsilon must be in [0, 1], got {epsilon}")
+    if not 0.0 <= s_min <= target <= s_max < 1.0:
+        raise ExportError(f"need 0 <= min-sparsity ({s_min}) <= sparsity ({target}) <= max-sparsity ({s_max}) < 1")
+    projections = list(projections)
+    params = np.array([p.params for p in projections], dtype=np.float64)
+    if method == "uniform":
+        sparsity = np.full(len(projections), target)
+    else:
+        sparsity = _solve_linear_rule(_scores(projections, alphas, method, sparser), params, target, epsilon, s_min, s_max)
+    keep = _round_to_budget(sparsity, projections, target, s_min, s_max)
+    modules = {
+        p.name: ModuleSparsity(float(alphas[p.name]), int(k), p.in_features, p.out_features)
+        for p, k in zip(projections, keep)
+    }
+    achieved = effective_sparsity(modules)
+    if abs(achieved - target) > BUDGET_TOLERANCE:
+        raise ExportError(f"effective sparsity {achieved:.4f} misses the target {target} by more than {BUDGET_TOLERANCE} "
+                          "(the model is too small for integer TopK counts to meet it)")
+    return modules

@@ -1,0 +1,136 @@
+"""Write an ActTail checkpoint: the input's weights, a config with the sparsity block, tokenizer, shipped code and a card.
+
+Everything is written into a hidden temporary folder beside OUT and renamed into place at the end, so an export that fails
+or is interrupted never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .allocation import ModuleSparsity, effective_sparsity
+from .errors import ExportError
+from .weights import SUPPORTED_ARCHITECTURES, SourceModel
+
+__all__ = ["FORMAT_VERSION", "TOKENIZER_FILES", "shipped_code_files", "sparsity_block", "write_checkpoint"]
+
+FORMAT_VERSION = 1
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
+)
+_SHIPPED_PACKAGES = ("acttail_export.modeling", "acttail_export.kernels")
+
+
+def shipped_code_files() -> list[Path]:
+    """The .py files of modeling/ and kernels/ that go flat into every checkpoint (their only source)."""
+    files = []
+    for package in _SHIPPED_PACKAGES:
+        files += [Path(str(f)) for f in resources.files(package).iterdir() if f.name.endswith(".py") and f.name != "__init__.py"]
+    return sorted(files, key=lambda f: f.name)
+
+
+def sparsity_block(modules: dict[str, ModuleSparsity], target: float, method: str, estimator: str, epsilon: float,
+                   sparser: str, prefill: str | float = "sparse") -> dict:
+    """The ``activation_sparsity`` block of config.json (read back by the shipped configuration code)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "method": method,
+        "target_sparsity": target,
+        "effective_sparsity": round(effective_sparsity(modules), 6),
+        "estimator": estimator,
+        "epsilon": epsilon,
+        "sparser": sparser,
+        "prefill": prefill,
+        "modules": {name: m.to_dict() for name, m in modules.items()},
+    }
+
+
+def _checkpoint_config(source: SourceModel, block: dict, dtype: torch.dtype | None) -> dict:
+    stem = SUPPORTED_ARCHITECTURES[source.model_type]
+    config = dict(source.config)
+    config.update(
+        model_type=f"acttail_{source.model_type}",
+        base_model_type=source.model_type,
+        architectures=[f"ActTail{stem}ForCausalLM"],
+        auto_map={
+            "AutoConfig": f"configuration_acttail.ActTail{stem}Config",
+            "AutoModelForCausalLM": f"modeling_acttail.ActTail{stem}ForCausalLM",
+        },
+        activation_sparsity=block,
+    )
+    if dtype is not None:
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        config.pop("torch_dtype", None)
+    return config
+
+
+def _copy_weights(source: SourceModel, dest: Path, dtype: torch.dtype | None) -> None:
+    """Copy the safetensors files byte for byte, or convert floating tensors to ``dtype`` one file at a time."""
+    total_bytes = 0
+    for file in source.weight_files:
+        if dtype is None:
+            shutil.copyfile(file, dest / file.name)
+            continue
+        with safe_open(file, framework="pt") as f:
+            metadata = f.metadata()
+            tensors = {}
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                tensors[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                total_bytes += tensors[key].numel() * tensors[key].element_size()
+        save_file(tensors, dest / file.name, metadata=metadata)
+        del tensors
+    index = source.folder / "model.safetensors.index.json"
+    if index.is_file() and dtype is None:
+        shutil.copyfile(index, dest / index.name)
+    elif index.is_file():
+        data = json.loads(index.read_text())
+        data.setdefault("metadata", {})["total_size"] = total_bytes
+        (dest / index.name).write_text(json.dumps(data, indent=2))
+
+
+def write_checkpoint(source: SourceModel, out: Path, block: dict, card: str, overwrite: bool = False,
+                     dtype: torch.dtype | None = None) -> Path:
+    """Write the checkpoint folder ``out`` atomically and return it.
+
+    :param block: the ``activation_sparsity`` block (see :func:`sparsity_block`)
+    :param card: README.md text (model card)
+    :param dtype: convert floating weights to this dtype; None keeps the files byte-identical
+    """
+    out = Path(out).absolute()
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a folder")
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True)
+        _copy_weights(source, tmp, dtype)
+        config = _checkpoint_config(source, block, dtype)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for name in TOKENIZER_FILES:
+            if (source.folder / name).is_file():
+                shutil.copyfile(source.folder / name, tmp / name)
+        for file in shipped_code_files():
+            shutil.copyfile(file, tmp / file.name)
+        (tmp / "README.md").write_text(card)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,88 @@
+"""Load a dense model or an exported checkpoint, and measure token perplexity (Wanda convention)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoint import shipped_code_files
+from .errors import ExportError
+from .weights import resolve_model
+
+__all__ = ["is_checkpoint", "load_model", "dense_block", "perplexity", "tokenize_windows"]
+
+
+def is_checkpoint(path: str | None) -> bool:
+    """True if ``path`` is a folder holding an ActTail checkpoint (config.json with an activation_sparsity block)."""
+    if path is None or not (Path(path) / "config.json").is_file():
+        return False
+    try:
+        return "activation_sparsity" in json.loads((Path(path) / "config.json").read_text())
+    except json.JSONDecodeError:
+        return False
+
+
+def _ships_our_code(folder: Path) -> bool:
+    return all((folder / f.name).is_file() and (folder / f.name).read_bytes() == f.read_bytes() for f in shipped_code_files())
+
+
+def load_model(model: str | None, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """(model, tokenizer) for an exported checkpoint, a Hugging Face model folder / Hub id / GGUF, or None (default model).
+
+    A checkpoint whose shipped code is byte-identical to this package's modeling/ and kernels/ is loaded with
+    ``trust_remote_code=True``; any other code only runs when ``trust_remote_code`` is given.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if is_checkpoint(model):
+        folder = Path(model)
+        trust_remote_code = trust_remote_code or _ships_our_code(folder)
+        if not trust_remote_code:
+            raise ExportError(f"{folder} ships code that differs from acttail-export's; pass --trust-remote-code to run it")
+    else:
+        folder = resolve_model(model).folder
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"could not load {folder}: {e}") from e
+    return loaded.eval(), tokenizer
+
+
+def dense_block(block: dict) -> dict:
+    """A copy of an activation_sparsity block that keeps every input (the same model, sparsity switched off)."""
+    modules = {name: {**spec, "keep": spec["in_features"], "sparsity": 0.0} for name, spec in block["modules"].items()}
+    return {**block, "modules": modules, "effective_sparsity": 0.0}
+
+
+def tokenize_windows(tokenizer, text: str, seqlen: int, windows: int) -> torch.Tensor:
+    """The first ``windows`` non-overlapping windows of ``seqlen`` tokens of ``text``: ``[windows, seqlen]``."""
+    needed = seqlen * windows
+    chars = needed * 8  # enough characters for English text at any common tokenizer's rate; retried on the whole text
+    ids = tokenizer(text[:chars], return_attention_mask=False)["input_ids"]
+    if len(ids) < needed and chars < len(text):
+        ids = tokenizer(text, return_attention_mask=False)["input_ids"]
+    if len(ids) < needed:
+        raise ExportError(f"the text has {len(ids)} tokens, fewer than {windows} windows x {seqlen}")
+    return torch.tensor(ids[:needed]).view(windows, seqlen)
+
+
+@torch.inference_mode()
+def perplexity(model, windows: torch.Tensor, progress: bool = True, desc: str = "eval") -> float:
+    """exp of the mean next-token loss over all windows, each window evaluated on its own (no context carried over).
+
+    :param windows: ``[N, seqlen]`` token ids
+    """
+    total_nll, count = 0.0, 0
+    device = next(model.parameters()).device
+    for window in tqdm(windows, desc=desc, unit="window", disable=not progress):
+        ids = window[None].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        total_nll += F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").item()
+        count += ids.shape[1] - 1
+    return math.exp(total_nll / count)

