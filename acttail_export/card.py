@@ -49,7 +49,7 @@ def model_card(base_model: str, command: str, block: dict, modules: dict[str, Mo
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
         'path = "PATH_OR_REPO_ID"',
-        "tokenizer = AutoTokenizer.from_pretrained(path)",
+        "tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)",
         "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)",
         'inputs = tokenizer("The theory of relativity", return_tensors="pt")',
         "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=30)[0]))",

@@ -182,17 +182,22 @@ def evaluate(model, text_file, seqlen, windows, dense_baseline, dtype, device, t
 
 @cli.command()
 @click.argument("model", required=False)
-@click.option("--prompt", default="The history of the printing press", show_default=True)
-@click.option("--max-new-tokens", type=click.IntRange(1), default=40, show_default=True)
+@click.option("--prompt", default="Explain in two sentences what a printing press does.", show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1), default=60, show_default=True)
+@click.option("--raw", is_flag=True, help="Continue PROMPT as plain text instead of through the chat template.")
 @click.option("--trust-remote-code", is_flag=True, help="Run code shipped with MODEL that is not acttail-export's own.")
-def generate(model, prompt, max_new_tokens, trust_remote_code) -> None:
-    """Greedy-decode a continuation of PROMPT with MODEL or an exported checkpoint."""
+def generate(model, prompt, max_new_tokens, raw, trust_remote_code) -> None:
+    """Greedy-decode an answer to PROMPT (chat template when the tokenizer has one) with MODEL or a checkpoint."""
     from .evaluate import load_model
 
     loaded, tokenizer = load_model(model, trust_remote_code=trust_remote_code)
-    inputs = tokenizer(prompt, return_tensors="pt")
+    if raw or not tokenizer.chat_template:
+        inputs = tokenizer(prompt, return_tensors="pt")
+    else:
+        messages = [{"role": "user", "content": prompt}]
+        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     output = loaded.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    click.echo(tokenizer.decode(output[0], skip_special_tokens=True))
+    click.echo(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
 
 
 def main() -> None:

