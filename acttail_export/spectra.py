@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -33,31 +31,35 @@ def esd(weight: torch.Tensor, device: str | torch.device = "cpu") -> np.ndarray:
     return eigs[eigs >= _RELATIVE_FLOOR * eigs[-1]]
 
 
-def _hill(eigs: np.ndarray, i: int) -> float:
-    """alpha = 1 + n / sum_j ln(lambda_j / lambda_i) over the tail lambda_j >= lambda_i (n of them)."""
-    tail = eigs[i:]
-    return 1.0 + tail.size / np.log(tail / eigs[i]).sum()
+def _hill(eigs: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """alpha_i = 1 + n_i / sum_{j >= i} ln(lambda_j / lambda_i) for each xmin index i (tail of n_i = N - i eigenvalues)."""
+    logs = np.log(eigs)
+    suffix = np.cumsum(logs[::-1])[::-1]  # suffix[i] = sum_{j >= i} ln lambda_j
+    n = eigs.size - candidates
+    with np.errstate(divide="ignore"):
+        return 1.0 + n / (suffix[candidates] - n * logs[candidates])
 
 
-def _ks_distance(eigs: np.ndarray, i: int, alpha: float) -> float:
-    """Kolmogorov-Smirnov distance between the empirical tail eigs[i:] and the Pareto CDF 1 - (x / xmin)^(1 - alpha)."""
-    tail = eigs[i:]
-    n = tail.size
-    fitted = 1.0 - (tail / eigs[i]) ** (1.0 - alpha)
-    below, above = np.arange(n) / n, np.arange(1, n + 1) / n
-    return float(max(np.abs(fitted - below).max(), np.abs(fitted - above).max()))
-
-
-def _best_ks(eigs: np.ndarray, candidates: Iterable[int]) -> float:
-    best_distance, best_alpha = np.inf, np.nan
-    for i in candidates:
-        alpha = _hill(eigs, i)
-        if not np.isfinite(alpha):
-            continue
-        distance = _ks_distance(eigs, i, alpha)
-        if distance < best_distance:
-            best_distance, best_alpha = distance, alpha
-    return best_alpha
+def _best_ks(eigs: np.ndarray, candidates: np.ndarray, chunk: int = 256) -> float:
+    """The alpha of the xmin candidate whose fitted Pareto CDF, 1 - (x / xmin)^(1 - alpha), is closest to the empirical
+    CDF of its tail in Kolmogorov-Smirnov distance (vectorised over candidates, in chunks to bound memory)."""
+    alphas = _hill(eigs, candidates)
+    distances = np.full(candidates.size, np.inf)
+    j = np.arange(eigs.size)
+    for lo in range(0, candidates.size, chunk):
+        i = candidates[lo:lo + chunk, None]
+        alpha = alphas[lo:lo + chunk, None]
+        in_tail = j[None, :] >= i
+        n = eigs.size - i
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            fitted = 1.0 - (eigs[None, :] / eigs[i]) ** (1.0 - alpha)
+            below, above = (j - i) / n, (j - i + 1) / n
+            gap = np.maximum(np.abs(fitted - below), np.abs(fitted - above))
+        distances[lo:lo + chunk] = np.where(in_tail, gap, -np.inf).max(axis=1)
+    distances[~np.isfinite(alphas) | ~np.isfinite(distances)] = np.inf
+    if not np.isfinite(distances).any():
+        return float("nan")
+    return float(alphas[int(np.argmin(distances))])
 
 
 def hill_alpha(eigs: np.ndarray, estimator: str = "mid") -> float:
@@ -76,11 +78,11 @@ def hill_alpha(eigs: np.ndarray, estimator: str = "mid") -> float:
     if eigs.size < 3:
         return float("nan")
     if estimator == "mid":
-        return float(_hill(eigs, eigs.size // 2))
+        return float(_hill(eigs, np.array([eigs.size // 2]))[0])
     # The largest eigenvalues cannot serve as xmin: their tails are too short to fit.
     last = max(eigs.size - 10, 1)
     if estimator == "ks":
-        return float(_best_ks(eigs, range(last)))
+        return _best_ks(eigs, np.arange(last))
     counts, edges = np.histogram(np.log10(eigs), bins=100)
     peak_bin = int(np.argmax(counts))
     peak = 10 ** ((edges[peak_bin] + edges[peak_bin + 1]) / 2)
@@ -88,7 +90,7 @@ def hill_alpha(eigs: np.ndarray, estimator: str = "mid") -> float:
     candidates = candidates[candidates < last]
     if candidates.size == 0:  # an ESD too narrow for the window: fall back to the nearest eigenvalue to the peak
         candidates = np.array([min(int(np.searchsorted(eigs, peak)), last - 1)])
-    return float(_best_ks(eigs, candidates))
+    return _best_ks(eigs, candidates)
 
 
 def compute_spectra(source: SourceModel, device: str = "cpu", progress: bool = True) -> dict[str, np.ndarray]:

@@ -1,0 +1,80 @@
+"""Tiny random-initialised llama / mistral / qwen2 / qwen3 models: export, then load through the shipped code."""
+
+import json
+
+import pytest
+
+from conftest import TINY_ARCHITECTURES, make_tiny_model, read_block, run_cli, run_fresh_python
+
+CHECK = """
+    import torch, transformers
+    from transformers import AutoModelForCausalLM
+    base = getattr(transformers, {base_class!r}).from_pretrained({base!r}).eval()
+    dense = AutoModelForCausalLM.from_pretrained({dense!r}, trust_remote_code=True).eval()
+    sparse = AutoModelForCausalLM.from_pretrained({sparse!r}, trust_remote_code=True).eval()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        print("DENSE_EQUAL", torch.equal(base(ids).logits, dense(ids).logits))
+        print("SPARSE_DIFFERS", not torch.allclose(base(ids).logits, sparse(ids).logits))
+        cached = sparse.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True)
+        uncached = sparse.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False)
+    print("CACHE_EQUAL", torch.equal(cached, uncached))
+    kinds = {{type(m).__name__ for n, m in sparse.named_modules() if n.endswith("_proj")}}
+    print("KINDS", sorted(kinds))
+    print("QKV_BIAS", sparse.model.layers[0].self_attn.q_proj.bias is not None)
+"""
+
+
+@pytest.mark.parametrize("arch", list(TINY_ARCHITECTURES))
+def test_tiny_architecture_round_trip(arch, tiny_models, tmp_path):
+    dense, sparse = tmp_path / "dense", tmp_path / "sparse"
+    run_cli("export", tiny_models[arch], dense, "--sparsity", "0", "--allocation", "uniform")
+    run_cli("export", tiny_models[arch], sparse, "--sparsity", "0.5")
+    config = json.loads((sparse / "config.json").read_text())
+    assert config["model_type"] == f"acttail_{arch}"
+    assert len(read_block(sparse)["modules"]) == 14
+    out = run_fresh_python(CHECK.format(base_class=TINY_ARCHITECTURES[arch][1], base=str(tiny_models[arch]),
+                                        dense=str(dense), sparse=str(sparse)), tmp_path)
+    assert "DENSE_EQUAL True" in out
+    assert "SPARSE_DIFFERS True" in out
+    assert "CACHE_EQUAL True" in out
+    assert "KINDS ['TopKLinear']" in out
+    assert f"QKV_BIAS {arch == 'qwen2'}" in out
+
+
+def test_sharded_bf16_input_and_dtype_conversion(tmp_path):
+    folder = make_tiny_model("llama", tmp_path / "tiny", dtype=__import__("torch").bfloat16)
+    # Re-save sharded, as large Hub models are.
+    import transformers
+
+    model = transformers.LlamaForCausalLM.from_pretrained(folder)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    out = tmp_path / "out"
+    run_cli("export", tmp_path / "sharded", out, "--sparsity", "0.4", "--dtype", "float16")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {p.name for p in out.glob("model-*.safetensors")}
+    result = run_fresh_python(f"""
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
+        print("DTYPE", m.model.layers[1].mlp.down_proj.weight.dtype)
+    """, tmp_path)
+    assert "DTYPE torch.float16" in result
+
+
+def test_input_model_code_is_never_run(tiny_models, tmp_path):
+    folder = tmp_path / "with_code"
+    folder.mkdir()
+    for file in tiny_models["llama"].iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    marker = tmp_path / "code_was_run"
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.Config", "AutoModelForCausalLM": "evil.Model"}
+    (folder / "config.json").write_text(json.dumps(config))
+    run_cli("export", folder, tmp_path / "out", "--sparsity", "0.5")
+    run_cli("analyze", folder)
+    assert not marker.exists()
+    assert not (tmp_path / "out" / "evil.py").exists()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["auto_map"]["AutoConfig"].startswith("configuration_acttail.")

@@ -1,0 +1,119 @@
+"""End to end on the real SmolLM2-135M: export with the CLI, load in a fresh process without acttail_export, generate."""
+
+import hashlib
+import json
+
+import pytest
+
+from acttail_export.allocation import BUDGET_TOLERANCE
+from conftest import read_block, run_cli, run_fresh_python
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_export_keeps_weights_byte_identical(smollm2, smollm2_50):
+    for file in smollm2.weight_files:
+        assert sha256(smollm2_50 / file.name) == sha256(file)
+
+
+def test_export_writes_config_block_code_tokenizer_and_card(smollm2_50):
+    config = json.loads((smollm2_50 / "config.json").read_text())
+    assert config["model_type"] == "acttail_llama"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_acttail.ActTailLlamaForCausalLM"
+    block = config["activation_sparsity"]
+    assert abs(block["effective_sparsity"] - 0.5) <= BUDGET_TOLERANCE
+    assert (block["method"], block["estimator"], block["sparser"], block["prefill"]) == ("acttail", "mid", "heavy-tail", "sparse")
+    assert len(block["modules"]) == 210
+    q0 = block["modules"]["model.layers.0.self_attn.q_proj"]
+    assert set(q0) >= {"alpha", "sparsity", "keep", "in_features"} and q0["in_features"] == 576
+    # Projections really differ: ActTail is not uniform.
+    assert len({m["keep"] for m in block["modules"].values() if m["in_features"] == 576}) > 10
+    for name in ("modeling_acttail.py", "configuration_acttail.py", "topk.py", "tokenizer.json", "generation_config.json"):
+        assert (smollm2_50 / name).is_file(), name
+    card = (smollm2_50 / "README.md").read_text()
+    assert "trust_remote_code=True" in card and "| `model.layers.29.mlp.down_proj` |" in card
+    assert not list(smollm2_50.parent.glob(".*partial*"))
+
+
+def test_fresh_process_loads_generates_and_keeps_exactly_k(smollm2_50, tmp_path):
+    out = run_fresh_python(f"""
+        import json, torch
+        import torch.nn.functional as F
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        path = {str(smollm2_50)!r}
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+        block = json.load(open(path + "/config.json"))["activation_sparsity"]
+        checked = []
+        def hook(module, args, output, name=None):
+            x = args[0]
+            k = block["modules"][name]["keep"]
+            # Exact ties happen (GQA heads sharing a value at the first token): they go to the lower index.
+            order = x.abs().sort(dim=-1, descending=True, stable=True).indices
+            idx = order[..., :k]
+            kept = torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
+            torch.testing.assert_close(output, F.linear(kept, module.weight, module.bias), rtol=0, atol=2e-5)
+            # keep + 1 inputs would give a visibly different output: the count is exact.
+            idx1 = order[..., :k + 1]
+            more = torch.zeros_like(x).scatter(-1, idx1, x.gather(-1, idx1))
+            if k < x.shape[-1]:
+                assert (F.linear(more, module.weight, module.bias) - output).abs().max() > 1e-4
+            checked.append(name)
+        for name in block["modules"]:
+            model.get_submodule(name).register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name))
+        ids = tok("The Eiffel Tower is a wrought-iron lattice tower in Paris, France.", return_tensors="pt")
+        with torch.inference_mode():
+            model(**ids)
+        print("checked", len(checked), type(model).__name__)
+        for h in [m for m in model.modules()]:
+            h._forward_hooks.clear()
+        msgs = [{{"role": "user", "content": "What is the capital of France?"}}]
+        inputs = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        gen = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+        print("ANSWER:", tok.decode(gen[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    """, tmp_path)
+    assert "checked 210 ActTailLlamaForCausalLM" in out
+    assert "Paris" in out.split("ANSWER:")[1]
+
+
+def test_loading_without_trust_remote_code_fails_clearly(smollm2_50, tmp_path):
+    out = run_fresh_python(f"""
+        from transformers import AutoModelForCausalLM
+        try:
+            AutoModelForCausalLM.from_pretrained({str(smollm2_50)!r})
+        except Exception as e:
+            print("REFUSED:", e)
+    """, tmp_path)
+    assert "REFUSED:" in out and "trust_remote_code=True" in out
+
+
+def test_all_ratios_zero_gives_the_base_logits_exactly(smollm2, tmp_path):
+    out = tmp_path / "dense"
+    run_cli("export", smollm2.folder, out, "--sparsity", "0", "--allocation", "uniform")
+    assert all(m["keep"] == m["in_features"] for m in read_block(out)["modules"].values())
+    result = run_fresh_python(f"""
+        import torch
+        from transformers import AutoModelForCausalLM, LlamaForCausalLM
+        ids = torch.tensor([[1, 504, 3458, 282, 253, 2562, 314, 5646, 30]])
+        with torch.inference_mode():
+            base = LlamaForCausalLM.from_pretrained({str(smollm2.folder)!r}).eval()(ids).logits
+            ours = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()(ids).logits
+        print("EQUAL", torch.equal(base, ours))
+    """, tmp_path)
+    assert "EQUAL True" in result
+
+
+def test_eval_reports_dense_and_sparse_perplexity(smollm2_50):
+    result = run_cli("eval", smollm2_50, "--windows", "2", "--seqlen", "256", "--dense-baseline")
+    rows = {line.split()[0]: float(line.split()[-1]) for line in result.stdout.splitlines() if line.startswith("  ")}
+    assert 10 < rows["dense"] < 40  # SmolLM2-135M on English Wikipedia
+    assert rows["dense"] < rows["acttail"] < 4 * rows["dense"]
+
+
+def test_analyze_prints_every_projection(smollm2):
+    result = run_cli("analyze", smollm2.folder)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("model.layers.")]
+    assert len(lines) == 210
+    assert lines[0].split()[:2] == ["model.layers.0.self_attn.q_proj", "576x576"]
