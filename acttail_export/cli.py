@@ -11,6 +11,7 @@ Examples::
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 import time
@@ -88,6 +89,7 @@ def export(paths, sparsity, allocation, estimator, epsilon, sparser, min_sparsit
         raise ExportError(f"{out} already exists; pass --overwrite to replace it")
     if not min_sparsity <= sparsity <= max_sparsity:
         raise ExportError(f"need --min-sparsity ({min_sparsity}) <= --sparsity ({sparsity}) <= --max-sparsity ({max_sparsity})")
+    _check_writable(out)
     _check_device(device)
     from .allocation import allocate
     from .card import model_card
@@ -107,6 +109,17 @@ def export(paths, sparsity, allocation, estimator, epsilon, sparser, min_sparsit
     _print_summary(modules, verbose)
     click.echo(f"effective sparsity {block['effective_sparsity']:.4f} (target {sparsity}); "
                f"wrote {out} in {time.perf_counter() - start:.1f} s")
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before any work if OUT's folder cannot be created or written."""
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ExportError(f"cannot write {out}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write {out}: no permission to write in {parent}")
 
 
 def _check_device(device: str) -> None:

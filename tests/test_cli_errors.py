@@ -1,0 +1,124 @@
+"""Bad input: one clear line on stderr, a non-zero exit, no traceback, and nothing that looks like a checkpoint left behind."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+
+def assert_one_line_failure(result, message: str) -> None:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("acttail-export: error: ") and message in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def copy_model(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def bert_folder(tmp_path):
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
+    return folder
+
+
+def gpt2_folder(tmp_path):
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    return folder
+
+
+def pickle_only(tiny, tmp_path):
+    folder = copy_model(tiny, tmp_path / "pickled")
+    (folder / "model.safetensors").unlink()
+    torch.save({"w": torch.zeros(2)}, folder / "pytorch_model.bin")
+    return folder
+
+
+def truncated(tiny, tmp_path):
+    folder = copy_model(tiny, tmp_path / "truncated")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return folder
+
+
+def corrupt_header(tiny, tmp_path):
+    folder = copy_model(tiny, tmp_path / "corrupt")
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[8:40] = b"\x00garbage-not-json-garbage-not-js"
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    return folder
+
+
+def no_config(tiny, tmp_path):
+    folder = copy_model(tiny, tmp_path / "noconfig")
+    (folder / "config.json").unlink()
+    return folder
+
+
+CASES = {
+    "missing path": (lambda tiny, tmp: tmp / "does-not-exist", ["--sparsity", "0.5"], "no such file or folder"),
+    "no config": (no_config, ["--sparsity", "0.5"], "has no config.json"),
+    "not a causal LM": (lambda tiny, tmp: bert_folder(tmp), ["--sparsity", "0.5"], "supported: llama, mistral, qwen2, qwen3"),
+    "unsupported architecture": (lambda tiny, tmp: gpt2_folder(tmp), ["--sparsity", "0.5"], "unsupported architecture 'gpt2'"),
+    "sparsity 1": (lambda tiny, tmp: tiny, ["--sparsity", "1.0"], "--sparsity"),
+    "sparsity negative": (lambda tiny, tmp: tiny, ["--sparsity", "-0.1"], "--sparsity"),
+    "sparsity not a number": (lambda tiny, tmp: tiny, ["--sparsity", "half"], "--sparsity"),
+    "pickle-only weights": (pickle_only, ["--sparsity", "0.5"], "safetensors only"),
+    "truncated safetensors": (truncated, ["--sparsity", "0.5"], "not a readable safetensors file"),
+    "corrupt safetensors": (corrupt_header, ["--sparsity", "0.5"], "not a readable safetensors file"),
+    "bad prefill": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--prefill", "2"], "--prefill"),
+    "min above target": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--min-sparsity", "0.6"], "--min-sparsity"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_export_input(case, tiny_models, tmp_path):
+    make_input, args, message = CASES[case]
+    model = make_input(tiny_models["llama"], tmp_path)
+    out = tmp_path / "out"
+    result = run_cli("export", model, out, *args, check=False)
+    assert_one_line_failure(result, message)
+    assert not out.exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_existing_out_needs_overwrite(tiny_models, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep-me").write_text("user data")
+    result = run_cli("export", tiny_models["llama"], out, "--sparsity", "0.5", check=False)
+    assert_one_line_failure(result, "already exists; pass --overwrite")
+    assert (out / "keep-me").read_text() == "user data"
+    run_cli("export", tiny_models["llama"], out, "--sparsity", "0.5", "--overwrite")
+    assert (out / "config.json").is_file() and not (out / "keep-me").exists()
+
+
+def test_failed_overwrite_keeps_the_old_checkpoint(tiny_models, tmp_path):
+    out = tmp_path / "out"
+    run_cli("export", tiny_models["llama"], out, "--sparsity", "0.5")
+    before = (out / "config.json").read_bytes()
+    result = run_cli("export", truncated(tiny_models["llama"], tmp_path), out, "--sparsity", "0.3", "--overwrite",
+                     check=False)
+    assert_one_line_failure(result, "not a readable safetensors file")
+    assert (out / "config.json").read_bytes() == before
+
+
+def test_unwritable_out_parent(tiny_models, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = run_cli("export", tiny_models["llama"], blocker / "out", "--sparsity", "0.5", check=False)
+    assert_one_line_failure(result, "a-file")
+
+
+def test_eval_of_missing_text_file(tiny_models, tmp_path):
+    result = run_cli("eval", tiny_models["llama"], "--text", tmp_path / "nope.txt", check=False)
+    assert_one_line_failure(result, "cannot read text file")
