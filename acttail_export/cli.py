@@ -104,7 +104,7 @@ def export(paths, sparsity, allocation, estimator, epsilon, sparser, min_sparsit
     modules = allocate(source.projections, alphas, sparsity, allocation, epsilon, sparser, min_sparsity, max_sparsity)
     block = sparsity_block(modules, sparsity, allocation, estimator, epsilon, sparser, prefill)
     command = "acttail-export " + shlex.join(sys.argv[1:])
-    card = model_card(source.origin, command, block, modules, source.config.get("license"))
+    card = model_card(source.origin, command, block, modules, "apache-2.0" if model is None else None)
     write_checkpoint(source, out, block, card, overwrite, None if is_gguf else _torch_dtype(dtype))
     _print_summary(modules, verbose)
     click.echo(f"effective sparsity {block['effective_sparsity']:.4f} (target {sparsity}); "

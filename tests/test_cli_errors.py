@@ -122,3 +122,12 @@ def test_unwritable_out_parent(tiny_models, tmp_path):
 def test_eval_of_missing_text_file(tiny_models, tmp_path):
     result = run_cli("eval", tiny_models["llama"], "--text", tmp_path / "nope.txt", check=False)
     assert_one_line_failure(result, "cannot read text file")
+
+
+def test_unreachable_hub_id(tmp_path):
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = run_cli("export", "some-org/some-model", tmp_path / "out", "--sparsity", "0.5", check=False, env=env)
+    assert_one_line_failure(result, "could not download 'some-org/some-model' from the Hub")
+    assert not (tmp_path / "out").exists()

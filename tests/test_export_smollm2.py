@@ -117,3 +117,13 @@ def test_analyze_prints_every_projection(smollm2):
     lines = [line for line in result.stdout.splitlines() if line.startswith("model.layers.")]
     assert len(lines) == 210
     assert lines[0].split()[:2] == ["model.layers.0.self_attn.q_proj", "576x576"]
+
+
+def test_gguf_path_and_gguf_file_name_are_inputs(smollm2, tmp_path):
+    from acttail_export.weights import default_gguf, resolve_model
+
+    gguf = default_gguf()
+    by_path = resolve_model(str(gguf))
+    by_name = resolve_model(str(gguf.parent), gguf_file=gguf.name)
+    assert by_path.folder == by_name.folder == smollm2.folder  # one cached conversion
+    assert by_path.model_type == "llama" and len(by_path.projections) == 210

@@ -1,0 +1,43 @@
+"""Wall time and peak RSS of `acttail-export export` on SmolLM2-135M, from the GGUF and from its safetensors folder.
+
+Each export runs in its own process; its peak RSS is read from the kernel (wait4 rusage). The GGUF row starts from an
+empty conversion cache, so it includes dequantizing the GGUF with transformers.
+
+    .venv/bin/python benchmarks/bench_export.py
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CLI = str(Path(sys.executable).parent / "acttail-export")
+
+
+def measure(args: list[str], env: dict) -> tuple[float, float]:
+    """(wall seconds, peak RSS in GiB) of one CLI run."""
+    start = time.perf_counter()
+    process = subprocess.Popen([CLI, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"acttail-export {' '.join(args)} failed")
+    return wall, usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "ACTTAIL_CACHE": f"{tmp}/cache"}
+        rows = [("GGUF (default model, cold conversion cache)", *measure(["export", f"{tmp}/a", "--sparsity", "0.5"], env))]
+        folder = next(Path(f"{tmp}/cache/gguf").iterdir())
+        rows.append(("converted safetensors folder", *measure(["export", str(folder), f"{tmp}/b", "--sparsity", "0.5"], env)))
+    print("| input | wall time (s) | peak RSS (GiB) |")
+    print("|---|---:|---:|")
+    for name, wall, rss in rows:
+        print(f"| {name} | {wall:.1f} | {rss:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
