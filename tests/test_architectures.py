@@ -78,3 +78,30 @@ def test_input_model_code_is_never_run(tiny_models, tmp_path):
     assert not marker.exists()
     assert not (tmp_path / "out" / "evil.py").exists()
     assert json.loads((tmp_path / "out" / "config.json").read_text())["auto_map"]["AutoConfig"].startswith("configuration_acttail.")
+
+
+@pytest.mark.parametrize("prefill", ["dense", "0.5"])
+def test_prefill_policy_sparsifies_the_right_tokens(prefill, tiny_models, tmp_path):
+    out = tmp_path / "out"
+    run_cli("export", tiny_models["llama"], out, "--sparsity", "0.5", "--prefill", prefill)
+    assert read_block(out)["prefill"] == (prefill if prefill == "dense" else 0.5)
+    result = run_fresh_python(f"""
+        import math, torch
+        import torch.nn.functional as F
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+        proj = model.model.layers[1].mlp.down_proj
+        seen = []
+        proj.register_forward_hook(lambda m, a, o: seen.append((a[0], o)))
+        ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            model(ids)
+            model(ids[:, :1])
+            (x, y), (x1, y1) = seen
+            dense_rows = (F.linear(x, proj.weight) - y).abs().amax(-1)[0] < 1e-6
+            print("DENSE_ROWS", dense_rows.tolist())
+            print("DECODE_SPARSE", bool((F.linear(x1, proj.weight) - y1).abs().max() > 1e-4))
+    """, tmp_path)
+    expected = [True] * 9 if prefill == "dense" else [True] * 4 + [False] * 5  # last ceil(0.5 * 9) = 5 tokens sparse
+    assert f"DENSE_ROWS {expected}" in result
+    assert "DECODE_SPARSE True" in result
