@@ -19,8 +19,16 @@ from collections import defaultdict
 from pathlib import Path
 
 import click
+import torch
 
+from .allocation import ALLOCATIONS, DIRECTIONS, allocate
+from .card import model_card
+from .checkpoint import sparsity_block, write_checkpoint
 from .errors import ExportError
+from .evaluate import dense_block, load_model, perplexity, tokenize_windows
+from .spectra import ESTIMATORS, alphas_from_spectra, compute_spectra
+from .text import read_text
+from .weights import resolve_model
 
 # Chosen from docs/RESULTS.md (SmolLM2-135M, every token sparse): see the table there.
 DEFAULT_ESTIMATOR = "mid"
@@ -30,8 +38,6 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _torch_dtype(name: str | None):
-    import torch
-
     return getattr(torch, name) if name else None
 
 
@@ -64,13 +70,13 @@ def cli() -> None:
 @click.argument("paths", nargs=-1, metavar="[MODEL] OUT")
 @click.option("--sparsity", type=click.FloatRange(0, 1, max_open=True), required=True,
               help="Target sparsity S: mean over all projection parameters, in [0, 1).")
-@click.option("--allocation", type=click.Choice(["acttail", "uniform", "block"]), default="acttail", show_default=True,
+@click.option("--allocation", type=click.Choice(ALLOCATIONS), default="acttail", show_default=True,
               help="acttail: per-projection alpha; block: per-block mean alpha; uniform: S everywhere.")
-@click.option("--estimator", type=click.Choice(["mid", "peak", "ks"]), default=DEFAULT_ESTIMATOR, show_default=True,
+@click.option("--estimator", type=click.Choice(ESTIMATORS), default=DEFAULT_ESTIMATOR, show_default=True,
               help="xmin rule of the Hill alpha estimate.")
 @click.option("--epsilon", type=click.FloatRange(0, 1), default=DEFAULT_EPSILON, show_default=True,
               help="Spread of the allocation: sparsities lie in eta * [1 - eps, 1 + eps] before clipping.")
-@click.option("--sparser", type=click.Choice(["heavy-tail", "light-tail"]), default=DEFAULT_SPARSER, show_default=True,
+@click.option("--sparser", type=click.Choice(DIRECTIONS), default=DEFAULT_SPARSER, show_default=True,
               help="Which projections get more sparsity: small alpha (heavy-tail) or large alpha (light-tail).")
 @click.option("--min-sparsity", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
 @click.option("--max-sparsity", type=click.FloatRange(0, 1, max_open=True), default=0.99, show_default=True)
@@ -91,12 +97,6 @@ def export(paths, sparsity, allocation, estimator, epsilon, sparser, min_sparsit
         raise ExportError(f"need --min-sparsity ({min_sparsity}) <= --sparsity ({sparsity}) <= --max-sparsity ({max_sparsity})")
     _check_writable(out)
     _check_device(device)
-    from .allocation import allocate
-    from .card import model_card
-    from .checkpoint import sparsity_block, write_checkpoint
-    from .spectra import alphas_from_spectra, compute_spectra
-    from .weights import resolve_model
-
     start = time.perf_counter()
     is_gguf = model is None or gguf_file is not None or model.endswith(".gguf")
     source = resolve_model(model, gguf_file, _torch_dtype(dtype) if is_gguf else None)
@@ -123,8 +123,6 @@ def _check_writable(out: Path) -> None:
 
 
 def _check_device(device: str) -> None:
-    import torch
-
     if device == "cuda" and not torch.cuda.is_available():
         raise ExportError("--device cuda asked for, but torch sees no CUDA device")
 
@@ -148,9 +146,6 @@ def _print_summary(modules, verbose: bool) -> None:
 def analyze(model, gguf_file, device) -> None:
     """Print the Hill alpha of every projection of MODEL under each estimator (writes nothing)."""
     _check_device(device)
-    from .spectra import ESTIMATORS, alphas_from_spectra, compute_spectra
-    from .weights import resolve_model
-
     source = resolve_model(model, gguf_file)
     spectra = compute_spectra(source, device)
     alphas = {estimator: alphas_from_spectra(spectra, estimator) for estimator in ESTIMATORS}
@@ -173,9 +168,6 @@ def analyze(model, gguf_file, device) -> None:
 def evaluate(model, text_file, seqlen, windows, dense_baseline, dtype, device, trust_remote_code) -> None:
     """Token perplexity of MODEL or an exported checkpoint on non-overlapping windows (Wanda convention)."""
     _check_device(device)
-    from .evaluate import dense_block, load_model, perplexity, tokenize_windows
-    from .text import read_text
-
     text = read_text(text_file)
     loaded, tokenizer = load_model(model, _torch_dtype(dtype), trust_remote_code)
     loaded.to(device)
@@ -201,8 +193,6 @@ def evaluate(model, text_file, seqlen, windows, dense_baseline, dtype, device, t
 @click.option("--trust-remote-code", is_flag=True, help="Run code shipped with MODEL that is not acttail-export's own.")
 def generate(model, prompt, max_new_tokens, raw, trust_remote_code) -> None:
     """Greedy-decode an answer to PROMPT (chat template when the tokenizer has one) with MODEL or a checkpoint."""
-    from .evaluate import load_model
-
     loaded, tokenizer = load_model(model, trust_remote_code=trust_remote_code)
     if raw or not tokenizer.chat_template:
         inputs = tokenizer(prompt, return_tensors="pt")
