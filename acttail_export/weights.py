@@ -116,7 +116,9 @@ def download(repo_id: str, gguf_file: str | None) -> Path:
             return Path(hf_hub_download(repo_id, gguf_file))
         return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
     except Exception as e:
-        raise ExportError(f"could not download {repo_id!r} from the Hub: {type(e).__name__}: {e}") from e
+        raise ExportError(
+            f"no local folder {repo_id!r}, and could not download it from the Hub: {type(e).__name__}: {e}"
+        ) from e
 
 
 def resolve_model(model: str | None, gguf_file: str | None = None, dtype: torch.dtype | None = None) -> SourceModel:

@@ -129,5 +129,5 @@ def test_unreachable_hub_id(tmp_path):
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     result = run_cli("export", "some-org/some-model", tmp_path / "out", "--sparsity", "0.5", check=False, env=env)
-    assert_one_line_failure(result, "could not download 'some-org/some-model' from the Hub")
+    assert_one_line_failure(result, "no local folder 'some-org/some-model', and could not download it from the Hub")
     assert not (tmp_path / "out").exists()
