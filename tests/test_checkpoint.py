@@ -1,0 +1,35 @@
+import dataclasses
+import re
+
+import pytest
+
+from acttail_export.checkpoint import shipped_code_files, write_checkpoint
+from acttail_export.weights import resolve_model
+
+
+def test_shipped_code_is_flat_and_self_contained():
+    files = shipped_code_files()
+    assert [f.name for f in files] == ["configuration_acttail.py", "modeling_acttail.py", "topk.py"]
+    names = {f.stem for f in files}
+    for f in files:
+        text = f.read_text()
+        assert "acttail_export" not in text
+        # Local imports must read exactly `from .name import X` with name a shipped file (remote code is flat).
+        for module in re.findall(r"^from \.(\w+) import", text, flags=re.M):
+            assert module in names, (f.name, module)
+        assert not re.search(r"^from \.\.", text, flags=re.M)
+
+
+def test_failed_write_leaves_nothing_and_keeps_the_old_checkpoint(tiny_models, tmp_path):
+    source = resolve_model(str(tiny_models["llama"]))
+    broken = dataclasses.replace(source, weight_files=(tmp_path / "vanished.safetensors",))
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError):
+        write_checkpoint(broken, out, {}, "card")
+    assert not out.exists()
+    out.mkdir()
+    (out / "config.json").write_text("old")
+    with pytest.raises(FileNotFoundError):
+        write_checkpoint(broken, out, {}, "card", overwrite=True)
+    assert (out / "config.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
