@@ -12,9 +12,12 @@ from .weights import Projection
 
 __all__ = [
     "ALLOCATIONS",
+    "DEFAULT_EPSILON",
+    "DEFAULT_SPARSER",
     "DIRECTIONS",
     "BUDGET_TOLERANCE",
     "ModuleSparsity",
+    "check_bounds",
     "keep_count",
     "effective_sparsity",
     "allocate",
@@ -22,6 +25,9 @@ __all__ = [
 
 ALLOCATIONS = ("acttail", "uniform", "block")
 DIRECTIONS = ("heavy-tail", "light-tail")
+# Defaults chosen from docs/RESULTS.md (SmolLM2-135M, every token sparse).
+DEFAULT_EPSILON = 0.3
+DEFAULT_SPARSER = "heavy-tail"
 BUDGET_TOLERANCE = 0.002
 
 
@@ -55,6 +61,14 @@ def effective_sparsity(modules: dict[str, ModuleSparsity]) -> float:
     return skipped / params
 
 
+def check_bounds(target: float, s_min: float, s_max: float) -> None:
+    """The target and the clip bounds must satisfy 0 <= s_min <= target <= s_max < 1."""
+    if not 0.0 <= target < 1.0:
+        raise ExportError(f"sparsity must be in [0, 1), got {target}")
+    if not 0.0 <= s_min <= target <= s_max < 1.0:
+        raise ExportError(f"need 0 <= --min-sparsity ({s_min}) <= --sparsity ({target}) <= --max-sparsity ({s_max}) < 1")
+
+
 def _solve_linear_rule(scores: np.ndarray, params: np.ndarray, target: float, epsilon: float,
                        s_min: float, s_max: float) -> np.ndarray:
     """s_p = clip(eta * ((1 - eps) + 2 eps r_p), s_min, s_max) with eta bisected so that the weighted mean is ``target``.
@@ -70,7 +84,8 @@ def _solve_linear_rule(scores: np.ndarray, params: np.ndarray, target: float, ep
     while mean_sparsity(high) < target:
         high *= 2
         if high > 1e9:
-            raise ExportError(f"sparsity {target} cannot be reached with epsilon={epsilon} and max sparsity {s_max}")
+            raise ExportError(f"sparsity {target} cannot be reached with epsilon={epsilon}, min sparsity {s_min} and "
+                              f"max sparsity {s_max}: too many projections are pinned at a bound")
     low = 0.0
     for _ in range(200):
         mid = (low + high) / 2
@@ -89,15 +104,14 @@ def _round_to_budget(sparsity: np.ndarray, projections: list[Projection], target
     keep_max = np.array([keep_count(s_min, d) for d in d_in])
     excess = float((d_out * (d_in - keep)).sum() - target * (d_out * d_in).sum())  # skipped minus wanted params
     while True:
-        # Too sparse: raise the keep of the projection rounded down the most; too dense: the reverse.
+        # Too sparse: raise a keep count, too dense: lower one; among the moves that bring the budget closer, take the
+        # projection whose rounding went furthest the other way.
         step = 1 if excess > 0 else -1
-        residual = (wanted - keep) * step
         movable = (keep < keep_max) if step > 0 else (keep > keep_min)
-        if not movable.any():
+        helps = movable & (np.abs(excess - step * d_out) < abs(excess))
+        if not helps.any():
             break
-        i = int(np.argmax(np.where(movable, residual, -np.inf)))
-        if abs(excess - step * d_out[i]) >= abs(excess):
-            break
+        i = int(np.argmax(np.where(helps, (wanted - keep) * step, -np.inf)))
         keep[i] += step
         excess -= step * d_out[i]
     return keep
@@ -118,7 +132,7 @@ def _scores(projections: list[Projection], alphas: dict[str, float], method: str
 
 
 def allocate(projections: list[Projection] | tuple[Projection, ...], alphas: dict[str, float], target: float,
-             method: str = "acttail", epsilon: float = 0.3, sparser: str = "heavy-tail",
+             method: str = "acttail", epsilon: float = DEFAULT_EPSILON, sparser: str = DEFAULT_SPARSER,
              s_min: float = 0.0, s_max: float = 0.99) -> dict[str, ModuleSparsity]:
     """Choose each projection's TopK count so that the parameter-weighted sparsity is ``target`` (within rounding).
 
@@ -134,12 +148,9 @@ def allocate(projections: list[Projection] | tuple[Projection, ...], alphas: dic
         raise ExportError(f"unknown allocation {method!r}; choose from {', '.join(ALLOCATIONS)}")
     if sparser not in DIRECTIONS:
         raise ExportError(f"unknown direction {sparser!r}; choose from {', '.join(DIRECTIONS)}")
-    if not 0.0 <= target < 1.0:
-        raise ExportError(f"sparsity must be in [0, 1), got {target}")
     if not 0.0 <= epsilon <= 1.0:
         raise ExportError(f"epsilon must be in [0, 1], got {epsilon}")
-    if not 0.0 <= s_min <= target <= s_max < 1.0:
-        raise ExportError(f"need 0 <= min-sparsity ({s_min}) <= sparsity ({target}) <= max-sparsity ({s_max}) < 1")
+    check_bounds(target, s_min, s_max)
     projections = list(projections)
     params = np.array([p.params for p in projections], dtype=np.float64)
     if method == "uniform":

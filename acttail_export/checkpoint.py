@@ -18,11 +18,11 @@ from safetensors.torch import save_file
 
 from .allocation import ModuleSparsity, effective_sparsity
 from .errors import ExportError
+from .modeling.activation_sparsity import FORMAT_VERSION, validate_activation_sparsity
 from .weights import SUPPORTED_ARCHITECTURES, SourceModel
 
-__all__ = ["FORMAT_VERSION", "TOKENIZER_FILES", "shipped_code_files", "sparsity_block", "write_checkpoint"]
+__all__ = ["TOKENIZER_FILES", "check_out", "shipped_code_files", "sparsity_block", "write_checkpoint"]
 
-FORMAT_VERSION = 1
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
     "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
@@ -40,8 +40,8 @@ def shipped_code_files() -> list[Path]:
 
 def sparsity_block(modules: dict[str, ModuleSparsity], target: float, method: str, estimator: str, epsilon: float,
                    sparser: str, prefill: str | float = "sparse") -> dict:
-    """The ``activation_sparsity`` block of config.json (read back by the shipped configuration code)."""
-    return {
+    """The ``activation_sparsity`` block of config.json, checked by the same code that reads it back in a checkpoint."""
+    block = {
         "format_version": FORMAT_VERSION,
         "method": method,
         "target_sparsity": target,
@@ -52,6 +52,11 @@ def sparsity_block(modules: dict[str, ModuleSparsity], target: float, method: st
         "prefill": prefill,
         "modules": {name: m.to_dict() for name, m in modules.items()},
     }
+    try:
+        validate_activation_sparsity(block)
+    except ValueError as e:
+        raise ExportError(str(e)) from e
+    return block
 
 
 def _checkpoint_config(source: SourceModel, block: dict, dtype: torch.dtype | None) -> dict:
@@ -98,6 +103,22 @@ def _copy_weights(source: SourceModel, dest: Path, dtype: torch.dtype | None) ->
         (dest / index.name).write_text(json.dumps(data, indent=2))
 
 
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an OUT that exists (unless ``overwrite``), is not a folder, or whose parent cannot be written."""
+    out = Path(out).absolute()
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a folder")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ExportError(f"cannot write {out}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write {out}: no permission to write in {parent}")
+
+
 def write_checkpoint(source: SourceModel, out: Path, block: dict, card: str, overwrite: bool = False,
                      dtype: torch.dtype | None = None) -> Path:
     """Write the checkpoint folder ``out`` atomically and return it.
@@ -107,11 +128,9 @@ def write_checkpoint(source: SourceModel, out: Path, block: dict, card: str, ove
     :param dtype: convert floating weights to this dtype; None keeps the files byte-identical
     """
     out = Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a folder")
+    check_out(out, overwrite)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
     try:
         tmp.mkdir(parents=True)
         _copy_weights(source, tmp, dtype)
@@ -124,13 +143,12 @@ def write_checkpoint(source: SourceModel, out: Path, block: dict, card: str, ove
             shutil.copyfile(file, tmp / file.name)
         (tmp / "README.md").write_text(card)
         if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            old.rename(out)
         raise
+    shutil.rmtree(old, ignore_errors=True)
     return out

@@ -21,19 +21,16 @@ from pathlib import Path
 import click
 import torch
 
-from .allocation import ALLOCATIONS, DIRECTIONS, allocate
+from .allocation import ALLOCATIONS, DEFAULT_EPSILON, DEFAULT_SPARSER, DIRECTIONS, allocate, check_bounds
 from .card import model_card
-from .checkpoint import sparsity_block, write_checkpoint
+from .checkpoint import check_out, sparsity_block, write_checkpoint
 from .errors import ExportError
 from .evaluate import dense_block, load_model, perplexity, tokenize_windows
-from .spectra import ESTIMATORS, alphas_from_spectra, compute_spectra
+from .modeling.activation_sparsity import PREFILL_MODES, validate_prefill
+from .spectra import DEFAULT_ESTIMATOR, ESTIMATORS, alphas_from_spectra, compute_spectra
 from .text import read_text
 from .weights import resolve_model
 
-# Chosen from docs/RESULTS.md (SmolLM2-135M, every token sparse): see the table there.
-DEFAULT_ESTIMATOR = "mid"
-DEFAULT_EPSILON = 0.3
-DEFAULT_SPARSER = "heavy-tail"
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -42,15 +39,12 @@ def _torch_dtype(name: str | None):
 
 
 def _parse_prefill(value: str) -> str | float:
-    if value in ("sparse", "dense"):
-        return value
     try:
-        fraction = float(value)
+        prefill = value if value in PREFILL_MODES else float(value)
+        validate_prefill(prefill)
     except ValueError:
-        fraction = -1.0
-    if not 0 < fraction <= 1:
-        raise click.BadParameter(f"must be 'sparse', 'dense' or a fraction in (0, 1], got {value!r}")
-    return fraction
+        raise click.BadParameter(f"must be one of {', '.join(PREFILL_MODES)} or a fraction in (0, 1], got {value!r}") from None
+    return prefill
 
 
 def _split_model_out(paths: tuple[str, ...]) -> tuple[str | None, Path]:
@@ -91,11 +85,9 @@ def export(paths, sparsity, allocation, estimator, epsilon, sparser, min_sparsit
            gguf_file, device, overwrite, verbose) -> None:
     """Export MODEL (folder, Hub id or GGUF; default: SmolLM2-135M-Instruct) to the ActTail checkpoint folder OUT."""
     model, out = _split_model_out(paths)
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} already exists; pass --overwrite to replace it")
-    if not min_sparsity <= sparsity <= max_sparsity:
-        raise ExportError(f"need --min-sparsity ({min_sparsity}) <= --sparsity ({sparsity}) <= --max-sparsity ({max_sparsity})")
-    _check_writable(out)
+    # Everything that can be checked before the spectra is checked here, so bad input fails at once.
+    check_out(out, overwrite)
+    check_bounds(sparsity, min_sparsity, max_sparsity)
     _check_device(device)
     start = time.perf_counter()
     is_gguf = model is None or gguf_file is not None or model.endswith(".gguf")
@@ -109,17 +101,6 @@ def export(paths, sparsity, allocation, estimator, epsilon, sparser, min_sparsit
     _print_summary(modules, verbose)
     click.echo(f"effective sparsity {block['effective_sparsity']:.4f} (target {sparsity}); "
                f"wrote {out} in {time.perf_counter() - start:.1f} s")
-
-
-def _check_writable(out: Path) -> None:
-    """Fail before any work if OUT's folder cannot be created or written."""
-    parent = out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ExportError(f"cannot write {out}: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ExportError(f"cannot write {out}: no permission to write in {parent}")
 
 
 def _check_device(device: str) -> None:
@@ -215,6 +196,10 @@ def main() -> None:
         _fail(str(e), 1)
     except OSError as e:
         _fail(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}", 1)
+    except Exception as e:  # a bug or an input no check foresaw: still one line, the traceback on request
+        if os.environ.get("ACTTAIL_DEBUG"):
+            raise
+        _fail(f"unexpected {type(e).__name__}: {e} (set ACTTAIL_DEBUG=1 for the traceback)", 1)
 
 
 def _fail(message: str, code: int) -> None:

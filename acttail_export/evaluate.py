@@ -80,7 +80,7 @@ def perplexity(model, windows: torch.Tensor, progress: bool = True, desc: str = 
     """
     total_nll, count = 0.0, 0
     device = next(model.parameters()).device
-    for window in tqdm(windows, desc=desc, unit="window", disable=not progress):
+    for window in tqdm(windows, desc=desc, unit="window", disable=None if progress else True):
         ids = window[None].to(device)
         logits = model(input_ids=ids, use_cache=False).logits.float()
         total_nll += F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").item()

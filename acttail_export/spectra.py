@@ -9,22 +9,27 @@ from tqdm.auto import tqdm
 from .errors import ExportError
 from .weights import SourceModel, iter_projection_weights
 
-__all__ = ["ESTIMATORS", "esd", "hill_alpha", "compute_spectra", "alphas_from_spectra"]
+__all__ = ["ESTIMATORS", "DEFAULT_ESTIMATOR", "esd", "hill_alpha", "compute_spectra", "alphas_from_spectra"]
 
 ESTIMATORS = ("mid", "peak", "ks")
+DEFAULT_ESTIMATOR = "mid"  # chosen from docs/RESULTS.md
 _RELATIVE_FLOOR = 1e-12  # eigenvalues below this fraction of the largest are numerical zeros
 
 
 def esd(weight: torch.Tensor, device: str | torch.device = "cpu") -> np.ndarray:
     """Eigenvalues of W^T W (the squared singular values of W), ascending, float64, zeros and numerical zeros dropped.
 
-    Computed as the eigenvalues of the smaller Gram matrix (W W^T or W^T W, same non-zero spectrum) in float32.
+    Computed as the eigenvalues of the smaller Gram matrix (W W^T or W^T W, same non-zero spectrum) in float64: in float32
+    the Gram's small eigenvalues are rounding noise (trained matrices reach 1e-12 of the largest), which moves xmin
+    rules that look at the whole spectrum (``peak``).
 
     :param weight: ``[out, in]`` weight of any float dtype
     """
-    w = weight.to(device=device, dtype=torch.float32)
+    w = weight.to(device=device, dtype=torch.float64)
+    if not torch.isfinite(w).all():
+        raise ValueError("the weight holds NaN or infinite values")
     gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
-    eigs = torch.linalg.eigvalsh(gram).double().cpu().numpy()
+    eigs = torch.linalg.eigvalsh(gram).cpu().numpy()
     eigs = eigs[eigs > 0]
     if eigs.size == 0:
         return eigs
@@ -79,8 +84,8 @@ def hill_alpha(eigs: np.ndarray, estimator: str = "mid") -> float:
         return float("nan")
     if estimator == "mid":
         return float(_hill(eigs, np.array([eigs.size // 2]))[0])
-    # The largest eigenvalues cannot serve as xmin: their tails are too short to fit.
-    last = max(eigs.size - 10, 1)
+    # The largest eigenvalues cannot serve as xmin: a tail needs at least 10 eigenvalues to fit.
+    last = max(eigs.size - 9, 1)
     if estimator == "ks":
         return _best_ks(eigs, np.arange(last))
     counts, edges = np.histogram(np.log10(eigs), bins=100)
@@ -94,18 +99,24 @@ def hill_alpha(eigs: np.ndarray, estimator: str = "mid") -> float:
 
 
 def compute_spectra(source: SourceModel, device: str = "cpu", progress: bool = True) -> dict[str, np.ndarray]:
-    """ESD of every projection of ``source``, keyed by module name; weights are read and freed one at a time."""
+    """ESD of every projection of ``source``, keyed by module name; weights are read and freed one at a time.
+
+    The progress bar shows on a terminal only (tqdm's ``disable=None``), so piped stderr holds just errors.
+    """
     spectra = {}
-    bar = tqdm(total=len(source.projections), desc="spectra", unit="proj", disable=not progress)
+    bar = tqdm(total=len(source.projections), desc="spectra", unit="proj", disable=None if progress else True)
     with bar:
         for projection, weight in iter_projection_weights(source):
-            spectra[projection.name] = esd(weight, device)
+            try:
+                spectra[projection.name] = esd(weight, device)
+            except ValueError as e:
+                raise ExportError(f"{projection.name}: {e}") from e
             del weight
             bar.update()
     return spectra
 
 
-def alphas_from_spectra(spectra: dict[str, np.ndarray], estimator: str = "mid") -> dict[str, float]:
+def alphas_from_spectra(spectra: dict[str, np.ndarray], estimator: str = DEFAULT_ESTIMATOR) -> dict[str, float]:
     """Hill alpha of each spectrum; an ESD with fewer than 3 non-zero eigenvalues cannot be fitted and stops the export."""
     alphas = {name: hill_alpha(eigs, estimator) for name, eigs in spectra.items()}
     bad = [name for name, a in alphas.items() if not np.isfinite(a)]

@@ -97,9 +97,11 @@ def convert_gguf(gguf: Path, dtype: torch.dtype | None = None) -> Path:
         )
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-        tmp.rename(folder)
-    except ExportError:
-        raise
+        try:
+            tmp.rename(folder)
+        except OSError:
+            if not (folder / "config.json").is_file():  # not another export's finished conversion of the same file
+                raise
     except Exception as e:
         raise ExportError(f"could not read GGUF file {gguf}: {type(e).__name__}: {e}") from e
     finally:
@@ -156,6 +158,8 @@ def read_config(folder: Path) -> dict:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ExportError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise ExportError(f"{path} does not hold a JSON object")
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_ARCHITECTURES:
         raise ExportError(
@@ -206,7 +210,10 @@ def find_projections(config: dict, weight_files: tuple[Path, ...]) -> tuple[Proj
                         projections.append(Projection(name, int(match[1]), match[2], out_features, in_features, file))
         except (SafetensorError, OSError, ValueError) as e:
             raise ExportError(f"{file} is not a readable safetensors file ({size} bytes): {e}") from e
-    expected = 7 * config.get("num_hidden_layers", 0)
+    layers = config.get("num_hidden_layers")
+    if not isinstance(layers, int) or layers < 1:
+        raise ExportError(f"config.json has no valid num_hidden_layers: {layers!r}")
+    expected = 7 * layers
     if len(projections) != expected:
         raise ExportError(f"expected {expected} projection weights (7 per layer), found {len(projections)}")
     order = {kind: i for i, kind in enumerate(PROJECTION_KINDS)}

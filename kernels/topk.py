@@ -11,8 +11,8 @@ __all__ = ["topk_mask", "topk_sparsify"]
 def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the k entries of largest |x| along the last dim; ties at the k-th magnitude go to the lower index.
 
-    The count is exact: every row keeps k entries. NaN entries are always kept, so a NaN input gives a NaN output
-    instead of being silently dropped.
+    The count is exact: every row keeps k entries, except that NaN entries are always kept (a NaN input gives a NaN
+    output instead of being silently dropped), so a row with NaNs may keep more.
 
     :param x: activations, ``[..., d]``
     :param k: entries to keep per row, 1 <= k <= d
@@ -20,8 +20,10 @@ def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     d = x.shape[-1]
     assert 1 <= k <= d, f"k={k} outside [1, {d}]"
     magnitude = x.abs()
-    # The k-th largest magnitude is the (d - k + 1)-th smallest.
-    kth = torch.kthvalue(magnitude.float(), d - k + 1, dim=-1, keepdim=True).values.to(magnitude.dtype)
+    # The k-th largest magnitude is the (d - k + 1)-th smallest (kthvalue has no half-precision CPU kernel: upcast those,
+    # exactly; float32 and float64 stay as they are so the threshold is one of the row's own values).
+    exact = magnitude if magnitude.dtype in (torch.float32, torch.float64) else magnitude.float()
+    kth = torch.kthvalue(exact, d - k + 1, dim=-1, keepdim=True).values.to(magnitude.dtype)
     mask = magnitude >= kth
     if bool((mask.sum(-1) > k).any()):
         # Ties at the threshold: keep every strictly larger entry, then the lowest-index equal ones up to k.

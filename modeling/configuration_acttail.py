@@ -7,41 +7,14 @@ Shipped flat inside every exported checkpoint. Each class has its own ``model_ty
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
+from .activation_sparsity import validate_activation_sparsity
+
 __all__ = [
     "ActTailLlamaConfig",
     "ActTailMistralConfig",
     "ActTailQwen2Config",
     "ActTailQwen3Config",
-    "validate_activation_sparsity",
 ]
-
-FORMAT_VERSION = 1
-PREFILL_MODES = ("sparse", "dense")
-
-
-def validate_prefill(prefill) -> None:
-    """``prefill`` is "sparse" (every token), "dense" (decode steps only) or a fraction f in (0, 1]: the last f of a prompt."""
-    if prefill in PREFILL_MODES:
-        return
-    if isinstance(prefill, bool) or not isinstance(prefill, (int, float)) or not 0 < prefill <= 1:
-        raise ValueError(f"activation_sparsity.prefill must be one of {PREFILL_MODES} or a fraction in (0, 1], got {prefill!r}")
-
-
-def validate_activation_sparsity(block: dict) -> None:
-    """Check an ``activation_sparsity`` block; raise ValueError naming the first bad field."""
-    if block.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"activation_sparsity.format_version is {block.get('format_version')!r}; this code reads version {FORMAT_VERSION}"
-        )
-    validate_prefill(block.get("prefill", "sparse"))
-    modules = block.get("modules")
-    if not isinstance(modules, dict) or not modules:
-        raise ValueError("activation_sparsity.modules must map module names to {keep, in_features, ...}")
-    for name, spec in modules.items():
-        keep, in_features = spec.get("keep"), spec.get("in_features")
-        if not isinstance(in_features, int) or not isinstance(keep, int) or not 1 <= keep <= in_features:
-            raise ValueError(f"activation_sparsity.modules[{name!r}]: keep={keep!r} must be an int in [1, in_features={in_features!r}]")
-
 
 class ActTailConfigMixin:
     def __post_init__(self, **kwargs):

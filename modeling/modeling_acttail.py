@@ -12,13 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
-from .configuration_acttail import (
-    ActTailLlamaConfig,
-    ActTailMistralConfig,
-    ActTailQwen2Config,
-    ActTailQwen3Config,
-    validate_activation_sparsity,
-)
+from .activation_sparsity import validate_activation_sparsity
+from .configuration_acttail import ActTailLlamaConfig, ActTailMistralConfig, ActTailQwen2Config, ActTailQwen3Config
 from .topk import topk_sparsify
 
 __all__ = [

@@ -33,6 +33,14 @@ def test_effective_sparsity_meets_budget_after_rounding(method, target, sparser)
         assert 1 <= modules[p.name].keep <= p.in_features
 
 
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
+def test_budget_is_met_on_a_tiny_one_layer_model(target):
+    # Few, small projections: only a search over which keep count to move can land on the budget.
+    projections = llama_like(layers=1, d=8, d_kv=4, d_ff=16)
+    modules = allocate(projections, random_alphas(projections, seed=5), target, "acttail", epsilon=0.5)
+    assert abs(effective_sparsity(modules) - target) <= BUDGET_TOLERANCE
+
+
 def test_effective_sparsity_is_parameter_weighted():
     projections = llama_like(layers=1)
     modules = allocate(projections, random_alphas(projections), 0.5, "acttail")

@@ -9,7 +9,7 @@ from acttail_export.weights import resolve_model
 
 def test_shipped_code_is_flat_and_self_contained():
     files = shipped_code_files()
-    assert [f.name for f in files] == ["configuration_acttail.py", "modeling_acttail.py", "topk.py"]
+    assert [f.name for f in files] == ["activation_sparsity.py", "configuration_acttail.py", "modeling_acttail.py", "topk.py"]
     names = {f.stem for f in files}
     for f in files:
         text = f.read_text()

@@ -58,6 +58,24 @@ def corrupt_header(tiny, tmp_path):
     return folder
 
 
+def nan_weights(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = copy_model(tiny, tmp_path / "nan")
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.1.self_attn.q_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def no_layers(tiny, tmp_path):
+    folder = copy_model(tiny, tmp_path / "nolayers")
+    config = json.loads((folder / "config.json").read_text())
+    del config["num_hidden_layers"]
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
 def no_config(tiny, tmp_path):
     folder = copy_model(tiny, tmp_path / "noconfig")
     (folder / "config.json").unlink()
@@ -75,6 +93,8 @@ CASES = {
     "pickle-only weights": (pickle_only, ["--sparsity", "0.5"], "safetensors only"),
     "truncated safetensors": (truncated, ["--sparsity", "0.5"], "not a readable safetensors file"),
     "corrupt safetensors": (corrupt_header, ["--sparsity", "0.5"], "not a readable safetensors file"),
+    "NaN in a weight": (nan_weights, ["--sparsity", "0.5"], "model.layers.1.self_attn.q_proj: the weight holds NaN"),
+    "no num_hidden_layers": (no_layers, ["--sparsity", "0.5"], "no valid num_hidden_layers"),
     "bad prefill": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--prefill", "2"], "--prefill"),
     "min above target": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--min-sparsity", "0.6"], "--min-sparsity"),
 }

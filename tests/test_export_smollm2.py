@@ -30,7 +30,7 @@ def test_export_writes_config_block_code_tokenizer_and_card(smollm2_50):
     assert set(q0) >= {"alpha", "sparsity", "keep", "in_features"} and q0["in_features"] == 576
     # Projections really differ: ActTail is not uniform.
     assert len({m["keep"] for m in block["modules"].values() if m["in_features"] == 576}) > 10
-    for name in ("modeling_acttail.py", "configuration_acttail.py", "topk.py", "tokenizer.json", "generation_config.json"):
+    for name in ("modeling_acttail.py", "configuration_acttail.py", "activation_sparsity.py", "topk.py", "tokenizer.json", "generation_config.json"):
         assert (smollm2_50 / name).is_file(), name
     card = (smollm2_50 / "README.md").read_text()
     assert "trust_remote_code=True" in card and "| `model.layers.29.mlp.down_proj` |" in card

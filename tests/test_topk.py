@@ -36,6 +36,11 @@ def test_k_edge_cases(k):
         assert topk_sparsify(x, k) is x
 
 
+def test_float64_threshold_is_not_rounded():
+    x = torch.tensor([[1 + 1e-10, 1 + 2e-10, 1 + 3e-10, 0.5]], dtype=torch.float64)
+    assert topk_mask(x, 1).tolist() == [[False, False, True, False]]
+
+
 def test_ties_keep_exactly_k_lowest_index_first():
     x = torch.tensor([[1.0, -2.0, 2.0, 0.5, -2.0, 2.0, 0.0, 0.0]])
     assert topk_mask(x, 2).tolist() == [[False, True, True, False, False, False, False, False]]
