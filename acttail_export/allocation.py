@@ -95,15 +95,17 @@ def _solve_linear_rule(scores: np.ndarray, params: np.ndarray, target: float, ep
 
 def _round_to_budget(sparsity: np.ndarray, projections: list[Projection], target: float,
                      s_min: float, s_max: float) -> np.ndarray:
-    """Integer keep counts whose effective sparsity is as close to ``target`` as single-step changes can bring it."""
+    """Integer keep counts whose effective sparsity is within BUDGET_TOLERANCE of ``target`` where single-step changes can
+    bring it there; counts that already are stay as rounded (so ``uniform`` stays uniform per input width)."""
     d_in = np.array([p.in_features for p in projections])
     d_out = np.array([p.out_features for p in projections])
     wanted = (1.0 - sparsity) * d_in
     keep = np.array([keep_count(s, d) for s, d in zip(sparsity, d_in)])
     keep_min = np.array([keep_count(s_max, d) for d in d_in])
     keep_max = np.array([keep_count(s_min, d) for d in d_in])
-    excess = float((d_out * (d_in - keep)).sum() - target * (d_out * d_in).sum())  # skipped minus wanted params
-    while True:
+    total = float((d_out * d_in).sum())
+    excess = float((d_out * (d_in - keep)).sum()) - target * total  # skipped minus wanted params
+    while abs(excess) > BUDGET_TOLERANCE * total:
         # Too sparse: raise a keep count, too dense: lower one; among the moves that bring the budget closer, take the
         # projection whose rounding went furthest the other way.
         step = 1 if excess > 0 else -1

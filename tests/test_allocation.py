@@ -41,6 +41,13 @@ def test_budget_is_met_on_a_tiny_one_layer_model(target):
     assert abs(effective_sparsity(modules) - target) <= BUDGET_TOLERANCE
 
 
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
+def test_uniform_keeps_one_count_per_input_width(target):
+    projections = llama_like(layers=30)
+    modules = allocate(projections, random_alphas(projections), target, "uniform")
+    assert {(m.in_features, m.keep) for m in modules.values()} == {(576, keep_count(target, 576)), (1536, keep_count(target, 1536))}
+
+
 def test_effective_sparsity_is_parameter_weighted():
     projections = llama_like(layers=1)
     modules = allocate(projections, random_alphas(projections), 0.5, "acttail")
