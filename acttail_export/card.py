@@ -10,8 +10,9 @@ _ABOUT = (
     "This checkpoint runs with **ActTail** activation sparsity (arXiv 2603.12272): at every q, k, v, o, gate, up and down "
     "projection only the TopK largest-magnitude entries of the input vector are kept per token, so a decode step needs only "
     "the matching weight columns. Each projection gets its own sparsity, set from the heavy-tail exponent alpha of the "
-    "empirical spectral density of its weight matrix (HT-SR theory), under a global budget. The weights are the base "
-    "model's, unchanged; the sparsity lives in `config.json` and the code shipped beside it."
+    "empirical spectral density of its weight matrix (HT-SR theory), under a global budget. The weights are the input "
+    "model's (dequantized if it was a GGUF file, converted if `--dtype` was given); the sparsity lives in `config.json` and "
+    "the code shipped beside it."
 )
 
 
