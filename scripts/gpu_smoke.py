@@ -35,13 +35,15 @@ def main() -> None:
         print(f"alpha cpu vs cuda: max relative difference {worst:.2e}")
         assert worst < 1e-3
         subprocess.run([CLI, "export", f"{tmp}/tiny", f"{tmp}/out", "--sparsity", "0.5", "--device", "cuda"], check=True)
-        model = AutoModelForCausalLM.from_pretrained(f"{tmp}/out", trust_remote_code=True, dtype=torch.bfloat16).cuda()
         reference = AutoModelForCausalLM.from_pretrained(f"{tmp}/out", trust_remote_code=True, dtype=torch.float32)
         ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
-        with torch.inference_mode():
-            got = model(ids.cuda()).logits.float().cpu()
-            want = reference(ids).logits
-        print(f"bf16 cuda vs fp32 cpu logits: max abs difference {(got - want).abs().max():.3e} (scale {want.abs().max():.2f})")
+        for dtype in (torch.float32, torch.bfloat16):
+            model = AutoModelForCausalLM.from_pretrained(f"{tmp}/out", trust_remote_code=True, dtype=dtype).cuda()
+            with torch.inference_mode():
+                got = model(ids.cuda()).logits.float().cpu()
+                want = reference(ids).logits
+            print(f"{dtype} cuda vs float32 cpu logits: max abs difference {(got - want).abs().max():.3e} "
+                  f"(scale {want.abs().max():.2f})")
         cached = model.generate(ids.cuda(), max_new_tokens=8, do_sample=False)
         uncached = model.generate(ids.cuda(), max_new_tokens=8, do_sample=False, use_cache=False)
         print("generate with cache == without:", torch.equal(cached, uncached))
