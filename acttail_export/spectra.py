@@ -67,7 +67,7 @@ def _best_ks(eigs: np.ndarray, candidates: np.ndarray, chunk: int = 256) -> floa
     return float(alphas[int(np.argmin(distances))])
 
 
-def hill_alpha(eigs: np.ndarray, estimator: str = "mid") -> float:
+def hill_alpha(eigs: np.ndarray, estimator: str = DEFAULT_ESTIMATOR) -> float:
     """Hill estimate of the power-law exponent of the tail of an ESD, with xmin chosen by ``estimator``.
 
     - ``mid``: xmin = the median eigenvalue (the tail is the upper half);

@@ -13,11 +13,11 @@ import tempfile
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from acttail_export.allocation import allocate
+from acttail_export.allocation import DEFAULT_EPSILON, DEFAULT_SPARSER, allocate
 from acttail_export.card import model_card
 from acttail_export.checkpoint import sparsity_block, write_checkpoint
 from acttail_export.evaluate import dense_block, perplexity, tokenize_windows
-from acttail_export.spectra import ESTIMATORS, alphas_from_spectra, compute_spectra
+from acttail_export.spectra import DEFAULT_ESTIMATOR, ESTIMATORS, alphas_from_spectra, compute_spectra
 from acttail_export.text import read_text
 from acttail_export.weights import resolve_model
 
@@ -36,7 +36,7 @@ def main() -> None:
     spectra = compute_spectra(source, progress=False)
     alphas = {e: alphas_from_spectra(spectra, e) for e in ESTIMATORS}
 
-    def block_for(target, method, estimator="mid", epsilon=0.3, sparser="heavy-tail"):
+    def block_for(target, method, estimator=DEFAULT_ESTIMATOR, epsilon=DEFAULT_EPSILON, sparser=DEFAULT_SPARSER):
         modules = allocate(source.projections, alphas[estimator], target, method, epsilon, sparser)
         return sparsity_block(modules, target, method, estimator, epsilon, sparser, prefill)
 
