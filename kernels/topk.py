@@ -1,37 +1,57 @@
 """TopK activation sparsity, torch reference op: the semantics every faster path must match.
 
+The rank of an entry is its magnitude, compared as the bit pattern of |x| (sign bit cleared): for IEEE floats that order is
+the order of the magnitudes, and it puts NaN above infinity, so a NaN input is always among the kept entries (NaN in gives
+NaN out, never a silently dropped NaN). Equal magnitudes rank by index, lower first. Every row keeps exactly k entries.
+
 Shipped flat inside every exported checkpoint; imports nothing but torch.
 """
 
 import torch
 
-__all__ = ["topk_mask", "topk_sparsify"]
+__all__ = ["magnitude_keys", "topk_order", "topk_mask", "topk_sparsify"]
+
+_KEY_TYPES = {
+    torch.float16: (torch.int16, 0x7FFF),
+    torch.bfloat16: (torch.int16, 0x7FFF),
+    torch.float32: (torch.int32, 0x7FFFFFFF),
+    torch.float64: (torch.int64, 0x7FFFFFFFFFFFFFFF),
+}
+
+
+def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
+    """Integer keys ordered like |x| (NaN above inf): the bits of x with the sign bit cleared."""
+    int_type, magnitude_bits = _KEY_TYPES[x.dtype]
+    return x.view(int_type) & magnitude_bits
+
+
+def topk_order(x: torch.Tensor) -> torch.Tensor:
+    """Indices of each row from largest to smallest magnitude, equal magnitudes lowest index first.
+
+    The first k of them are the row's TopK for every k, so projections that read the same input (q/k/v, gate/up) share one.
+
+    :param x: activations, ``[..., d]``
+    """
+    return torch.sort(magnitude_keys(x), dim=-1, descending=True, stable=True).indices
 
 
 def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the k entries of largest |x| along the last dim; ties at the k-th magnitude go to the lower index.
+    """Boolean mask of the k entries of largest |x| along the last dim: exactly k per row, ranked as in :func:`topk_order`.
 
-    The count is exact: every row keeps k entries, except that NaN entries are always kept (a NaN input gives a NaN
-    output instead of being silently dropped), so a row with NaNs may keep more.
+    Faster than sorting: the k-th largest key is found with ``kthvalue``, then ties at it go to the lowest indices.
+    No host synchronisation, so CUDA graphs can capture it.
 
     :param x: activations, ``[..., d]``
     :param k: entries to keep per row, 1 <= k <= d
     """
     d = x.shape[-1]
     assert 1 <= k <= d, f"k={k} outside [1, {d}]"
-    magnitude = x.abs()
-    # The k-th largest magnitude is the (d - k + 1)-th smallest (kthvalue has no half-precision CPU kernel: upcast those,
-    # exactly; float32 and float64 stay as they are so the threshold is one of the row's own values).
-    exact = magnitude if magnitude.dtype in (torch.float32, torch.float64) else magnitude.float()
-    kth = torch.kthvalue(exact, d - k + 1, dim=-1, keepdim=True).values.to(magnitude.dtype)
-    mask = magnitude >= kth
-    if bool((mask.sum(-1) > k).any()):
-        # Ties at the threshold: keep every strictly larger entry, then the lowest-index equal ones up to k.
-        above = magnitude > kth
-        tied = magnitude == kth
-        room = k - above.sum(-1, keepdim=True)
-        mask = above | (tied & (tied.cumsum(-1) <= room))
-    return mask | torch.isnan(x)
+    keys = magnitude_keys(x)
+    kth = torch.kthvalue(keys, d - k + 1, dim=-1, keepdim=True).values
+    above = keys > kth
+    tied = keys == kth
+    room = k - above.sum(-1, keepdim=True)
+    return above | (tied & (tied.cumsum(-1) <= room))
 
 
 def topk_sparsify(x: torch.Tensor, k: int) -> torch.Tensor:

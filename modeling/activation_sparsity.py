@@ -3,10 +3,21 @@
 Shipped flat inside every exported checkpoint, and used by the exporter to check a block before writing it. Pure Python.
 """
 
-__all__ = ["FORMAT_VERSION", "PREFILL_MODES", "validate_prefill", "validate_activation_sparsity"]
+__all__ = [
+    "FORMAT_VERSION",
+    "PREFILL_MODES",
+    "SPARSE_BACKENDS",
+    "validate_prefill",
+    "validate_sparse_backend",
+    "validate_activation_sparsity",
+]
 
 FORMAT_VERSION = 1
 PREFILL_MODES = ("sparse", "dense")
+# How a decode step runs: "auto" picks Triton kernels on CUDA, the gather path on CPU (fp32/fp64), else "reference" (the
+# TopK mask + dense matmul, the semantics the others match; force it to debug). Config ``sparse_backend`` or the environment
+# variable ACTTAIL_SPARSE_BACKEND, which wins.
+SPARSE_BACKENDS = ("auto", "triton", "cpu", "reference")
 
 
 def validate_prefill(prefill) -> None:
@@ -15,6 +26,11 @@ def validate_prefill(prefill) -> None:
         return
     if isinstance(prefill, bool) or not isinstance(prefill, (int, float)) or not 0 < prefill <= 1:
         raise ValueError(f"activation_sparsity.prefill must be one of {PREFILL_MODES} or a fraction in (0, 1], got {prefill!r}")
+
+
+def validate_sparse_backend(backend) -> None:
+    if backend not in SPARSE_BACKENDS:
+        raise ValueError(f"sparse_backend must be one of {SPARSE_BACKENDS}, got {backend!r}")
 
 
 def validate_activation_sparsity(block: dict) -> None:

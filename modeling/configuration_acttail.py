@@ -7,7 +7,7 @@ Shipped flat inside every exported checkpoint. Each class has its own ``model_ty
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-from .activation_sparsity import validate_activation_sparsity
+from .activation_sparsity import validate_activation_sparsity, validate_sparse_backend
 
 __all__ = [
     "ActTailLlamaConfig",
@@ -17,31 +17,39 @@ __all__ = [
 ]
 
 class ActTailConfigMixin:
+    """``activation_sparsity``: the per-projection TopK block; ``sparse_backend``: how decode steps run (see
+    activation_sparsity.SPARSE_BACKENDS; ``from_pretrained(..., sparse_backend="reference")`` forces the reference path)."""
+
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.activation_sparsity is not None:
             validate_activation_sparsity(self.activation_sparsity)
+        validate_sparse_backend(self.sparse_backend)
 
 
 @strict
 class ActTailLlamaConfig(ActTailConfigMixin, LlamaConfig):
     model_type = "acttail_llama"
     activation_sparsity: dict | None = None
+    sparse_backend: str = "auto"
 
 
 @strict
 class ActTailMistralConfig(ActTailConfigMixin, MistralConfig):
     model_type = "acttail_mistral"
     activation_sparsity: dict | None = None
+    sparse_backend: str = "auto"
 
 
 @strict
 class ActTailQwen2Config(ActTailConfigMixin, Qwen2Config):
     model_type = "acttail_qwen2"
     activation_sparsity: dict | None = None
+    sparse_backend: str = "auto"
 
 
 @strict
 class ActTailQwen3Config(ActTailConfigMixin, Qwen3Config):
     model_type = "acttail_qwen3"
     activation_sparsity: dict | None = None
+    sparse_backend: str = "auto"

@@ -6,15 +6,22 @@ for :class:`TopKLinear`, which keeps the same parameters, so state-dict keys and
 """
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
-from .activation_sparsity import validate_activation_sparsity
+from .activation_sparsity import validate_activation_sparsity, validate_sparse_backend
 from .configuration_acttail import ActTailLlamaConfig, ActTailMistralConfig, ActTailQwen2Config, ActTailQwen3Config
-from .topk import topk_sparsify
+from .topk import topk_order, topk_sparsify
+from .topk_cpu import sparse_linear_cpu
+
+try:  # Triton kernels for CUDA decode steps; without Triton, CUDA uses the reference path
+    from .topk_triton import sparse_gemv, topk_select
+except Exception:  # ImportError, or a Triton that cannot initialise on this machine
+    topk_select = sparse_gemv = None
 
 __all__ = [
     "TopKLinear",
@@ -24,18 +31,80 @@ __all__ = [
     "ActTailQwen3ForCausalLM",
 ]
 
+# Projections that read the same vector share one selection per decode step (each keeps its own k).
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# Decode steps with at most this many rows take the sparse paths; more rows read most weight rows anyway.
+MAX_DECODE_ROWS = 8
+
+
+def _select_cpu(rows: torch.Tensor, ks: list[int]) -> tuple[torch.Tensor, list[int]]:
+    return topk_order(rows), [0] * len(ks)  # one full ranking: every k is a prefix of it
+
+
+def _select_triton(rows: torch.Tensor, ks: list[int]) -> tuple[torch.Tensor, list[int]]:
+    return topk_select(rows, ks), [sum(ks[:i]) for i in range(len(ks))]
+
+
+# backend -> (selection for a group's ks: (indices, start column of each member), GEMV over the kept rows of weight_t)
+DECODE_PATHS = {
+    "cpu": (_select_cpu, sparse_linear_cpu),
+    "triton": (_select_triton, sparse_gemv),
+}
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """The decode path for input x under ``backend`` ("auto" picks by device, dtype and what is installed)."""
+    backend = os.environ.get("ACTTAIL_SPARSE_BACKEND", backend)
+    if backend == "auto":
+        if x.is_cuda and topk_select is not None:
+            return "triton"
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+            return "cpu"  # embedding_bag sums half-precision bags in half precision: keep those on the reference path
+        return "reference"
+    if backend == "triton" and topk_select is None:
+        return "reference"
+    return backend
+
+
+class SharedSelection:
+    """One TopK selection per decode step for projections that read the same input tensor (q/k/v; gate/up).
+
+    The first member called with a new input computes the selection for every member's k; the others reuse it while the
+    input is the same tensor object. After the last member the cache is cleared, so nothing outlives the step (and a
+    compiled step has no extra outputs).
+    """
+
+    def __init__(self, ks: list[int]):
+        self.ks = ks
+        self._input = self._selection = None
+        self._uses = 0
+
+    def select(self, x: torch.Tensor, rows: torch.Tensor, backend: str) -> tuple[torch.Tensor, list[int]]:
+        if self._input is not x:
+            self._input, self._selection, self._uses = x, DECODE_PATHS[backend][0](rows, self.ks), 0
+        selection = self._selection
+        self._uses += 1
+        if self._uses == len(self.ks):
+            self._input = self._selection = None
+        return selection
+
 
 class TopKLinear(nn.Linear):
     """``nn.Linear`` whose input keeps only its ``keep`` largest-magnitude entries per token.
 
     ``prefill`` decides which tokens of a multi-token call (a prompt, or a perplexity window) are sparsified:
-    "sparse" all of them, "dense" none, a fraction f the last ceil(f * S). Single-token calls (decode steps) are always sparse.
+    "sparse" all of them, "dense" none, a fraction f the last ceil(f * S). Single-token calls (decode steps) are always
+    sparse. Multi-token calls use the TopK mask + dense matmul. Decode steps read only the kept rows of the weight stored
+    input-major (see :meth:`make_input_major`) on the path ``backend`` picks (see ``DECODE_PATHS``).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, keep: int, prefill="sparse", device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.keep = keep
         self.prefill = prefill
+        self.backend = "auto"
+        self.shared = None  # SharedSelection with the other projections reading this input, or None
+        self.shared_slot = 0  # this projection's place in ``shared.ks``
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, keep: int, prefill) -> "TopKLinear":
@@ -54,11 +123,51 @@ class TopKLinear(nn.Linear):
         head, tail = x.split([tokens - sparse_tokens, sparse_tokens], dim=-2)
         return torch.cat([head, topk_sparsify(tail, self.keep)], dim=-2)
 
+    def is_input_major(self) -> bool:
+        """Whether the weight is stored as a contiguous ``[in, out]`` tensor (``weight`` is its transposed view)."""
+        return self.weight.stride() == (1, self.out_features)
+
+    @torch.no_grad()
+    def make_input_major(self) -> None:
+        """Store the weight input-major, in place of the ``[out, in]`` storage (no extra memory once the old is freed).
+
+        ``weight`` keeps its shape and values, so the dense matmul, state dicts and hooks see the same parameter.
+        """
+        if not self.is_input_major():
+            self.weight.data = self.weight.data.t().contiguous().t()
+
+    def _decode_backend(self, x: torch.Tensor) -> str:
+        """The sparse decode path for x, or "reference" when x is no decode step or the weight is not ready for one."""
+        if self.keep >= self.in_features or x.shape[-2] != 1 or x.numel() > MAX_DECODE_ROWS * self.in_features:
+            return "reference"
+        if self.weight.device != x.device:
+            return "reference"
+        backend = resolve_backend(self.backend, x)
+        if backend != "reference" and not self.is_input_major():
+            if torch.compiler.is_compiling():
+                return "reference"  # no layout change inside a traced graph: call model.prepare_sparse_decode() first
+            self.make_input_major()
+        return backend
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.sparsify(x), self.weight, self.bias)
+        # x: [..., S, d_in]
+        backend = self._decode_backend(x) if x.dim() >= 2 else "reference"
+        if backend == "reference":
+            return F.linear(self.sparsify(x), self.weight, self.bias)
+        rows = x.reshape(-1, self.in_features)
+        if not rows.is_contiguous():
+            rows = rows.contiguous()
+        if self.shared is not None:
+            selection, starts = self.shared.select(x, rows, backend)
+            start = starts[self.shared_slot]
+        else:
+            selection, start = DECODE_PATHS[backend][0](rows, [self.keep])[0], 0
+        idx = selection[:, start:start + self.keep]
+        y = DECODE_PATHS[backend][1](rows, idx, self.weight.t(), self.bias)  # y: [rows, d_out]
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, keep={self.keep}, prefill={self.prefill!r}"
+        return f"{super().extra_repr()}, keep={self.keep}, prefill={self.prefill!r}, backend={self.backend!r}"
 
 
 class ActTailMixin:
@@ -68,6 +177,9 @@ class ActTailMixin:
         super().__init__(config)
         if config.activation_sparsity is not None:
             self.set_activation_sparsity(config.activation_sparsity)
+
+    def topk_modules(self) -> dict[str, TopKLinear]:
+        return {name: module for name, module in self.named_modules() if isinstance(module, TopKLinear)}
 
     def set_activation_sparsity(self, block: dict) -> None:
         """Swap or update the TopK projections named in ``block["modules"]`` (keep = in_features makes one dense).
@@ -89,6 +201,44 @@ class ActTailMixin:
                 parent, _, child = name.rpartition(".")
                 setattr(self.get_submodule(parent), child, TopKLinear.from_linear(module, spec["keep"], prefill))
         self.config.activation_sparsity = block
+        self.set_sparse_backend(self.config.sparse_backend)
+        self._share_selections()
+
+    def set_sparse_backend(self, backend: str) -> None:
+        """Choose how decode steps run: "auto", "triton", "cpu" or "reference" (ACTTAIL_SPARSE_BACKEND overrides it)."""
+        validate_sparse_backend(backend)
+        for module in self.topk_modules().values():
+            module.backend = backend
+        self.config.sparse_backend = backend
+
+    def _share_selections(self) -> None:
+        """Give the sparse projections that read one input (``SHARED_INPUTS``) a common SharedSelection."""
+        modules = self.topk_modules()
+        for module in modules.values():
+            module.shared, module.shared_slot = None, 0
+        parents = {name.rpartition(".")[0] for name in modules}
+        for parent in parents:
+            for names in SHARED_INPUTS:
+                members = [modules.get(f"{parent}.{name}") for name in names]
+                members = [m for m in members if m is not None and m.keep < m.in_features]
+                if len(members) < 2:
+                    continue
+                shared = SharedSelection([m.keep for m in members])
+                for slot, member in enumerate(members):
+                    member.shared, member.shared_slot = shared, slot
+
+    def prepare_sparse_decode(self) -> None:
+        """Store every sparse projection's weight input-major, as decode steps need; ``generate`` calls it.
+
+        Call it yourself before ``torch.compile`` of a forward you drive; eager forwards convert on their first decode step.
+        """
+        for module in self.topk_modules().values():
+            if module.keep < module.in_features and module.weight.device.type != "meta":
+                module.make_input_major()
+
+    def generate(self, *args, **kwargs):
+        self.prepare_sparse_decode()
+        return super().generate(*args, **kwargs)
 
 
 class ActTailLlamaForCausalLM(ActTailMixin, LlamaForCausalLM):

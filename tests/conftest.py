@@ -10,6 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors; it must be on before they are imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 CLI = str(Path(sys.executable).parent / "acttail-export")
 
 # Prepended to every "fresh process" script: acttail_export cannot be imported there, as on a user's machine.
@@ -96,3 +101,15 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 def read_block(checkpoint: Path) -> dict:
     return json.loads((checkpoint / "config.json").read_text())["activation_sparsity"]
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Every ``torch.empty`` in the test returns NaN (floats) or -7777 (ints), so an output a kernel forgot to write shows."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        tensor = real_empty(*args, **kwargs)
+        return tensor.fill_(float("nan") if tensor.is_floating_point() else -7777)
+
+    monkeypatch.setattr(torch, "empty", empty)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from acttail_export.kernels.topk import topk_mask, topk_sparsify
+from acttail_export.kernels.topk import topk_mask, topk_order, topk_sparsify
 
 
 def brute_force(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -55,4 +55,19 @@ def test_nan_input_gives_nan_output():
     out = topk_sparsify(x, 4)
     assert torch.isnan(out[0, 3])
     assert not torch.isnan(out[1]).any()
-    assert (topk_mask(x, 4)[1].sum() == 4)
+    assert (topk_mask(x, 4).sum(-1) == 4).all()
+
+
+def test_nan_ranks_above_inf_and_the_count_stays_exact():
+    x = torch.tensor([[float("inf"), 1.0, -float("nan"), -float("inf")]])
+    assert topk_mask(x, 1).tolist() == [[False, False, True, False]]
+    assert topk_mask(x, 2).tolist() == [[True, False, True, False]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_order_prefixes_are_the_topk_masks(dtype):
+    x = torch.randn(3, 200).to(dtype)
+    x[0, :40] = 0.25  # ties
+    order = topk_order(x)
+    for k in (1, 7, 40, 100, 200):
+        assert torch.equal(torch.zeros_like(x, dtype=torch.bool).scatter_(-1, order[:, :k], True), topk_mask(x, k))
