@@ -15,6 +15,8 @@ Shipped flat inside every exported checkpoint; ``modeling_acttail.py`` imports t
 without Triton load the model and use another path.
 """
 
+import os
+
 import torch
 
 try:  # a try block keeps transformers' import check from requiring Triton; the modeling file catches the ImportError
@@ -210,16 +212,24 @@ def _sparse_gemv(x: torch.Tensor, idx: torch.Tensor, weight_t: torch.Tensor, bia
     return out
 
 
-def _register(name: str, fn):
-    """Register ``fn`` as the custom op ``acttail::name``; a second copy of this file (another checkpoint) reuses it."""
-    triton_op = getattr(torch.library, "triton_op", None)
-    if triton_op is None:  # torch < 2.6: plain functions, eager only
-        return fn
-    namespace = getattr(torch.ops, "acttail")
+def _register(name: str, fn, fake):
+    """Register ``fn`` as the custom op ``acttail::name``; a second copy of this file (another checkpoint) reuses it.
+
+    ``triton_op`` lets torch.compile see into the kernels; where it is missing (torch < 2.6) or the kernels run in Triton's
+    interpreter (CPU tests), an opaque ``custom_op`` with a fake (shape-only) implementation takes its place.
+    """
+    namespace = torch.ops.acttail
     if hasattr(namespace, name):
         return getattr(namespace, name)
-    return triton_op(f"acttail::{name}", fn, mutates_args=())
+    triton_op = getattr(torch.library, "triton_op", None)
+    if triton_op is not None and os.environ.get("TRITON_INTERPRET") != "1":
+        return triton_op(f"acttail::{name}", fn, mutates_args=())
+    op = torch.library.custom_op(f"acttail::{name}", fn, mutates_args=())
+    op.register_fake(fake)
+    return op
 
 
-topk_select = _register("topk_select_v1", _topk_select)
-sparse_gemv = _register("sparse_gemv_v1", _sparse_gemv)
+topk_select = _register(
+    "topk_select_v1", _topk_select, lambda x, ks: x.new_empty(x.shape[0], sum(ks), dtype=torch.int32))
+sparse_gemv = _register(
+    "sparse_gemv_v1", _sparse_gemv, lambda x, idx, weight_t, bias: x.new_empty(x.shape[0], weight_t.shape[1]))

@@ -1,0 +1,180 @@
+"""End-to-end decode speed (tokens/s, batch 1, greedy) of an ActTail model against the same model dense.
+
+    python benchmarks/bench_decode.py --device cuda               # 7B-shaped Llama, random bf16 weights, built on the GPU
+    python benchmarks/bench_decode.py --device cpu                # SmolLM2-135M fp32, exported by the CLI at each sparsity
+
+Every row runs one model object; ``set_activation_sparsity`` swaps the per-projection k (dense = every k = d_in, the same
+``F.linear`` as the base model, weights in their checkpoint layout: the dense rows run first). Modes:
+- ``generate``: plain ``model.generate`` with the dynamic cache; tokens/s = new tokens / (time of the run - time of a run
+  that stops after the first token, i.e. the prefill);
+- ``compiled`` (CUDA): a static KV cache and the decode step under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs),
+  the gpt-fast recipe.
+Each sparse row also reports how far one decode step's logits are from the reference path (TopK mask + dense matmul).
+"""
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from acttail_export.allocation import allocate
+from acttail_export.checkpoint import sparsity_block
+from acttail_export.weights import Projection
+
+SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def projections_of(model) -> list[Projection]:
+    return [Projection(name, int(name.split(".")[2]), name.rsplit(".", 1)[1], m.out_features, m.in_features, Path("-"))
+            for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in SEVEN]
+
+
+def uniform_block(model, sparsity: float) -> dict:
+    """A uniform block: on random weights every alpha is alike, and speed depends on the bytes read, which the budget sets."""
+    projections = projections_of(model)
+    modules = allocate(projections, {p.name: 0.0 for p in projections}, sparsity, method="uniform")
+    return sparsity_block(modules, sparsity, "uniform", "mid", 0.0, "heavy-tail")
+
+
+def synthetic_7b(layers: int):
+    from acttail_export.modeling.configuration_acttail import ActTailLlamaConfig
+    from acttail_export.modeling.modeling_acttail import ActTailLlamaForCausalLM
+
+    config = ActTailLlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
+                                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = ActTailLlamaForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
+    return model.eval()
+
+
+def smollm2_exports(sparsities: list[float], folder: Path) -> tuple[Path, dict[float, dict]]:
+    """Export SmolLM2 at each sparsity with the CLI; return the first checkpoint and every block."""
+    import json
+
+    cli = str(Path(sys.executable).parent / "acttail-export")
+    blocks = {}
+    for sparsity in sparsities:
+        out = folder / f"s{sparsity}"
+        subprocess.run([cli, "export", str(out), "--sparsity", str(sparsity)], check=True, capture_output=True)
+        blocks[sparsity] = json.loads((out / "config.json").read_text())["activation_sparsity"]
+    return folder / f"s{sparsities[0]}", blocks
+
+
+def generate_tokens_per_s(model, ids: torch.Tensor, new_tokens: int) -> float:
+    def run(n: int) -> float:
+        sync()
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        sync()
+        return time.perf_counter() - start
+
+    run(4)  # warm-up
+    prefill = min(run(1) for _ in range(2))
+    return (new_tokens - 1) / (run(new_tokens) - prefill)
+
+
+def compiled_tokens_per_s(model, ids: torch.Tensor, new_tokens: int) -> float:
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + new_tokens + 8)
+    model.prepare_sparse_decode()
+    torch._dynamo.reset()
+
+    def step(token, position):
+        return model(token, past_key_values=cache, cache_position=position, use_cache=True).logits[:, -1]
+
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    with torch.inference_mode():
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        token = model(ids, past_key_values=cache, cache_position=positions, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        position = torch.tensor([ids.shape[1]], device=ids.device)
+        for _ in range(3):  # compile and record the graph (these tokens are written again below)
+            compiled(token, position).argmax(-1, keepdim=True)
+        sync()
+        start = time.perf_counter()
+        for i in range(new_tokens):
+            token = compiled(token, position + i).argmax(-1, keepdim=True)
+        sync()
+        return new_tokens / (time.perf_counter() - start)
+
+
+def step_error(model, ids: torch.Tensor) -> float:
+    """Max |logits| difference of one decode step between this model's path and the reference path, relative to max |logits|."""
+    with torch.inference_mode():
+        out = model(ids[:, :-1], use_cache=True)
+        fast = model(ids[:, -1:], past_key_values=out.past_key_values).logits.float()
+        backend = model.config.sparse_backend
+        model.set_sparse_backend("reference")
+        out = model(ids[:, :-1], use_cache=True)
+        ref = model(ids[:, -1:], past_key_values=out.past_key_values).logits.float()
+        model.set_sparse_backend(backend)
+    return ((fast - ref).abs().max() / ref.abs().max()).item()
+
+
+def checkpoint_layout(model) -> None:
+    """Weights back in their [out, in] layout (the sparse rows store them input-major), for a fair dense row."""
+    with torch.no_grad():
+        for module in model.topk_modules().values():
+            module.weight.data = module.weight.data.contiguous()
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sparsity", default=None, help="comma-separated; default 0.5,0.8 (cuda) or 0.5,0.7 (cpu)")
+    parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=32, help="cuda: decoder layers of the 7B-shaped model")
+    parser.add_argument("--modes", default=None, help="comma-separated generate,compiled; default both (cuda) or generate (cpu)")
+    args = parser.parse_args()
+    cuda = args.device == "cuda"
+    sparsities = [float(s) for s in (args.sparsity or ("0.5,0.8" if cuda else "0.5,0.7")).split(",")]
+    modes = (args.modes or ("generate,compiled" if cuda else "generate")).split(",")
+    new_tokens = args.new_tokens or (128 if cuda else 32)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        if cuda:
+            model = synthetic_7b(args.layers)
+            blocks = {s: uniform_block(model, s) for s in sparsities}
+            ids = torch.randint(0, 32000, (1, args.prompt_tokens), device="cuda")
+            name = f"Llama-2-7B-shaped ({args.layers} layers), random bf16, {torch.cuda.get_device_name()}"
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            from acttail_export.text import wikipedia_text
+
+            first, blocks = smollm2_exports(sparsities, Path(tmp))
+            model = AutoModelForCausalLM.from_pretrained(first, trust_remote_code=True, dtype=torch.float32).eval()
+            tokenizer = AutoTokenizer.from_pretrained(first, trust_remote_code=True)
+            ids = tokenizer(wikipedia_text()[:4000], return_tensors="pt").input_ids[:, :args.prompt_tokens]
+            name = f"SmolLM2-135M fp32, CPU {torch.get_num_threads()} threads"
+        dense = {name: {**spec, "keep": spec["in_features"]} for name, spec in blocks[sparsities[0]]["modules"].items()}
+        rows = [(0.0, {**blocks[sparsities[0]], "modules": dense})] + [(s, blocks[s]) for s in sparsities]
+        print(f"{name}; prompt {ids.shape[1]} tokens, {new_tokens} new; torch {torch.__version__}")
+        print("| mode | sparsity | tokens/s | speed-up | decode-step logits vs reference path |")
+        print("|---|---|---|---|---|")
+        for mode in modes:
+            base = None
+            for sparsity, block in rows:
+                model.set_activation_sparsity(block)
+                if not sparsity:
+                    checkpoint_layout(model)
+                speed = (generate_tokens_per_s if mode == "generate" else compiled_tokens_per_s)(model, ids, new_tokens)
+                base = base or speed
+                error = f"{step_error(model, ids):.1e} (relative)" if sparsity else "-"
+                print(f"| {mode} | {sparsity:.1f} | {speed:.2f} | {speed / base:.2f}x | {error} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
