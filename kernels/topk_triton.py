@@ -42,6 +42,7 @@ def _topk_select_kernel(
     k1,  # ... member 1 (if NUM_K > 1)
     k2,  # ... member 2 (if NUM_K > 2)
     NUM_K: tl.constexpr,  # members sharing this selection, 1..3
+    K_PAD: tl.constexpr,  # NUM_K rounded up to a power of two
     KEY_BITS: tl.constexpr,  # magnitude bits: 15 for fp16/bf16, 31 for fp32
     BLOCK_D: tl.constexpr,  # power of two >= D: the whole row lives in registers
 ):
@@ -51,23 +52,23 @@ def _topk_select_kernel(
     keys = tl.load(keys_ptr + row * stride_keys + offs, mask=in_row, other=0).to(tl.int32)
     keys = keys & ((1 << KEY_BITS) - 1)
     keys = tl.where(in_row, keys, -1)  # padding ranks below every real entry
+    member = tl.arange(0, K_PAD)
+    ks = tl.where(member == 0, k0, tl.where(member == 1, k1, k2))
+    # The k-th largest key is the largest t with count(keys >= t) >= k: set its bits from the top down, for every
+    # member at once (one reduction per bit, not one per bit and member: the reductions are the latency).
+    t = tl.zeros([K_PAD], dtype=tl.int32)
+    for bit in tl.static_range(KEY_BITS - 1, -1, -1):
+        candidate = t | (1 << bit)
+        count = tl.sum((keys[None, :] >= candidate[:, None]).to(tl.int32), axis=1)
+        t = tl.where(count >= ks, candidate, t)
     start = 0
     for j in tl.static_range(NUM_K):
-        if j == 0:
-            k = k0
-        elif j == 1:
-            k = k1
-        else:
-            k = k2
-        # The k-th largest key is the largest t with count(keys >= t) >= k: set its bits from the top down.
-        t = tl.full([], 0, tl.int32)
-        for bit in tl.static_range(KEY_BITS - 1, -1, -1):
-            candidate = t | (1 << bit)
-            count = tl.sum((keys >= candidate).to(tl.int32), axis=0)
-            t = tl.where(count >= k, candidate, t)
-        above = keys > t
+        k = tl.sum(tl.where(member == j, ks, 0), axis=0)
+        kth = tl.sum(tl.where(member == j, t, 0), axis=0)
+        # Keep every key above the k-th, then the lowest-index keys equal to it until k are kept.
+        above = keys > kth
         room = k - tl.sum(above.to(tl.int32), axis=0)
-        tied = keys == t
+        tied = keys == kth
         keep = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= room))
         slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
         tl.store(idx_ptr + row * stride_idx + start + slot, offs, mask=keep)
@@ -174,7 +175,7 @@ def _topk_select(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
     block_d = triton.next_power_of_2(d)
     _launch(_topk_select_kernel)[(rows,)](
         keys, idx, d, keys.stride(0), idx.stride(0), *padded,
-        NUM_K=len(ks), KEY_BITS=15 if keys.dtype == torch.int16 else 31, BLOCK_D=block_d,
+        NUM_K=len(ks), K_PAD=triton.next_power_of_2(len(ks)), KEY_BITS=15 if keys.dtype == torch.int16 else 31, BLOCK_D=block_d,
         num_warps=max(1, min(16, block_d // 512)),
     )
     return idx
