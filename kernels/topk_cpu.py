@@ -1,22 +1,186 @@
-"""CPU decode path for TopK activation sparsity: a GEMV that reads only the kept rows of the input-major weight, in place.
+"""CPU decode path for TopK activation sparsity: select each row's kept inputs, then a GEMV over only those rows of the
+input-major weight ``weight_t`` (``[d_in, d_out]``), read in place.
 
-``y = sum_i x[i] * weight_t[i]`` over the kept indices i is exactly what ``F.embedding_bag(mode="sum",
-per_sample_weights=...)`` computes, with ``weight_t`` (``[d_in, d_out]``) as the table: an optimised CPU kernel that reads the
-table rows where they are, with no per-call sparse-tensor construction (``index_select`` + matmul copies the rows and is
-slower than dense; ``torch.sparse.mm`` pays for building a COO tensor on every call). embedding_bag runs one bag per thread,
-so each row's kept indices are cut into a few bags and their sums added.
-
-Shipped flat inside every exported checkpoint; imports nothing but torch.
+With numba, each step is one compiled call (one selection serves a group: q/k/v, gate/up). A decode step is ~200
+projections of well under a millisecond, where the few microseconds of every torch op add up. The kernels are
+single-threaded: on layers this small a thread pool beside torch's costs more in wake-ups than it gains; layers above
+``NUMBA_MAX_BYTES`` of kept weights (7B-sized) go to embedding_bag, whose bags use every thread. Without numba (or with ``ACTTAIL_NUMBA=0``) the torch ops run. Shipped flat inside every exported
+checkpoint; needs only torch (numba and numpy are optional).
 """
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["sparse_linear_cpu"]
+from .topk import magnitude_keys, topk_order
 
-MIN_BAG = 64  # kept rows per bag: fewer and the per-bag overhead outweighs the parallelism
+try:  # optional fast path; the try block also keeps transformers' remote-code import check from requiring numba
+    import numba
+    import numpy as np
+except ImportError:
+    numba = None
+
+__all__ = ["select_cpu", "sparse_linear_cpu"]
+
+USE_NUMBA = numba is not None and os.environ.get("ACTTAIL_NUMBA", "1") != "0"  # tests flip it to run the torch path
+
+# Kept weight bytes up to which the single-threaded numba GEMV wins; above it (7B-sized layers) embedding_bag's bags on
+# every thread stream more bandwidth than one core (4096x4096 fp32 at 50%: 1.73x dense with 4 bags, 1.1x with one).
+NUMBA_MAX_BYTES = 8 * 2**20
+MIN_BAG = 64  # torch path: kept rows per embedding_bag bag; fewer and the per-bag overhead outweighs the parallelism
+_BITS = {}  # dtype -> (key bits, magnitude mask as in topk.magnitude_keys, shift leaving a key's top 11 bits)
+
+if numba is not None:
+    _BITS.update({torch.float32: (np.int32, 0x7FFFFFFF, 20), torch.float64: (np.int64, 0x7FFFFFFFFFFFFFFF, 52)})
+    _NO_BIAS = {torch.float32: np.zeros(0, np.float32), torch.float64: np.zeros(0, np.float64)}
+
+    def _jit(function):
+        try:  # compiled once, then loaded from numba's on-disk cache
+            return numba.njit(cache=True, nogil=True)(function)
+        except RuntimeError:  # no writable cache directory: compile in every process
+            return numba.njit(nogil=True)(function)
+
+    @_jit
+    def _place(a, lo, hi, p):
+        """Quickselect: reorder ``a[lo:hi]`` in place so that ``a[p]`` holds what sorting would put there."""
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            x, y, z = a[lo], a[mid], a[hi - 1]
+            pivot = max(min(x, y), min(max(x, y), z))  # median of three
+            i, j = lo, hi - 1
+            while i <= j:
+                while a[i] < pivot:
+                    i += 1
+                while a[j] > pivot:
+                    j -= 1
+                if i <= j:
+                    a[i], a[j] = a[j], a[i]
+                    i += 1
+                    j -= 1
+            if p <= j:
+                hi = j + 1
+            elif p >= i:
+                lo = i
+            else:
+                return
+
+    @_jit
+    def _select(bits, mask, shift, ks, starts, out):
+        """Per row and k: the indices of the k largest keys ``bits & mask`` (ties to the lower index), ascending (the
+        GEMV then reads weight rows front to back), into ``out[row, start:start + k]``. The k-th largest key comes from
+        a histogram of the keys' top 11 bits (``key >> shift``), then a quickselect among the few keys in its bin:
+        about half the time of a quickselect over the row, whose comparisons are coin flips to the branch predictor."""
+        d = bits.shape[1]
+        keys = np.empty(d, np.int64)
+        bin_keys = np.empty(d, np.int64)
+        hist = np.zeros((mask >> shift) + 1, np.int32)
+        for b in range(bits.shape[0]):
+            hist[:] = 0
+            top = 0
+            for i in range(d):
+                keys[i] = bits[b, i] & mask
+                hist[keys[i] >> shift] += 1
+                top = max(top, keys[i])
+            for m in range(ks.shape[0]):
+                k, n = ks[m], starts[m]
+                if k >= d:
+                    out[b, n:n + d] = np.arange(d)
+                    continue
+                above, t = 0, top >> shift  # bins above t hold ``above`` keys, fewer than k; bin t completes k
+                while above + hist[t] < k:
+                    above += hist[t]
+                    t -= 1
+                c = 0
+                for i in range(d):
+                    if keys[i] >> shift == t:
+                        bin_keys[c] = keys[i]
+                        c += 1
+                p = c - (k - above)  # the k-th largest key overall is the (k - above)-th largest in bin t
+                _place(bin_keys, 0, c, p)
+                threshold = bin_keys[p]
+                ties = k - above  # keys equal to the threshold that are kept: k minus those above it
+                for i in range(p + 1, c):
+                    ties -= bin_keys[i] > threshold
+                for i in range(d):
+                    if keys[i] > threshold or (keys[i] == threshold and ties > 0):
+                        ties -= keys[i] == threshold
+                        out[b, n] = i
+                        n += 1
+
+    @_jit
+    def _gemv(x, idx, w, bias, out):
+        """``out[b] = sum_t x[b, idx[b, t]] * w[idx[b, t]] (+ bias)``, accumulated in out's dtype (that of w).
+
+        Eight kept rows per pass over the output: eight concurrent streams from memory (one stream per row leaves the
+        core waiting on memory) and an eighth of the accumulator traffic: 1.3-1.6x the bandwidth of a row at a time."""
+        d_in, d_out = w.shape
+        for b in range(idx.shape[0]):
+            acc = out[b]
+            acc[:] = 0
+            k = idx.shape[1]
+            for t in range(k):
+                if idx[b, t] < 0 or idx[b, t] >= d_in:
+                    raise IndexError("kept index out of range")
+            for t in range(0, k - k % 8, 8):
+                i0, i1, i2, i3, i4, i5, i6, i7 = idx[b, t:t + 8]
+                v0, v1, v2, v3, v4, v5, v6, v7 = x[b, i0], x[b, i1], x[b, i2], x[b, i3], x[b, i4], x[b, i5], x[b, i6], x[b, i7]
+                for j in range(d_out):
+                    acc[j] += ((v0 * w[i0, j] + v1 * w[i1, j]) + (v2 * w[i2, j] + v3 * w[i3, j])) + (
+                        (v4 * w[i4, j] + v5 * w[i5, j]) + (v6 * w[i6, j] + v7 * w[i7, j]))
+            for t in range(k - k % 8, k):
+                i = idx[b, t]
+                v = x[b, i]
+                for j in range(d_out):
+                    acc[j] += v * w[i, j]
+            for j in range(bias.shape[0]):
+                acc[j] += bias[j]
+
+
+def _torch_only(*tensors: torch.Tensor | None) -> bool:
+    """Whether this call must stay in torch ops: torch.compile is tracing it, or autograd must see it (no backward here)."""
+    return torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
+def _np(t: torch.Tensor):
+    return (t.detach() if t.requires_grad else t).numpy()  # a view, no copy (a parameter requires grad even in no_grad)
+
+
+@functools.lru_cache(maxsize=256)
+def _group(ks: tuple) -> tuple:
+    starts = [sum(ks[:i]) for i in range(len(ks))]
+    return np.array(ks, dtype=np.int64), np.array(starts, dtype=np.int64), starts, sum(ks)
+
+
+def select_cpu(rows: torch.Tensor, ks: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """Kept input indices of each row for every k in ``ks`` (1 <= k), as ranked by ``topk.topk_order``.
+
+    :param rows: ``[B, d]`` activations
+    :returns: ``(selection, starts)``: member m keeps ``selection[:, starts[m]:starts[m] + ks[m]]``
+    """
+    if USE_NUMBA and rows.dtype in _BITS and rows.is_cpu and not _torch_only(rows):
+        ks_np, starts_np, starts, total = _group(tuple(ks))
+        out = np.empty((rows.shape[0], total), np.int64)
+        bits, mask, shift = _BITS[rows.dtype]
+        _select(_np(rows).view(bits), mask, shift, ks_np, starts_np, out)
+        return torch.from_numpy(out), starts
+    return _ranking(rows, max(ks)), [0] * len(ks)  # the top max(ks) in rank order: every k is a prefix of it
+
+
+@functools.lru_cache(maxsize=16)
+def _reversed_index(d: int) -> torch.Tensor:
+    return torch.arange(d - 1, -1, -1)
+
+
+def _ranking(rows: torch.Tensor, k: int) -> torch.Tensor:
+    """The first k columns of ``topk_order(rows)``. For fp32 one ``topk`` over unique int64 keys (the magnitude bits
+    above the reversed index, so equal magnitudes rank lower index first) does it: exact, and cheaper than a sort."""
+    if rows.dtype != torch.float32 or not rows.is_cpu or torch.compiler.is_compiling():
+        return topk_order(rows)
+    keys = (magnitude_keys(rows).long() << 32) | _reversed_index(rows.shape[-1])
+    return keys.topk(k, dim=-1).indices
 
 
 @functools.lru_cache(maxsize=256)
@@ -30,16 +194,28 @@ def sparse_linear_cpu(x: torch.Tensor, idx: torch.Tensor, weight_t: torch.Tensor
     """``y[b] = sum_i x[b, idx[b, i]] * weight_t[idx[b, i]] + bias``, reading only the kept rows of ``weight_t``.
 
     :param x: ``[B, d_in]`` activations
-    :param idx: ``[B, k]`` int64 kept indices per row (e.g. the first k of ``topk.topk_order``)
+    :param idx: ``[B, k]`` int64 kept indices per row (a member's columns of :func:`select_cpu`, or ``topk_order``'s first k)
     :param weight_t: ``[d_in, d_out]`` input-major weight (``linear.weight.t()`` stored contiguous)
     :param bias: ``[d_out]`` or None
     :returns: ``[B, d_out]`` in x's dtype
     """
+    dtype = x.dtype
+    if (USE_NUMBA and idx.numel() * weight_t.shape[1] * weight_t.element_size() <= NUMBA_MAX_BYTES and dtype in _BITS and x.is_cpu and weight_t.is_cpu and weight_t.dtype == dtype
+            and (bias is None or bias.dtype == dtype) and not _torch_only(x, weight_t, bias)):
+        no_bias = _NO_BIAS[dtype]
+        out = np.empty((idx.shape[0], weight_t.shape[1]), no_bias.dtype)
+        _gemv(_np(x), _np(idx), _np(weight_t), no_bias if bias is None else _np(bias), out)
+        return torch.from_numpy(out)
+    # torch: embedding_bag with weight_t as the table sums the kept rows where they are. It runs one bag per thread, so
+    # each row's kept indices are cut into a few bags and their sums added (one bag per row when torch.compile traces)
     rows, k = idx.shape
-    bags = max(1, min(2 * torch.get_num_threads(), k // MIN_BAG))
+    bags = 1 if torch.compiler.is_compiling() else max(1, min(2 * torch.get_num_threads(), k // MIN_BAG))
     values = x.gather(1, idx).to(weight_t.dtype)
-    y = F.embedding_bag(idx.flatten(), weight_t, _bag_offsets(rows, k, bags), mode="sum", per_sample_weights=values.flatten())
-    y = y.view(rows, bags, -1).sum(1) if bags > 1 else y
+    if bags == 1:
+        y = F.embedding_bag(idx, weight_t, mode="sum", per_sample_weights=values)
+    else:
+        y = F.embedding_bag(idx.flatten(), weight_t, _bag_offsets(rows, k, bags), mode="sum",
+                            per_sample_weights=values.flatten()).view(rows, bags, -1).sum(1)
     if bias is not None:
         y = y + bias
     return y.to(x.dtype)

@@ -15,8 +15,8 @@ from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
 
 from .activation_sparsity import validate_activation_sparsity, validate_sparse_backend
 from .configuration_acttail import ActTailLlamaConfig, ActTailMistralConfig, ActTailQwen2Config, ActTailQwen3Config
-from .topk import topk_order, topk_sparsify
-from .topk_cpu import sparse_linear_cpu
+from .topk import topk_sparsify
+from .topk_cpu import select_cpu, sparse_linear_cpu
 
 try:  # Triton kernels for CUDA decode steps; without Triton, CUDA uses the reference path
     from .topk_triton import sparse_gemv, topk_select
@@ -37,23 +37,19 @@ SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 MAX_DECODE_ROWS = 8
 
 
-def _select_cpu(rows: torch.Tensor, ks: list[int]) -> tuple[torch.Tensor, list[int]]:
-    return topk_order(rows), [0] * len(ks)  # one full ranking: every k is a prefix of it
-
-
 def _select_triton(rows: torch.Tensor, ks: list[int]) -> tuple[torch.Tensor, list[int]]:
     return topk_select(rows, ks), [sum(ks[:i]) for i in range(len(ks))]
 
 
 # backend -> (selection for a group's ks: (indices, start column of each member), GEMV over the kept rows of weight_t)
 DECODE_PATHS = {
-    "cpu": (_select_cpu, sparse_linear_cpu),
+    "cpu": (select_cpu, sparse_linear_cpu),
     "triton": (_select_triton, sparse_gemv),
 }
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """The decode path for input x under ``backend`` ("auto" picks by device, dtype and what is installed)."""
+    """The decode path for tensors like x (device, dtype) under ``backend``: "auto" picks by what is installed."""
     backend = os.environ.get("ACTTAIL_SPARSE_BACKEND", backend)
     if backend == "auto":
         if x.is_cuda and topk_select is not None:
@@ -103,6 +99,7 @@ class TopKLinear(nn.Linear):
         self.keep = keep
         self.prefill = prefill
         self.backend = "auto"
+        self.decode_path = None  # "triton" | "cpu" | "reference", chosen at the first decode step (see plan_decode)
         self.shared = None  # SharedSelection with the other projections reading this input, or None
         self.shared_slot = 0  # this projection's place in ``shared.ks``
 
@@ -136,35 +133,46 @@ class TopKLinear(nn.Linear):
         if not self.is_input_major():
             self.weight.data = self.weight.data.t().contiguous().t()
 
-    def _decode_backend(self, x: torch.Tensor) -> str:
-        """The sparse decode path for x, or "reference" when x is no decode step or the weight is not ready for one."""
-        if self.keep >= self.in_features or x.shape[-2] != 1 or x.numel() > MAX_DECODE_ROWS * self.in_features:
-            return "reference"
-        if self.weight.device != x.device:
-            return "reference"
-        backend = resolve_backend(self.backend, x)
-        if backend != "reference" and not self.is_input_major():
-            if torch.compiler.is_compiling():
-                return "reference"  # no layout change inside a traced graph: call model.prepare_sparse_decode() first
+    def plan_decode(self) -> str:
+        """Choose this projection's decode path once (by backend, device, dtype) and make the weight ready for it.
+
+        Decode steps reuse the choice: a step is ~200 projections of well under a millisecond each on a small model, so
+        per-call checks cost real time. Moving the module (``.to``) or ``set_sparse_backend`` clears it.
+        """
+        path = resolve_backend(self.backend, self.weight)
+        offloaded = getattr(getattr(self, "_hf_hook", None), "offload", False)  # accelerate swaps the weight per call
+        if path != "reference" and (offloaded or self.weight.device.type == "meta"):
+            path = "reference"
+        if path != "reference":
             self.make_input_major()
-        return backend
+        self.decode_path = path
+        return path
+
+    def _apply(self, fn, recurse=True):
+        self.decode_path = None  # new device or dtype: choose again at the next decode step
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., S, d_in]
-        backend = self._decode_backend(x) if x.dim() >= 2 else "reference"
-        if backend == "reference":
-            return F.linear(self.sparsify(x), self.weight, self.bias)
-        rows = x.reshape(-1, self.in_features)
-        if not rows.is_contiguous():
-            rows = rows.contiguous()
+        # x: [B, S, d_in]; decode steps (S == 1, few rows) of a sparse projection take the planned path
+        if x.dim() == 3 and x.shape[1] == 1 and x.shape[0] <= MAX_DECODE_ROWS and self.keep < self.in_features:
+            path = self.decode_path
+            if path is None:
+                # No layout change inside a traced graph: call model.prepare_sparse_decode() before torch.compile.
+                path = "reference" if torch.compiler.is_compiling() else self.plan_decode()
+            if path != "reference":
+                return self._sparse_decode(x, path)
+        return F.linear(self.sparsify(x), self.weight, self.bias)
+
+    def _sparse_decode(self, x: torch.Tensor, path: str) -> torch.Tensor:
+        select, gemv = DECODE_PATHS[path]
+        rows = x.reshape(-1, self.in_features)  # [B, d_in]
         if self.shared is not None:
-            selection, starts = self.shared.select(x, rows, backend)
+            selection, starts = self.shared.select(x, rows, path)
             start = starts[self.shared_slot]
         else:
-            selection, start = DECODE_PATHS[backend][0](rows, [self.keep])[0], 0
-        idx = selection[:, start:start + self.keep]
-        y = DECODE_PATHS[backend][1](rows, idx, self.weight.t(), self.bias)  # y: [rows, d_out]
-        return y.view(*x.shape[:-1], self.out_features)
+            selection, start = select(rows, [self.keep])[0], 0
+        y = gemv(rows, selection[:, start:start + self.keep], self.weight.t(), self.bias)  # [B, d_out]
+        return y.unsqueeze(1)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, keep={self.keep}, prefill={self.prefill!r}, backend={self.backend!r}"
@@ -196,7 +204,7 @@ class ActTailMixin:
             if not isinstance(module, nn.Linear) or module.in_features != spec["in_features"]:
                 raise ValueError(f"{name!r} is not a Linear with in_features={spec['in_features']}: {module}")
             if isinstance(module, TopKLinear):
-                module.keep, module.prefill = spec["keep"], prefill
+                module.keep, module.prefill, module.decode_path = spec["keep"], prefill, None
             else:
                 parent, _, child = name.rpartition(".")
                 setattr(self.get_submodule(parent), child, TopKLinear.from_linear(module, spec["keep"], prefill))
@@ -205,10 +213,13 @@ class ActTailMixin:
         self._share_selections()
 
     def set_sparse_backend(self, backend: str) -> None:
-        """Choose how decode steps run: "auto", "triton", "cpu" or "reference" (ACTTAIL_SPARSE_BACKEND overrides it)."""
+        """Choose how decode steps run: "auto", "triton", "cpu" or "reference".
+
+        The environment variable ACTTAIL_SPARSE_BACKEND, read when a projection plans its path, overrides it.
+        """
         validate_sparse_backend(backend)
         for module in self.topk_modules().values():
-            module.backend = backend
+            module.backend, module.decode_path = backend, None
         self.config.sparse_backend = backend
 
     def _share_selections(self) -> None:
@@ -228,13 +239,14 @@ class ActTailMixin:
                     member.shared, member.shared_slot = shared, slot
 
     def prepare_sparse_decode(self) -> None:
-        """Store every sparse projection's weight input-major, as decode steps need; ``generate`` calls it.
+        """Plan every sparse projection's decode path now (weights stored input-major where the path needs it).
 
-        Call it yourself before ``torch.compile`` of a forward you drive; eager forwards convert on their first decode step.
+        ``generate`` calls it. Call it yourself before ``torch.compile`` of a forward you drive, and after replacing
+        weight data yourself; eager forwards otherwise plan at their first decode step.
         """
         for module in self.topk_modules().values():
-            if module.keep < module.in_features and module.weight.device.type != "meta":
-                module.make_input_major()
+            if module.keep < module.in_features:
+                module.plan_decode()
 
     def generate(self, *args, **kwargs):
         self.prepare_sparse_decode()
