@@ -7,12 +7,14 @@ Every row runs one model object; ``set_activation_sparsity`` swaps the per-proje
 ``F.linear`` as the base model, weights in their checkpoint layout: the dense rows run first). Modes:
 - ``generate``: plain ``model.generate`` with the dynamic cache; tokens/s = new tokens / (time of the run - time of a run
   that stops after the first token, i.e. the prefill);
+- ``forward``: the decode steps driven directly (forward + argmax, dynamic cache), as a serving loop runs them;
 - ``compiled`` (CUDA): a static KV cache and the decode step under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs),
   the gpt-fast recipe.
 Each sparse row also reports how far one decode step's logits are from the reference path (TopK mask + dense matmul).
 """
 
 import argparse
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,6 +81,22 @@ def generate_tokens_per_s(model, ids: torch.Tensor, new_tokens: int) -> float:
     return (new_tokens - 1) / (run(new_tokens) - prefill)
 
 
+def forward_tokens_per_s(model, ids: torch.Tensor, new_tokens: int) -> float:
+    """Greedy decode steps driven directly (forward + argmax with the dynamic cache), without generate()'s own overhead."""
+    model.prepare_sparse_decode()
+    with torch.inference_mode():
+        out = model(ids, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for _ in range(2):  # warm-up steps
+            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        sync()
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        sync()
+        return new_tokens / (time.perf_counter() - start)
+
+
 def compiled_tokens_per_s(model, ids: torch.Tensor, new_tokens: int) -> float:
     from transformers import StaticCache
 
@@ -136,11 +154,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--layers", type=int, default=32, help="cuda: decoder layers of the 7B-shaped model")
-    parser.add_argument("--modes", default=None, help="comma-separated generate,compiled; default both (cuda) or generate (cpu)")
+    parser.add_argument("--rounds", type=int, default=3, help="measurements per row, in alternating order")
+    parser.add_argument("--modes", default=None,
+                        help="comma-separated generate,forward,compiled; default all three (cuda) or generate,forward (cpu)")
     args = parser.parse_args()
     cuda = args.device == "cuda"
     sparsities = [float(s) for s in (args.sparsity or ("0.5,0.8" if cuda else "0.5,0.7")).split(",")]
-    modes = (args.modes or ("generate,compiled" if cuda else "generate")).split(",")
+    modes = (args.modes or ("generate,forward,compiled" if cuda else "generate,forward")).split(",")
     new_tokens = args.new_tokens or (128 if cuda else 32)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,18 +182,27 @@ def main() -> None:
         dense = {name: {**spec, "keep": spec["in_features"]} for name, spec in blocks[sparsities[0]]["modules"].items()}
         rows = [(0.0, {**blocks[sparsities[0]], "modules": dense})] + [(s, blocks[s]) for s in sparsities]
         print(f"{name}; prompt {ids.shape[1]} tokens, {new_tokens} new; torch {torch.__version__}")
-        print("| mode | sparsity | tokens/s | speed-up | decode-step logits vs reference path |")
+        print("| mode | sparsity | tokens/s (median) | speed-up (median of per-round ratios) | decode-step logits vs reference path |")
         print("|---|---|---|---|---|")
         for mode in modes:
-            base = None
+            # Rounds alternate the rows' order, so that drifts of a shared machine hit every row alike; medians.
+            speeds = {sparsity: [] for sparsity, _ in rows}
+            for round_ in range(args.rounds):
+                for sparsity, block in (rows if round_ % 2 == 0 else rows[::-1]):
+                    model.set_activation_sparsity(block)
+                    if not sparsity:
+                        checkpoint_layout(model)
+                    run = {"generate": generate_tokens_per_s, "forward": forward_tokens_per_s,
+                           "compiled": compiled_tokens_per_s}[mode]
+                    speeds[sparsity].append(run(model, ids, new_tokens))
             for sparsity, block in rows:
-                model.set_activation_sparsity(block)
-                if not sparsity:
-                    checkpoint_layout(model)
-                speed = (generate_tokens_per_s if mode == "generate" else compiled_tokens_per_s)(model, ids, new_tokens)
-                base = base or speed
-                error = f"{step_error(model, ids):.1e} (relative)" if sparsity else "-"
-                print(f"| {mode} | {sparsity:.1f} | {speed:.2f} | {speed / base:.2f}x | {error} |", flush=True)
+                ratio = statistics.median(s / d for s, d in zip(speeds[sparsity], speeds[0.0]))
+                error = "-"
+                if sparsity:
+                    model.set_activation_sparsity(block)
+                    error = f"{step_error(model, ids):.1e} (relative)"
+                print(f"| {mode} | {sparsity:.1f} | {statistics.median(speeds[sparsity]):.2f} | {ratio:.2f}x | {error} |",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 CUDA: ``triton.testing.do_bench`` (L2 flushed before every run, median), dense = ``F.linear`` on the weight as stored in a
 checkpoint ([out, in]); sparse = ``topk_select`` + ``sparse_gemv`` on the input-major copy. CPU: the mean over enough calls
 that cycle through copies of the weight larger than the L3 cache together, so that every call reads from memory as a
-decode step does; sparse = ``topk_order`` + ``sparse_linear_cpu``. The ideal speed-up of a memory-bound GEMV is 1 / (1 - s).
+decode step does; sparse = ``select_cpu`` + ``sparse_linear_cpu`` (numba, or embedding_bag above 8 MiB of kept weights). The ideal speed-up of a memory-bound GEMV is 1 / (1 - s).
 """
 
 import argparse
@@ -15,8 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from acttail_export.kernels.topk import topk_order
-from acttail_export.kernels.topk_cpu import sparse_linear_cpu
+from acttail_export.kernels.topk_cpu import select_cpu, sparse_linear_cpu
 
 SHAPES = {  # (d_in, d_out): the projections of Llama-2-7B and Llama-3-8B
     "7B q/k/v/o 4096x4096": (4096, 4096),
@@ -58,8 +57,8 @@ def cpu_times(d_in: int, d_out: int, k: int, l3_bytes: float = 96e6) -> tuple[fl
         return (time.perf_counter() - start) / calls * 1e6
 
     dense = mean_ms(lambda i: F.linear(xs[i], weights[i]))
-    select = mean_ms(lambda i: topk_order(xs[i]))
-    sparse = mean_ms(lambda i: sparse_linear_cpu(xs[i], topk_order(xs[i])[:, :k], weights_t[i], None))
+    select = mean_ms(lambda i: select_cpu(xs[i], [k]))
+    sparse = mean_ms(lambda i: sparse_linear_cpu(xs[i], select_cpu(xs[i], [k])[0], weights_t[i], None))
     return dense, select, sparse
 
 
