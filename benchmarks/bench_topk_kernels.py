@@ -5,7 +5,7 @@
 
 CUDA: ``triton.testing.do_bench`` (L2 flushed before every run, median), dense = ``F.linear`` on the weight as stored in a
 checkpoint ([out, in]); sparse = ``topk_select`` + ``sparse_gemv`` on the input-major copy. CPU: the mean over enough calls
-that cycle through copies of the weight larger than the L3 cache together, so that every call reads from memory as a
+that cycle through copies of the weight larger than the L3 cache together, each with a new input, so that every call reads from memory as a
 decode step does; sparse = ``select_cpu`` + ``sparse_linear_cpu`` (numba, or embedding_bag above 8 MiB of kept weights). The ideal speed-up of a memory-bound GEMV is 1 / (1 - s).
 """
 
@@ -46,19 +46,19 @@ def cpu_times(d_in: int, d_out: int, k: int, l3_bytes: float = 96e6) -> tuple[fl
     copies = int(l3_bytes // (d_in * d_out * 4)) + 2
     weights = [torch.randn(d_out, d_in) / d_in**0.5 for _ in range(copies)]
     weights_t = [w.t().contiguous() for w in weights]
-    xs = [torch.randn(1, d_in) for _ in range(copies)]
+    xs = [torch.randn(1, d_in) for _ in range(61)]  # a new input at each call: kept rows differ, as from step to step
 
-    def mean_ms(step, calls=max(20, 4 * copies)):
+    def mean_us(step, calls=max(20, 4 * copies)):
         for i in range(copies):
             step(i)
         start = time.perf_counter()
         for i in range(calls):
-            step(i % copies)
+            step(i)
         return (time.perf_counter() - start) / calls * 1e6
 
-    dense = mean_ms(lambda i: F.linear(xs[i], weights[i]))
-    select = mean_ms(lambda i: select_cpu(xs[i], [k]))
-    sparse = mean_ms(lambda i: sparse_linear_cpu(xs[i], select_cpu(xs[i], [k])[0], weights_t[i], None))
+    dense = mean_us(lambda i: F.linear(xs[i % 61], weights[i % copies]))
+    select = mean_us(lambda i: select_cpu(xs[i % 61], [k]))
+    sparse = mean_us(lambda i: sparse_linear_cpu(xs[i % 61], select_cpu(xs[i % 61], [k])[0], weights_t[i % copies], None))
     return dense, select, sparse
 
 
