@@ -51,13 +51,11 @@ DECODE_PATHS = {
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """The decode path for tensors like x (device, dtype) under ``backend``: "auto" picks by what is installed."""
     backend = os.environ.get("ACTTAIL_SPARSE_BACKEND", backend)
+    # embedding_bag sums half-precision bags in half precision: those stay on the reference path on CPU
+    cpu_ok = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
     if backend == "auto":
-        if x.is_cuda and topk_select is not None:
-            return "triton"
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
-            return "cpu"  # embedding_bag sums half-precision bags in half precision: keep those on the reference path
-        return "reference"
-    if backend == "triton" and topk_select is None:
+        return "triton" if x.is_cuda and topk_select is not None else "cpu" if cpu_ok else "reference"
+    if (backend == "triton" and topk_select is None) or (backend == "cpu" and not cpu_ok):
         return "reference"
     return backend
 

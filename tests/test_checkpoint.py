@@ -2,6 +2,7 @@ import dataclasses
 import re
 
 import pytest
+from transformers.dynamic_module_utils import get_imports
 
 from acttail_export.checkpoint import shipped_code_files, write_checkpoint
 from acttail_export.weights import resolve_model
@@ -9,14 +10,18 @@ from acttail_export.weights import resolve_model
 
 def test_shipped_code_is_flat_and_self_contained():
     files = shipped_code_files()
-    assert [f.name for f in files] == ["activation_sparsity.py", "configuration_acttail.py", "modeling_acttail.py", "topk.py"]
+    assert [f.name for f in files] == ["activation_sparsity.py", "configuration_acttail.py", "modeling_acttail.py",
+                                       "topk.py", "topk_cpu.py", "topk_triton.py"]
     names = {f.stem for f in files}
     for f in files:
         text = f.read_text()
         assert "acttail_export" not in text
         # Local imports must read exactly `from .name import X` with name a shipped file (remote code is flat).
-        for module in re.findall(r"^from \.(\w+) import", text, flags=re.M):
+        for module in re.findall(r"^\s*from \.(\w+) import", text, flags=re.M):
             assert module in names, (f.name, module)
+        # What transformers requires installed (imports outside try blocks): nothing beyond what it needs itself;
+        # triton and numba are optional.
+        assert set(get_imports(f)) <= {"functools", "math", "os", "torch", "transformers", "huggingface_hub"}, f.name
         assert not re.search(r"^from \.\.", text, flags=re.M)
 
 
