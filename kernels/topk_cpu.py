@@ -4,8 +4,9 @@ input-major weight ``weight_t`` (``[d_in, d_out]``), read in place.
 With numba, each step is one compiled call (one selection serves a group: q/k/v, gate/up). A decode step is ~200
 projections of well under a millisecond, where the few microseconds of every torch op add up. The kernels are
 single-threaded: on layers this small a thread pool beside torch's costs more in wake-ups than it gains; layers above
-``NUMBA_MAX_BYTES`` of kept weights (7B-sized) go to embedding_bag, whose bags use every thread. Without numba (or with ``ACTTAIL_NUMBA=0``) the torch ops run. Shipped flat inside every exported
-checkpoint; needs only torch (numba and numpy are optional).
+``NUMBA_MAX_BYTES`` of kept weights (7B-sized) go to embedding_bag, whose bags use every thread. Without numba (or with
+``ACTTAIL_NUMBA=0``) the torch ops run. Shipped flat inside every exported checkpoint; needs only torch (numba and numpy
+are optional).
 """
 
 import functools
@@ -43,34 +44,10 @@ if numba is not None:
             return numba.njit(nogil=True)(function)
 
     @_jit
-    def _place(a, lo, hi, p):
-        """Quickselect: reorder ``a[lo:hi]`` in place so that ``a[p]`` holds what sorting would put there."""
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            x, y, z = a[lo], a[mid], a[hi - 1]
-            pivot = max(min(x, y), min(max(x, y), z))  # median of three
-            i, j = lo, hi - 1
-            while i <= j:
-                while a[i] < pivot:
-                    i += 1
-                while a[j] > pivot:
-                    j -= 1
-                if i <= j:
-                    a[i], a[j] = a[j], a[i]
-                    i += 1
-                    j -= 1
-            if p <= j:
-                hi = j + 1
-            elif p >= i:
-                lo = i
-            else:
-                return
-
-    @_jit
     def _select(bits, mask, shift, ks, starts, out):
         """Per row and k: the indices of the k largest keys ``bits & mask`` (ties to the lower index), ascending (the
         GEMV then reads weight rows front to back), into ``out[row, start:start + k]``. The k-th largest key comes from
-        a histogram of the keys' top 11 bits (``key >> shift``), then a quickselect among the few keys in its bin:
+        a histogram of the keys' top 11 bits (``key >> shift``), then ``np.partition`` among the few keys in its bin:
         about half the time of a quickselect over the row, whose comparisons are coin flips to the branch predictor."""
         d = bits.shape[1]
         keys = np.empty(d, np.int64)
@@ -98,11 +75,11 @@ if numba is not None:
                         bin_keys[c] = keys[i]
                         c += 1
                 p = c - (k - above)  # the k-th largest key overall is the (k - above)-th largest in bin t
-                _place(bin_keys, 0, c, p)
-                threshold = bin_keys[p]
+                in_bin = np.partition(bin_keys[:c], p)
+                threshold = in_bin[p]
                 ties = k - above  # keys equal to the threshold that are kept: k minus those above it
                 for i in range(p + 1, c):
-                    ties -= bin_keys[i] > threshold
+                    ties -= in_bin[i] > threshold
                 for i in range(d):
                     if keys[i] > threshold or (keys[i] == threshold and ties > 0):
                         ties -= keys[i] == threshold
@@ -200,7 +177,8 @@ def sparse_linear_cpu(x: torch.Tensor, idx: torch.Tensor, weight_t: torch.Tensor
     :returns: ``[B, d_out]`` in x's dtype
     """
     dtype = x.dtype
-    if (USE_NUMBA and idx.numel() * weight_t.shape[1] * weight_t.element_size() <= NUMBA_MAX_BYTES and dtype in _BITS and x.is_cpu and weight_t.is_cpu and weight_t.dtype == dtype
+    small = idx.numel() * weight_t.shape[1] * weight_t.element_size() <= NUMBA_MAX_BYTES
+    if (USE_NUMBA and small and dtype in _BITS and x.is_cpu and weight_t.is_cpu and weight_t.dtype == dtype
             and (bias is None or bias.dtype == dtype) and not _torch_only(x, weight_t, bias)):
         no_bias = _NO_BIAS[dtype]
         out = np.empty((idx.shape[0], weight_t.shape[1]), no_bias.dtype)
