@@ -14,6 +14,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EPS = {torch.float32: 2**-23, torch.bfloat16: 2**-7, torch.float16: 2**-10, torch.float64: 2**-52}  # one rounding
 
 CLI = str(Path(sys.executable).parent / "acttail-export")
 
@@ -113,3 +114,16 @@ def poisoned_empty(monkeypatch):
         return tensor.fill_(float("nan") if tensor.is_floating_point() else -7777)
 
     monkeypatch.setattr(torch, "empty", empty)
+
+
+def assert_gemv_close(y, x, k, weight_t, bias):
+    """A decode GEMV against float64: |y - ref| <= eps(dtype) |ref| + 1e-5 sum|x_i w_i| (one rounding of the output,
+    fp32 or better accumulation), on the reference TopK of x."""
+    from acttail_export.kernels.topk import topk_mask
+
+    xs = torch.where(topk_mask(x, k), x, 0).double()
+    ref = xs @ weight_t.double() + (bias.double() if bias is not None else 0)
+    scale = xs.abs() @ weight_t.double().abs()
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    assert not torch.isnan(y).any()
+    assert ((y.double() - ref).abs() <= EPS[x.dtype] * ref.abs() + 1e-5 * scale + 1e-30).all()

@@ -11,8 +11,8 @@ import torch
 from acttail_export.kernels import topk_cpu
 from acttail_export.kernels.topk import topk_mask
 from acttail_export.kernels.topk_cpu import select_cpu, sparse_linear_cpu
+from conftest import assert_gemv_close
 
-EPS = {torch.float32: 2**-23, torch.float64: 2**-52}
 
 
 @pytest.fixture(params=["numba", "torch"])
@@ -62,16 +62,6 @@ def test_select_ranks_nan_and_inf_first_and_ties_by_index(dtype, path):
     assert got == [[1, 2], [0, 1, 2, 4, 5], [1],
                    [0, 1], [0, 1, 2, 3, 4], [0],
                    [1, 2], [0, 1, 2, 3, 4], [1]]
-
-
-def assert_gemv_close(y, x, k, weight_t, bias):
-    """|y - ref| <= eps |ref| + 1e-5 sum|x_i w_i| (rounding of an fp32/fp64 accumulation), ref in float64."""
-    xs = torch.where(topk_mask(x, k), x, 0).double()
-    ref = xs @ weight_t.double() + (bias.double() if bias is not None else 0)
-    scale = xs.abs() @ weight_t.double().abs()
-    assert y.dtype == x.dtype and y.shape == ref.shape
-    assert not torch.isnan(y).any()
-    assert ((y.double() - ref).abs() <= EPS[x.dtype] * ref.abs() + 1e-5 * scale + 1e-30).all()
 
 
 GEMV_CASES = [  # rows, d_in, d_out, ks, bias

@@ -10,9 +10,8 @@ import torch
 from acttail_export.kernels.topk import topk_mask, topk_order
 from acttail_export.kernels.topk_cpu import sparse_linear_cpu
 from acttail_export.kernels.topk_triton import sparse_gemv, topk_select
-from conftest import DEVICE
+from conftest import DEVICE, assert_gemv_close
 
-EPS = {torch.float32: 2**-23, torch.bfloat16: 2**-7, torch.float16: 2**-10, torch.float64: 2**-52}
 
 
 def random_input(rows: int, d: int, dtype, seed: int) -> torch.Tensor:
@@ -22,16 +21,6 @@ def random_input(rows: int, d: int, dtype, seed: int) -> torch.Tensor:
 
 def masks_from(idx: torch.Tensor, d: int) -> torch.Tensor:
     return torch.zeros(idx.shape[0], d, dtype=torch.bool, device=idx.device).scatter_(1, idx.long(), True)
-
-
-def assert_gemv_close(y, x, k, weight_t, bias):
-    """|y - ref| <= eps(dtype) |ref| + 1e-5 sum|x_i w_i| (one rounding of the output, fp32 accumulation), ref in float64."""
-    xs = torch.where(topk_mask(x, k), x, 0).double()
-    ref = xs @ weight_t.double() + (bias.double() if bias is not None else 0)
-    scale = xs.abs() @ weight_t.double().abs()
-    assert y.dtype == x.dtype and y.shape == ref.shape
-    assert not torch.isnan(y).any()
-    assert ((y.double() - ref).abs() <= EPS[x.dtype] * ref.abs() + 1e-5 * scale + 1e-30).all()
 
 
 SELECT_CASES = [  # rows, d, ks
