@@ -9,9 +9,9 @@ Shipped flat inside every exported checkpoint; imports nothing but torch.
 
 import torch
 
-__all__ = ["magnitude_keys", "topk_order", "topk_mask", "topk_sparsify"]
+__all__ = ["KEY_TYPES", "magnitude_keys", "topk_order", "topk_mask", "topk_sparsify"]
 
-_KEY_TYPES = {
+KEY_TYPES = {  # float dtype -> (integer dtype of its bits, mask clearing the sign bit)
     torch.float16: (torch.int16, 0x7FFF),
     torch.bfloat16: (torch.int16, 0x7FFF),
     torch.float32: (torch.int32, 0x7FFFFFFF),
@@ -21,7 +21,7 @@ _KEY_TYPES = {
 
 def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
     """Integer keys ordered like |x| (NaN above inf): the bits of x with the sign bit cleared."""
-    int_type, magnitude_bits = _KEY_TYPES[x.dtype]
+    int_type, magnitude_bits = KEY_TYPES[x.dtype]
     return x.view(int_type) & magnitude_bits
 
 

@@ -19,6 +19,8 @@ import os
 
 import torch
 
+from .topk import KEY_TYPES
+
 try:  # a try block keeps transformers' import check from requiring Triton; the modeling file catches the ImportError
     import triton
     import triton.language as tl
@@ -28,7 +30,6 @@ except ImportError as error:
 __all__ = ["topk_select", "sparse_gemv", "MAX_SHARED_K"]
 
 MAX_SHARED_K = 3  # projections sharing one selection: q/k/v
-_KEY_TYPES = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 
 
 @triton.jit
@@ -166,11 +167,11 @@ def _topk_select(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
     :returns: int32 ``[B, sum(ks)]``; projection j's indices, ascending, are columns ``[sum(ks[:j]), sum(ks[:j + 1]))``
     """
     assert x.dim() == 2 and x.stride(-1) == 1, f"x must be [B, D] with contiguous rows, got {tuple(x.shape)} {x.stride()}"
-    assert x.dtype in _KEY_TYPES, f"unsupported dtype {x.dtype}"
+    assert x.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported dtype {x.dtype}"
     assert 1 <= len(ks) <= MAX_SHARED_K and all(1 <= k <= x.shape[1] for k in ks), f"bad ks {ks} for d={x.shape[1]}"
     rows, d = x.shape
     idx = torch.empty(rows, sum(ks), dtype=torch.int32, device=x.device)
-    keys = x.view(_KEY_TYPES[x.dtype])
+    keys = x.view(KEY_TYPES[x.dtype][0])  # the kernel clears the sign bit itself
     padded = list(ks) + [0] * (MAX_SHARED_K - len(ks))
     block_d = triton.next_power_of_2(d)
     _launch(_topk_select_kernel)[(rows,)](
