@@ -14,6 +14,7 @@ Each sparse row also reports how far one decode step's logits are from the refer
 """
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -57,8 +58,6 @@ def synthetic_7b(layers: int):
 
 def smollm2_exports(sparsities: list[float], folder: Path) -> tuple[Path, dict[float, dict]]:
     """Export SmolLM2 at each sparsity with the CLI; return the first checkpoint and every block."""
-    import json
-
     cli = str(Path(sys.executable).parent / "acttail-export")
     blocks = {}
     for sparsity in sparsities:

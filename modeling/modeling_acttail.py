@@ -202,7 +202,7 @@ class ActTailMixin:
             if not isinstance(module, nn.Linear) or module.in_features != spec["in_features"]:
                 raise ValueError(f"{name!r} is not a Linear with in_features={spec['in_features']}: {module}")
             if isinstance(module, TopKLinear):
-                module.keep, module.prefill, module.decode_path = spec["keep"], prefill, None
+                module.keep, module.prefill = spec["keep"], prefill
             else:
                 parent, _, child = name.rpartition(".")
                 setattr(self.get_submodule(parent), child, TopKLinear.from_linear(module, spec["keep"], prefill))
