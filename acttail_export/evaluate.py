@@ -14,7 +14,7 @@ from .checkpoint import shipped_code_files
 from .errors import ExportError
 from .weights import resolve_model
 
-__all__ = ["is_checkpoint", "load_model", "dense_block", "perplexity", "tokenize_windows"]
+__all__ = ["is_checkpoint", "load_model", "dense_block", "perplexity", "tokenize_windows", "calibration_windows"]
 
 
 def is_checkpoint(path: str | None) -> bool:
@@ -70,6 +70,17 @@ def tokenize_windows(tokenizer, text: str, seqlen: int, windows: int) -> torch.T
     if len(ids) < needed:
         raise ExportError(f"the text has {len(ids)} tokens, fewer than {windows} windows x {seqlen}")
     return torch.tensor(ids[:needed]).view(windows, seqlen)
+
+
+def calibration_windows(tokenizer, text: str, seqlen: int, windows: int) -> torch.Tensor:
+    """``windows`` windows of ``seqlen`` tokens from the *end* of ``text``: disjoint from :func:`tokenize_windows`'s
+    evaluation windows (which come from the start) whenever the text holds both, so calibration never sees test tokens."""
+    needed = seqlen * windows
+    chars = needed * 8
+    ids = tokenizer(text[-chars:], return_attention_mask=False)["input_ids"]
+    if len(ids) < needed:
+        raise ExportError(f"the calibration text has {len(ids)} tokens, fewer than {windows} windows x {seqlen}")
+    return torch.tensor(ids[-needed:]).view(windows, seqlen)
 
 
 @torch.inference_mode()
