@@ -6,6 +6,7 @@ or is interrupted never leaves a folder that looks complete.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -21,13 +22,15 @@ from .errors import ExportError
 from .modeling.activation_sparsity import FORMAT_VERSION, validate_activation_sparsity
 from .weights import SUPPORTED_ARCHITECTURES, SourceModel
 
-__all__ = ["TOKENIZER_FILES", "check_out", "shipped_code_files", "sparsity_block", "write_checkpoint"]
+__all__ = ["TOKENIZER_FILES", "check_out", "shipped_code_files", "sparsity_block", "write_checkpoint", "replace_card"]
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
     "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
 )
 _SHIPPED_PACKAGES = ("acttail_export.modeling", "acttail_export.kernels")
+# A full disk, a quota, or a file size limit: all mean "no room for the checkpoint".
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def shipped_code_files() -> list[Path]:
@@ -119,12 +122,12 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise ExportError(f"cannot write {out}: no permission to write in {parent}")
 
 
-def write_checkpoint(source: SourceModel, out: Path, block: dict, card: str, overwrite: bool = False,
+def write_checkpoint(source: SourceModel, out: Path, block: dict, card: dict[str, bytes], overwrite: bool = False,
                      dtype: torch.dtype | None = None) -> Path:
     """Write the checkpoint folder ``out`` atomically and return it.
 
     :param block: the ``activation_sparsity`` block (see :func:`sparsity_block`)
-    :param card: README.md text (model card)
+    :param card: the model card's files (README.md, figures) keyed by path inside the checkpoint (see ``card.card_files``)
     :param dtype: convert floating weights to this dtype; None keeps the files byte-identical
     """
     out = Path(out).absolute()
@@ -141,14 +144,28 @@ def write_checkpoint(source: SourceModel, out: Path, block: dict, card: str, ove
                 shutil.copyfile(source.folder / name, tmp / name)
         for file in shipped_code_files():
             shutil.copyfile(file, tmp / file.name)
-        (tmp / "README.md").write_text(card)
+        for name, content in card.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_bytes(content)
         if out.exists():
             out.rename(old)
         tmp.rename(out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not out.exists():
             old.rename(out)
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            raise ExportError(f"no space left to write {out} ({e.strerror}); nothing was written") from e
+        if isinstance(e, OSError) and str(e.filename or "").startswith(str(tmp)):  # a write failed, not a read
+            raise ExportError(f"could not write {out}: {e.strerror or e}; nothing was written") from e
         raise
     shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def replace_card(out: Path, card: dict[str, bytes]) -> None:
+    """Replace the card files of a written checkpoint, each atomically (temp file + rename)."""
+    for name, content in card.items():
+        tmp = out / f"{name}.partial-{os.getpid()}"
+        tmp.write_bytes(content)
+        os.replace(tmp, out / name)

@@ -11,6 +11,7 @@ Examples::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import sys
@@ -22,16 +23,28 @@ import click
 import torch
 
 from .allocation import ALLOCATIONS, DEFAULT_EPSILON, DEFAULT_SPARSER, DIRECTIONS, allocate, check_bounds
-from .card import model_card
-from .checkpoint import check_out, sparsity_block, write_checkpoint
+from .card import CardFacts, card_files, inherited_license
+from .checkpoint import check_out, replace_card, sparsity_block, write_checkpoint
 from .errors import ExportError
 from .evaluate import dense_block, load_model, perplexity, tokenize_windows
 from .modeling.activation_sparsity import PREFILL_MODES, validate_prefill
-from .spectra import DEFAULT_ESTIMATOR, ESTIMATORS, alphas_from_spectra, compute_spectra
+from .spectra import (
+    DEFAULT_ESTIMATOR,
+    ESTIMATORS,
+    SPECTRA_DTYPES,
+    alphas_from_spectra,
+    compute_spectra,
+    spectra_cache_file,
+    spectra_dtype,
+)
 from .text import read_text
 from .weights import resolve_model
 
 DTYPES = ("float32", "float16", "bfloat16")
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_MODEL_LICENSE = "apache-2.0"
+# --eval: the eval command's default windows, so the card's number is the one `acttail-export eval` reproduces
+EVAL_WINDOWS, EVAL_SEQLEN = 8, 512
 
 
 def _torch_dtype(name: str | None):
@@ -79,10 +92,18 @@ def cli() -> None:
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Convert weights (default: keep files unchanged).")
 @click.option("--gguf-file", default=None, help="GGUF file name inside MODEL (a folder or Hub repo).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Device for the spectra.")
+@click.option("--spectra-dtype", "spectra_dtype_name", type=click.Choice(SPECTRA_DTYPES), default="auto", show_default=True,
+              help="Precision of the Gram matrices and eigenvalues; auto: float64 for the peak estimator, else float32.")
+@click.option("--spectra-cache/--no-spectra-cache", default=True, show_default=True,
+              help="Reuse (or store) the spectra in the cache folder, so re-exports at other settings skip them.")
+@click.option("--eval", "run_eval", is_flag=True,
+              help=f"Measure dense and sparse perplexity ({EVAL_WINDOWS} x {EVAL_SEQLEN} tokens of the bundled text) "
+                   "and put them in the model card.")
+@click.option("--base-model", default=None, help="Hub id of MODEL for the card's metadata (default: MODEL if a Hub id).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--verbose", is_flag=True, help="Print one line per projection.")
 def export(paths, sparsity, allocation, estimator, epsilon, sparser, min_sparsity, max_sparsity, prefill, dtype,
-           gguf_file, device, overwrite, verbose) -> None:
+           gguf_file, device, spectra_dtype_name, spectra_cache, run_eval, base_model, overwrite, verbose) -> None:
     """Export MODEL (folder, Hub id or GGUF; default: SmolLM2-135M-Instruct) to the ActTail checkpoint folder OUT."""
     model, out = _split_model_out(paths)
     # Everything that can be checked before the spectra is checked here, so bad input fails at once.
@@ -92,15 +113,50 @@ def export(paths, sparsity, allocation, estimator, epsilon, sparser, min_sparsit
     start = time.perf_counter()
     is_gguf = model is None or gguf_file is not None or model.endswith(".gguf")
     source = resolve_model(model, gguf_file, _torch_dtype(dtype) if is_gguf else None)
-    alphas = alphas_from_spectra(compute_spectra(source, device), estimator)
+    alphas = alphas_from_spectra(_spectra(source, device, spectra_dtype(spectra_dtype_name, estimator), spectra_cache),
+                                 estimator)
     modules = allocate(source.projections, alphas, sparsity, allocation, epsilon, sparser, min_sparsity, max_sparsity)
     block = sparsity_block(modules, sparsity, allocation, estimator, epsilon, sparser, prefill)
-    command = "acttail-export " + shlex.join(sys.argv[1:])
-    card = model_card(source.origin, command, block, modules, "apache-2.0" if model is None else None)
-    write_checkpoint(source, out, block, card, overwrite, None if is_gguf else _torch_dtype(dtype))
+    facts = CardFacts(
+        origin=source.origin,
+        command="acttail-export " + shlex.join(sys.argv[1:]),
+        base_model=base_model or (DEFAULT_MODEL_ID if model is None else source.hub_id),
+        license=DEFAULT_MODEL_LICENSE if model is None else inherited_license(source.folder),
+    )
+    write_checkpoint(source, out, block, card_files(facts, block, modules), overwrite,
+                     None if is_gguf else _torch_dtype(dtype))
     _print_summary(modules, verbose)
     click.echo(f"effective sparsity {block['effective_sparsity']:.4f} (target {sparsity}); "
                f"wrote {out} in {time.perf_counter() - start:.1f} s")
+    if run_eval:
+        facts = dataclasses.replace(facts, perplexity=_measure_perplexity(out))
+        replace_card(out, card_files(facts, block, modules))
+        click.echo(f"token perplexity: dense {facts.perplexity['dense']:.3f}, sparse {facts.perplexity['sparse']:.3f} "
+                   "(in the model card)")
+
+
+def _spectra(source, device: str, dtype: torch.dtype, use_cache: bool):
+    cache_file = spectra_cache_file(source, dtype) if use_cache else None
+    if cache_file is not None and cache_file.is_file():
+        click.echo(f"spectra: reusing {cache_file}")
+    else:
+        click.echo(f"spectra: {len(source.projections)} projections on {device} "
+                   f"({str(dtype).removeprefix('torch.')} Gram + eigvalsh)")
+    start = time.perf_counter()
+    spectra = compute_spectra(source, device, dtype, cache_file)
+    click.echo(f"spectra: done in {time.perf_counter() - start:.1f} s")
+    return spectra
+
+
+def _measure_perplexity(out: Path) -> dict:
+    loaded, tokenizer = load_model(str(out))
+    ids = tokenize_windows(tokenizer, read_text(None), EVAL_SEQLEN, EVAL_WINDOWS)
+    block = loaded.config.activation_sparsity
+    sparse = perplexity(loaded, ids, desc="eval sparse")
+    loaded.set_activation_sparsity(dense_block(block))
+    dense = perplexity(loaded, ids, desc="eval dense")
+    return {"dense": dense, "sparse": sparse, "windows": EVAL_WINDOWS, "seqlen": EVAL_SEQLEN,
+            "text": "the bundled English Wikipedia articles (gensim test data)"}
 
 
 def _check_device(device: str) -> None:

