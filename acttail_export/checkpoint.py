@@ -81,10 +81,17 @@ def _checkpoint_config(source: SourceModel, block: dict, dtype: torch.dtype | No
     return config
 
 
-def _copy_weights(source: SourceModel, dest: Path, dtype: torch.dtype | None) -> None:
-    """Copy the safetensors files byte for byte, or convert floating tensors to ``dtype`` one file at a time."""
+def _copy_weights(source: SourceModel, dest: Path, dtype: torch.dtype | None, link: bool) -> None:
+    """Copy the safetensors files byte for byte (hard-link them if ``link``, where the filesystem allows), or convert
+    floating tensors to ``dtype`` one file at a time."""
     total_bytes = 0
     for file in source.weight_files:
+        if dtype is None and link:
+            try:
+                os.link(file, dest / file.name)
+                continue
+            except OSError:  # another filesystem, or links not supported: copy
+                pass
         if dtype is None:
             shutil.copyfile(file, dest / file.name)
             continue
@@ -123,12 +130,14 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 
 def write_checkpoint(source: SourceModel, out: Path, block: dict, card: dict[str, bytes], overwrite: bool = False,
-                     dtype: torch.dtype | None = None) -> Path:
+                     dtype: torch.dtype | None = None, link_weights: bool = False) -> Path:
     """Write the checkpoint folder ``out`` atomically and return it.
 
     :param block: the ``activation_sparsity`` block (see :func:`sparsity_block`)
     :param card: the model card's files (README.md, figures) keyed by path inside the checkpoint (see ``card.card_files``)
     :param dtype: convert floating weights to this dtype; None keeps the files byte-identical
+    :param link_weights: hard-link unconverted weight files instead of copying them (the checkpoint then shares them with
+        the input: neither may be modified in place)
     """
     out = Path(out).absolute()
     check_out(out, overwrite)
@@ -136,7 +145,7 @@ def write_checkpoint(source: SourceModel, out: Path, block: dict, card: dict[str
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     try:
         tmp.mkdir(parents=True)
-        _copy_weights(source, tmp, dtype)
+        _copy_weights(source, tmp, dtype, link_weights)
         config = _checkpoint_config(source, block, dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for name in TOKENIZER_FILES:

@@ -65,9 +65,9 @@ def wiki_text() -> str:
 
 @pytest.fixture(scope="session")
 def smollm2_50(smollm2, tmp_path_factory) -> Path:
-    """SmolLM2 exported at 50% by the real CLI (default allocation)."""
+    """SmolLM2 exported at 50% by the real CLI (default allocation), perplexity measured into the card."""
     out = tmp_path_factory.mktemp("export") / "smollm2-acttail-50"
-    run_cli("export", smollm2.folder, out, "--sparsity", "0.5")
+    run_cli("export", smollm2.folder, out, "--sparsity", "0.5", "--eval", "--base-model", "HuggingFaceTB/SmolLM2-135M-Instruct")
     return out
 
 

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 
 import pytest
 
@@ -32,9 +33,22 @@ def test_export_writes_config_block_code_tokenizer_and_card(smollm2_50):
     assert len({m["keep"] for m in block["modules"].values() if m["in_features"] == 576}) > 10
     for name in ("modeling_acttail.py", "configuration_acttail.py", "activation_sparsity.py", "topk.py", "tokenizer.json", "generation_config.json"):
         assert (smollm2_50 / name).is_file(), name
+    assert not list(smollm2_50.parent.glob(".*partial*"))
+
+
+def test_model_card_metadata_figures_and_table(smollm2_50):
+    from huggingface_hub import metadata_load
+
+    metadata = metadata_load(smollm2_50 / "README.md")
+    assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "text-generation"
+    assert metadata["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert {"custom_code", "activation-sparsity"} <= set(metadata["tags"])
     card = (smollm2_50 / "README.md").read_text()
     assert "trust_remote_code=True" in card and "| `model.layers.29.mlp.down_proj` |" in card
-    assert not list(smollm2_50.parent.glob(".*partial*"))
+    assert "acttail-export export" in card and "--sparsity 0.5" in card
+    for figure in re.findall(r"!\[[^]]*\]\(([^)]+)\)", card):
+        assert (smollm2_50 / figure).read_bytes().startswith(b"\x89PNG\r\n"), figure
+    assert len(re.findall(r"!\[", card)) == 2
 
 
 def test_fresh_process_loads_generates_and_keeps_exactly_k(smollm2_50, tmp_path):
@@ -105,11 +119,14 @@ def test_all_ratios_zero_gives_the_base_logits_exactly(smollm2, tmp_path):
     assert "EQUAL True" in result
 
 
-def test_eval_reports_dense_and_sparse_perplexity(smollm2_50):
-    result = run_cli("eval", smollm2_50, "--windows", "2", "--seqlen", "256", "--dense-baseline")
+def test_eval_reports_the_perplexity_the_card_states(smollm2_50):
+    """`eval` (default windows) reproduces the numbers `export --eval` wrote into the card."""
+    result = run_cli("eval", smollm2_50, "--dense-baseline")
     rows = {line.split()[0]: float(line.split()[-1]) for line in result.stdout.splitlines() if line.startswith("  ")}
     assert 10 < rows["dense"] < 40  # SmolLM2-135M on English Wikipedia
     assert rows["dense"] < rows["acttail"] < 4 * rows["dense"]
+    card = (smollm2_50 / "README.md").read_text()
+    assert f"**{rows['acttail']:.3f}**, dense {rows['dense']:.3f}" in card
 
 
 def test_analyze_prints_every_projection(smollm2):

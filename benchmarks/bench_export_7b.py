@@ -1,0 +1,155 @@
+"""Export a Llama-2-7B-shaped model on this machine: wall time, spectra time and peak RSS, cold and with cached spectra.
+
+The model is random bf16 weights in Llama-2-7B's shapes (6.7 B parameters, ~13.5 GB of safetensors shards with an index),
+generated once into --model-dir (never committed). Each export runs as its own process; its peak RSS is that process's
+``ru_maxrss``. Then the exported checkpoint is loaded in a fresh process with ``device_map="auto"`` and bfloat16 and runs
+one forward pass.
+
+    python benchmarks/bench_export_7b.py                      # generate (once), export cold, re-export cached, load
+    python benchmarks/bench_export_7b.py --skip-load --keep   # keep the 13 GB input and output for another run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+LLAMA2_7B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
+    "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "dtype": "bfloat16",
+}
+SHARD_BYTES = 4 * 2**30  # four shards of at most 4 GiB, like a hub upload split by size
+
+
+def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    d, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    shapes = {"model.embed_tokens.weight": (v, d)}
+    for i in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{i}"
+        shapes |= {f"{prefix}.self_attn.{p}_proj.weight": (d, d) for p in "qkvo"}
+        shapes |= {f"{prefix}.mlp.gate_proj.weight": (f, d), f"{prefix}.mlp.up_proj.weight": (f, d),
+                   f"{prefix}.mlp.down_proj.weight": (d, f)}
+        shapes |= {f"{prefix}.input_layernorm.weight": (d,), f"{prefix}.post_attention_layernorm.weight": (d,)}
+    shapes |= {"model.norm.weight": (d,), "lm_head.weight": (v, d)}
+    return shapes
+
+
+def generate_model(folder: Path) -> None:
+    """Random bf16 weights (std 0.02, norms 1) in shards with a model.safetensors.index.json, written shard by shard."""
+    if (folder / "model.safetensors.index.json").is_file():
+        return
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shapes = tensor_shapes(LLAMA2_7B)
+    groups, current, size = [], [], 0
+    for name, shape in shapes.items():
+        nbytes = 2 * torch.Size(shape).numel()
+        if current and size + nbytes > SHARD_BYTES:
+            groups.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    groups.append(current)
+    generator = torch.Generator().manual_seed(0)
+    weight_map = {}
+    for i, names in enumerate(groups, 1):
+        shard = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {n: (torch.ones(shapes[n]) if len(shapes[n]) == 1 else torch.randn(shapes[n], generator=generator) * 0.02)
+                   .to(torch.bfloat16) for n in names}
+        save_file(tensors, tmp / shard, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(names, shard)
+        print(f"  wrote {shard} ({len(names)} tensors)", flush=True)
+        del tensors
+    total = sum(2 * torch.Size(s).numel() for s in shapes.values())
+    (tmp / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (tmp / "config.json").write_text(json.dumps(LLAMA2_7B, indent=2))
+    tmp.rename(folder)
+
+
+def run_measured(command: list[str], env: dict) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS in GiB, stdout) of one child process."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+    stdout = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"failed: {' '.join(command)}")
+    return wall, usage.ru_maxrss / 2**20, stdout  # ru_maxrss is in KiB on Linux
+
+
+def spectra_seconds(stdout: str) -> str:
+    lines = [line for line in stdout.splitlines() if line.startswith("spectra: done in")]
+    return lines[0].split()[3] if lines else "-"
+
+
+LOAD_CHECK = """
+import sys, time, torch
+from transformers import AutoModelForCausalLM
+start = time.perf_counter()
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, device_map="auto", dtype=torch.bfloat16)
+loaded = time.perf_counter() - start
+with torch.inference_mode():
+    logits = model(torch.arange(1, 9)[None]).logits
+print(f"loaded in {loaded:.1f} s on {sorted(set(map(str, model.hf_device_map.values())))}; "
+      f"forward of 8 tokens: logits {tuple(logits.shape)} {logits.dtype}, finite={bool(torch.isfinite(logits).all())}")
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "acttail-llama2-7b-shaped")
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "acttail-llama2-7b-shaped-export")
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--resparsity", type=float, default=0.7, help="Sparsity of the re-export from cached spectra.")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--skip-load", action="store_true", help="Skip the device_map='auto' load check.")
+    parser.add_argument("--keep", action="store_true", help="Keep the generated model and the export.")
+    args = parser.parse_args()
+
+    cli = str(Path(sys.executable).with_name("acttail-export"))
+    print(f"generating {args.model_dir} (once)", flush=True)
+    generate_model(args.model_dir)
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "ACTTAIL_CACHE": cache}  # a cold spectra cache for the first export
+        base = [cli, "export", str(args.model_dir), str(args.out), "--device", args.device, "--overwrite"]
+        runs = (("cold (spectra computed)", args.sparsity, []),
+                ("re-export (cached spectra)", args.resparsity, []),
+                ("re-export, cached, --link-weights", args.resparsity, ["--link-weights"]))
+        for label, sparsity, extra in runs:
+            print(f"export: {label}", flush=True)
+            wall, rss, stdout = run_measured([*base, "--sparsity", str(sparsity), *extra], env)
+            rows.append((label, sparsity, wall, spectra_seconds(stdout), rss))
+    if not args.skip_load:
+        print("load check", flush=True)
+        wall, rss, stdout = run_measured([sys.executable, "-c", LOAD_CHECK, str(args.out)], dict(os.environ))
+        rows.append(("load device_map=auto bf16 + forward", args.resparsity, wall, "-", rss))
+        print(stdout.strip())
+    print(f"\nLlama-2-7B-shaped ({sum(torch.Size(s).numel() for s in tensor_shapes(LLAMA2_7B).values()) / 1e9:.2f} B "
+          f"parameters, bf16), {os.cpu_count()} CPUs, spectra on {args.device}")
+    print(f"| {'step':38s} | sparsity | wall s | spectra s | peak RSS GiB |")
+    print(f"|{'-' * 40}|---------:|-------:|----------:|-------------:|")
+    for label, sparsity, wall, spectra, rss in rows:
+        print(f"| {label:38s} | {sparsity:8.2f} | {wall:6.1f} | {spectra:>9s} | {rss:12.2f} |")
+    if not args.keep:
+        shutil.rmtree(args.out, ignore_errors=True)
+        shutil.rmtree(args.model_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
