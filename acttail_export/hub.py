@@ -58,7 +58,7 @@ def push_checkpoint(folder: str | Path, repo_id: str, *, private: bool = False, 
 
     folder = Path(folder)
     if not is_checkpoint(str(folder)):
-        raise ExportError(f"{folder} is not an ActTail checkpoint folder (its config.json has no activation_sparsity)")
+        raise ExportError(f"{folder} is not an ActTail checkpoint folder (no config.json with activation_sparsity)")
     check_push_target(repo_id, endpoint, token)
     api = HfApi(endpoint=endpoint, token=token)
     step = f"creating repo {repo_id}"

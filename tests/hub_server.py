@@ -139,7 +139,8 @@ class HubServer:
         body = req.json()
         repo_id = f"{body['organization']}/{body['name']}"
         if repo_id in self.repos:
-            raise HubError(409, "You already created this model repo", url=f"{self.url}/{repo_id}")  # the client reads url
+            # exist_ok=True reads the url of the existing repo from this reply
+            raise HubError(409, "You already created this model repo", url=f"{self.url}/{repo_id}")
         self.repos[repo_id] = Repo(private=body.get("visibility") == "private")
         return {"url": f"{self.url}/{repo_id}", "name": repo_id}
 
@@ -171,7 +172,8 @@ class HubServer:
         parent = r.branches[rev]
         files = dict(r.commits[parent])
         lines = [json.loads(line) for line in req.body().splitlines() if line.strip()]
-        assert lines[0]["key"] == "header", lines[0]
+        if lines[0]["key"] != "header":
+            raise HubError(400, "the first line of a commit must be its header")
         for op in lines[1:]:
             if op["key"] == "file":
                 files[op["value"]["path"]] = base64.b64decode(op["value"]["content"])
@@ -205,7 +207,8 @@ class HubServer:
         if path not in r.commits[sha]:
             raise HubError(404, f"Entry not found: {path}", "EntryNotFound")
         data = r.commits[sha][path]
-        headers = {"X-Repo-Commit": sha, "ETag": f'"{git_blob_sha1(data)}"', "Content-Type": "application/octet-stream"}
+        headers = {"X-Repo-Commit": sha, "ETag": f'"{git_blob_sha1(data)}"',
+                   "Content-Type": "application/octet-stream"}
         start = re.fullmatch(r"bytes=(\d+)-", req.headers.get("Range", ""))
         if start:
             offset = int(start.group(1))
