@@ -7,6 +7,7 @@ Examples::
     acttail-export analyze ./my-llama
     acttail-export eval out/smollm2-acttail-50 --windows 8 --dense-baseline
     acttail-export generate out/smollm2-acttail-50 --prompt "The Eiffel tower is"
+    acttail-export push out/smollm2-acttail-50 my-org/smollm2-acttail-50 --private
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .card import CardFacts, card_files, inherited_license
 from .checkpoint import check_out, replace_card, sparsity_block, write_checkpoint
 from .errors import ExportError
 from .evaluate import dense_block, load_model, perplexity, tokenize_windows
+from .hub import check_push_target, push_checkpoint
 from .modeling.activation_sparsity import PREFILL_MODES, validate_prefill
 from .spectra import (
     DEFAULT_ESTIMATOR,
@@ -73,6 +75,38 @@ def cli() -> None:
     pass
 
 
+def _hub_options(command):
+    """The options of a push, shared by ``push`` and ``export --push-to-hub``."""
+    options = [
+        click.option("--private", is_flag=True, help="Create the Hub repo private (an existing repo keeps its visibility)."),
+        click.option("--revision", default=None, help="Branch to push to, created from main if missing (default: main)."),
+        click.option("--commit-message", default=None, help="Message of the Hub commit."),
+        click.option("--endpoint", default=None, help="Hub URL (default: $HF_ENDPOINT or https://huggingface.co)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _push(out: Path, repo_id: str, private: bool, revision: str | None, commit_message: str | None,
+          endpoint: str | None) -> None:
+    url = push_checkpoint(out, repo_id, private=private, revision=revision, commit_message=commit_message,
+                          endpoint=endpoint)
+    click.echo(f"pushed {out} to {repo_id} ({revision or 'main'}): {url}")
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(file_okay=False))
+@click.argument("repo_id", metavar="ORG/NAME")
+@_hub_options
+def push(checkpoint, repo_id, private, revision, commit_message, endpoint) -> None:
+    """Upload the checkpoint folder CHECKPOINT to the Hub repo ORG/NAME (created if missing; safe to repeat).
+
+    The token is the one huggingface_hub finds: HF_TOKEN, else the one `hf auth login` saved.
+    """
+    _push(Path(checkpoint), repo_id, private, revision, commit_message, endpoint)
+
+
 @cli.command()
 @click.argument("paths", nargs=-1, metavar="[MODEL] OUT")
 @click.option("--sparsity", type=click.FloatRange(0, 1, max_open=True), required=True,
@@ -105,15 +139,21 @@ def cli() -> None:
 @click.option("--base-model", default=None, help="Hub id of MODEL for the card's metadata (default: MODEL if a Hub id).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--verbose", is_flag=True, help="Print one line per projection.")
+@click.option("--push-to-hub", metavar="ORG/NAME", default=None, help="After writing OUT, push it to this Hub repo.")
+@_hub_options
 def export(paths, sparsity, allocation, estimator, epsilon, sparser, min_sparsity, max_sparsity, prefill, dtype,
            gguf_file, device, spectra_dtype_name, spectra_cache, run_eval, link_weights, base_model, overwrite,
-           verbose) -> None:
+           verbose, push_to_hub, private, revision, commit_message, endpoint) -> None:
     """Export MODEL (folder, Hub id or GGUF; default: SmolLM2-135M-Instruct) to the ActTail checkpoint folder OUT."""
     model, out = _split_model_out(paths)
     # Everything that can be checked before the spectra is checked here, so bad input fails at once.
     check_out(out, overwrite)
     check_bounds(sparsity, min_sparsity, max_sparsity)
     _check_device(device)
+    if push_to_hub:
+        check_push_target(push_to_hub, endpoint)
+    elif private or revision or commit_message or endpoint:
+        raise click.UsageError("--private, --revision, --commit-message and --endpoint go with --push-to-hub")
     start = time.perf_counter()
     is_gguf = model is None or gguf_file is not None or model.endswith(".gguf")
     source = resolve_model(model, gguf_file, _torch_dtype(dtype) if is_gguf else None)
@@ -126,6 +166,7 @@ def export(paths, sparsity, allocation, estimator, epsilon, sparser, min_sparsit
         command="acttail-export " + shlex.join(sys.argv[1:]),
         base_model=base_model or (DEFAULT_MODEL_ID if model is None else source.hub_id),
         license=DEFAULT_MODEL_LICENSE if model is None else inherited_license(source.folder),
+        repo_id=push_to_hub,
     )
     write_checkpoint(source, out, block, card_files(facts, block, modules), overwrite,
                      None if is_gguf else _torch_dtype(dtype), link_weights)
@@ -137,6 +178,8 @@ def export(paths, sparsity, allocation, estimator, epsilon, sparser, min_sparsit
         replace_card(out, card_files(facts, block, modules))
         click.echo(f"token perplexity: dense {facts.perplexity['dense']:.3f}, sparse {facts.perplexity['sparse']:.3f} "
                    "(in the model card)")
+    if push_to_hub:  # last: the pushed card carries the perplexity
+        _push(out, push_to_hub, private, revision, commit_message, endpoint)
 
 
 def _spectra(source, device: str, dtype: torch.dtype, use_cache: bool):

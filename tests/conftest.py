@@ -37,10 +37,13 @@ def run_cli(*args, check=True, env=None) -> subprocess.CompletedProcess:
     return result
 
 
-def run_fresh_python(code: str, tmp_path: Path) -> str:
-    """Run ``code`` in a new Python with fresh HF caches and no acttail_export; return its stdout."""
+def run_fresh_python(code: str, tmp_path: Path, env: dict[str, str] | None = None) -> str:
+    """Run ``code`` in a new Python with fresh HF caches and no acttail_export; return its stdout.
+
+    :param env: variables set on top of the defaults (e.g. ``{"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": url}`` to go online)
+    """
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_MODULES_CACHE": str(tmp_path / "hf_modules"),
-           "HF_HUB_OFFLINE": "1"}
+           "HF_HUB_OFFLINE": "1", **(env or {})}
     result = subprocess.run([sys.executable, "-c", _NO_ACTTAIL + textwrap.dedent(code)], capture_output=True,
                             text=True, env=env, cwd=tmp_path, stdin=subprocess.DEVNULL)
     if result.returncode != 0:
