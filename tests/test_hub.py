@@ -48,7 +48,7 @@ def digests(files: dict[str, bytes]) -> dict[str, str]:
 
 
 def folder_digest(folder: Path) -> dict[str, str]:
-    return digests({p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()})
+    return digests({p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()})
 
 
 def closed_port_url() -> str:
