@@ -161,11 +161,19 @@ def capture_masks(model, windows: torch.Tensor, sites: list[Site], progress: boo
 
 # ---------------------------------------------------------------------------------------------------------------- statistics
 
+def _sizes(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # float32 sums: exact for any d < 2**24, and faster than torch's integer sums of bools
+    return (a & b).sum(-1, dtype=torch.float32), a.sum(-1, dtype=torch.float32), b.sum(-1, dtype=torch.float32)
+
+
+def _jaccard(both: torch.Tensor, size_a: torch.Tensor, size_b: torch.Tensor) -> torch.Tensor:
+    union = size_a + size_b - both
+    return torch.where(union > 0, both / union.clamp(min=1), 1.0)
+
+
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """|A & B| / |A | B| of each pair of rows of two bool masks ``[..., d]`` (1 where both sets are empty)."""
-    intersection = (a & b).sum(-1)
-    union = (a | b).sum(-1)
-    return torch.where(union > 0, intersection / union.clamp(min=1), 1.0)
+    return _jaccard(*_sizes(a, b))
 
 
 def chance_jaccard(size_a: int, size_b: int, dim: int) -> float:
@@ -218,11 +226,9 @@ def depth_overlap(early: torch.Tensor, late: torch.Tensor) -> tuple[float, float
     :param early: ``[..., d]`` bool, the active sets at layer l
     :param late: ``[..., d]`` bool, the same tokens' active sets at layer l + k
     """
-    early, late = early.reshape(-1, early.shape[-1]), late.reshape(-1, late.shape[-1])
-    both = (early & late).sum(-1, dtype=torch.float32)
-    precision = (both / early.sum(-1).clamp(min=1)).mean().item()
-    recall = (both / late.sum(-1).clamp(min=1)).mean().item()
-    return jaccard(early, late).mean().item(), precision, recall
+    both, size_early, size_late = _sizes(early, late)
+    scores = (_jaccard(both, size_early, size_late), both / size_early.clamp(min=1), both / size_late.clamp(min=1))
+    return tuple(score.mean().item() for score in scores)
 
 
 def pattern_rows(masks: dict[str, dict[int, torch.Tensor]], sites: list[Site], max_distance: int,
