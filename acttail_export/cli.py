@@ -203,17 +203,18 @@ def patterns(model, text_file, sparsity, windows, seqlen, max_distance, out) -> 
     checkpoint = is_checkpoint(model)
     if checkpoint and sparsity is not None:
         raise ExportError(f"{model} is a checkpoint: its keep counts set the active sets; --sparsity is for dense models")
+    sparsity = sparsity or DEFAULT_PATTERN_SPARSITY
     text = read_text(text_file)
-    out = Path(out or f"patterns-{Path(model or default_gguf()).name.removesuffix('.gguf')}")
+    name = Path(model or default_gguf()).name.removesuffix(".gguf")
+    out = Path(out or f"patterns-{name}")
     out.mkdir(parents=True, exist_ok=True)
     loaded, tokenizer = load_model(model)
     ids = tokenize_windows(tokenizer, text, seqlen, windows)
-    sites = model_sites(loaded, sparsity or DEFAULT_PATTERN_SPARSITY)
-    what = "the checkpoint's keep counts" if checkpoint else f"sparsity {sparsity or DEFAULT_PATTERN_SPARSITY}"
+    sites = model_sites(loaded, sparsity)
     rows = pattern_rows(capture_masks(loaded, ids, sites), sites, max_distance)
+    what = "the checkpoint's keep counts" if checkpoint else f"sparsity {sparsity}"
     write_csv(rows, out / "patterns.csv")
-    plot_patterns(rows, sites, out / "patterns.png", f"{out.name.removeprefix('patterns-')}: TopK active sets at {what}, "
-                  f"{windows} windows x {seqlen} tokens")
+    plot_patterns(rows, sites, out / "patterns.png", f"{name}: TopK active sets at {what}, {windows} windows x {seqlen} tokens")
     click.echo(f"Jaccard of TopK active sets ({what}), {windows} windows x {seqlen} tokens of "
                f"{text_file or 'bundled Wikipedia text'}; rand = independent random sets of the same sizes")
     click.echo(format_table(rows, sites))

@@ -116,8 +116,8 @@ def checkpoint_sites(block: dict) -> list[Site]:
         match = _MODULE.search(name)
         by_projection.setdefault(match.group(2), {})[int(match.group(1))] = spec["keep"]
         dims[match.group(2)] = spec["in_features"]
-    order = sorted(by_projection, key=lambda p: PROJECTION_ORDER.index(p) if p in PROJECTION_ORDER else len(PROJECTION_ORDER))
-    return [Site(p, p, dims[p], dict(sorted(by_projection[p].items()))) for p in order]
+    return [Site(p, p, dims[p], dict(sorted(by_projection[p].items())))
+            for p in sorted(by_projection, key=PROJECTION_ORDER.index)]
 
 
 def model_sites(model, sparsity: float) -> list[Site]:
@@ -302,8 +302,8 @@ def plot_patterns(rows: list[PatternRow], sites: list[Site], path: Path, title: 
         left.plot(layers, [table[site.name, layer, "token", 0].chance for layer in layers], "k--", lw=1, label="chance")
         for distance, color in zip(distances, colors):
             points = [table[key] for layer in layers if (key := (site.name, layer, "depth", distance)) in table]
+            right.plot([p.layer for p in points], [p.chance for p in points], "k--", lw=1)
             right.plot([p.layer for p in points], [p.value for p in points], color=color, marker=".", label=f"k={distance}")
-            right.plot([p.layer for p in points], [p.chance for p in points], "--", color=color, lw=0.8)
         left.set_ylabel(f"{site.name}\nJaccard")
         for ax in (left, right):
             ax.set_ylim(0, 1)
@@ -311,7 +311,7 @@ def plot_patterns(rows: list[PatternRow], sites: list[Site], path: Path, title: 
     axes[0, 0].set_title("across inputs: different windows, same layer")
     axes[0, 1].set_title("across depth: layer l predicts layer l+k (same token)")
     axes[0, 0].legend(loc="upper right", fontsize="small", ncols=3)
-    axes[0, 1].legend(loc="upper right", fontsize="small", ncols=len(distances), title="dashed: chance",
+    axes[0, 1].legend(loc="upper right", fontsize="small", ncols=len(distances), title="dashed: chance of each k",
                       title_fontsize="small")
     axes[-1, 0].set_xlabel("layer")
     axes[-1, 1].set_xlabel("layer l")
