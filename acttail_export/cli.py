@@ -192,7 +192,7 @@ def generate(model, prompt, max_new_tokens, raw, trust_remote_code) -> None:
               help="UTF-8 text file (default: the bundled English Wikipedia articles).")
 @click.option("--sparsity", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="TopK sparsity S of every site of a dense model [default: 0.5]; a checkpoint uses its own keep counts.")
-@click.option("--windows", type=click.IntRange(2), default=8, show_default=True, help="Windows (passages) of the text.")
+@click.option("--windows", type=click.IntRange(2), default=8, show_default=True, help="Consecutive windows (passages) from the start of the text.")
 @click.option("--seqlen", type=click.IntRange(2), default=256, show_default=True, help="Tokens per window.")
 @click.option("--max-distance", type=click.IntRange(1), default=4, show_default=True,
               help="Largest k for which layer l's active set predicts layer l+k's.")

@@ -10,7 +10,8 @@ sizes would give (see :func:`chance_jaccard`):
 
 - ``token``: mean Jaccard of the active sets of two tokens from *different* windows (random pairs, seeded);
 - ``hot``: mean Jaccard, over all pairs of windows, of the windows' *hot sets*: the ``keep`` inputs active at the most tokens
-  of that window (ties broken at random), i.e. the set one would prefetch for that passage;
+  of that window (ties broken at random), i.e. the set one would prefetch for that passage (longer windows give steadier
+  counts, so this overlap grows with the window length);
 - ``depth``: for each distance k, the active set of layer l as a prediction of layer l+k's at the same token and site:
   Jaccard, precision |A_l & A_l+k| / |A_l| and recall |A_l & A_l+k| / |A_l+k|, mean over tokens. Only the residual-stream
   sites (``attn_in``, ``mlp_in``; q/k/v/gate/up) index the same coordinates in every layer; for ``o_in`` and ``down_in`` the
@@ -266,20 +267,20 @@ def _lookup(rows: list[PatternRow]) -> dict[tuple[str, int, str, int], PatternRo
     return {(r.site, r.layer, r.statistic, r.distance): r for r in rows}
 
 
+_TABLE_COLUMNS = (("token", 0, "value"), ("hot", 0, "value"), ("token", 0, "chance"), ("depth", 1, "value"), ("depth", 1, "chance"))
+
+
 def format_table(rows: list[PatternRow], sites: list[Site]) -> str:
     """Per layer and site: cross-window token and hot-set Jaccard with their chance, layer l -> l+1 Jaccard with its chance."""
     table = _lookup(rows)
-    columns = ("token", "hot", "rand", "l+1", "rand")
-    cell = 5 * 6
-    lines = ["layer " + " | ".join(f"{s.name:^{cell - 1}s}" for s in sites),
-             "      " + " | ".join(" ".join(f"{c:>5s}" for c in columns) for s in sites)]
+    header = " ".join(f"{c:>5s}" for c in ("token", "hot", "rand", "l+1", "rand"))
+    lines = ["layer " + " | ".join(f"{s.name:^{len(header)}s}" for s in sites), "      " + " | ".join(header for _ in sites)]
     for layer in sorted({layer for s in sites for layer in s.keeps}):
         cells = []
         for s in sites:
-            token, hot, depth = (table.get((s.name, layer, stat, d)) for stat, d in (("token", 0), ("hot", 0), ("depth", 1)))
-            values = [token and token.value, hot and hot.value, token and token.chance, depth and depth.value,
-                      depth and depth.chance]
-            cells.append(" ".join("    -" if v is None else f"{v:5.3f}" for v in values))
+            numbers = [getattr(table[key], attr) if (key := (s.name, layer, stat, d)) in table else None
+                       for stat, d, attr in _TABLE_COLUMNS]
+            cells.append(" ".join("    -" if n is None else f"{n:5.3f}" for n in numbers))
         lines.append(f"{layer:5d} " + " | ".join(cells))
     return "\n".join(lines)
 
@@ -311,7 +312,7 @@ def plot_patterns(rows: list[PatternRow], sites: list[Site], path: Path, title: 
     axes[0, 0].set_title("across inputs: different windows, same layer")
     axes[0, 1].set_title("across depth: layer l predicts layer l+k (same token)")
     axes[0, 0].legend(loc="upper right", fontsize="small", ncols=3)
-    axes[0, 1].legend(loc="upper right", fontsize="small", ncols=len(distances), title="dashed: chance of each k",
+    axes[0, 1].legend(loc="upper right", fontsize="small", ncols=max(len(distances), 1), title="dashed: chance of each k",
                       title_fontsize="small")
     axes[-1, 0].set_xlabel("layer")
     axes[-1, 1].set_xlabel("layer l")
