@@ -27,9 +27,11 @@ from .allocation import ALLOCATIONS, DEFAULT_EPSILON, DEFAULT_SPARSER, DIRECTION
 from .card import CardFacts, card_files, inherited_license
 from .checkpoint import check_out, replace_card, sparsity_block, write_checkpoint
 from .errors import ExportError
-from .evaluate import dense_block, load_model, perplexity, tokenize_windows
+from .evaluate import dense_block, is_checkpoint, load_model, perplexity, tokenize_windows
 from .hub import check_push_target, push_checkpoint
 from .modeling.activation_sparsity import PREFILL_MODES, validate_prefill
+from .patterns import (DEFAULT_PATTERN_SPARSITY, capture_masks, format_table, model_sites, pattern_rows, plot_patterns,
+                       write_csv)
 from .spectra import (
     DEFAULT_ESTIMATOR,
     ESTIMATORS,
@@ -40,7 +42,7 @@ from .spectra import (
     spectra_dtype,
 )
 from .text import read_text
-from .weights import resolve_model
+from .weights import default_gguf, resolve_model
 
 DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -285,6 +287,41 @@ def generate(model, prompt, max_new_tokens, raw, trust_remote_code) -> None:
         inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     output = loaded.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     click.echo(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--text", "text_file", type=click.Path(), default=None,
+              help="UTF-8 text file (default: the bundled English Wikipedia articles).")
+@click.option("--sparsity", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="TopK sparsity S of every site of a dense model [default: 0.5]; a checkpoint uses its own keep counts.")
+@click.option("--windows", type=click.IntRange(2), default=8, show_default=True, help="Consecutive windows (passages) from the start of the text.")
+@click.option("--seqlen", type=click.IntRange(2), default=256, show_default=True, help="Tokens per window.")
+@click.option("--max-distance", type=click.IntRange(1), default=4, show_default=True,
+              help="Largest k for which layer l's active set predicts layer l+k's.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Folder for patterns.csv and patterns.png "
+              "[default: patterns-<model name>].")
+def patterns(model, text_file, sparsity, windows, seqlen, max_distance, out) -> None:
+    """How predictable the TopK active set of MODEL (or a checkpoint) is, across windows of text and across depth."""
+    checkpoint = is_checkpoint(model)
+    if checkpoint and sparsity is not None:
+        raise ExportError(f"{model} is a checkpoint: its keep counts set the active sets; --sparsity is for dense models")
+    sparsity = sparsity or DEFAULT_PATTERN_SPARSITY
+    text = read_text(text_file)
+    name = Path(model or default_gguf()).name.removesuffix(".gguf")
+    out = Path(out or f"patterns-{name}")
+    out.mkdir(parents=True, exist_ok=True)
+    loaded, tokenizer = load_model(model)
+    ids = tokenize_windows(tokenizer, text, seqlen, windows)
+    sites = model_sites(loaded, sparsity)
+    rows = pattern_rows(capture_masks(loaded, ids, sites), sites, max_distance)
+    what = "the checkpoint's keep counts" if checkpoint else f"sparsity {sparsity}"
+    write_csv(rows, out / "patterns.csv")
+    plot_patterns(rows, sites, out / "patterns.png", f"{name}: TopK active sets at {what}, {windows} windows x {seqlen} tokens")
+    click.echo(f"Jaccard of TopK active sets ({what}), {windows} windows x {seqlen} tokens of "
+               f"{text_file or 'bundled Wikipedia text'}; rand = independent random sets of the same sizes")
+    click.echo(format_table(rows, sites))
+    click.echo(f"wrote {out / 'patterns.csv'} and {out / 'patterns.png'}")
 
 
 def main() -> None:
