@@ -15,6 +15,12 @@ _ABOUT = (
     "the code shipped beside it."
 )
 
+_THRESHOLD_MODE = (
+    "- runtime mode `threshold` (TEAL): instead of TopK, every input entry with |x| <= its projection's threshold is "
+    "zeroed; the thresholds are quantiles of |x| on calibration text, so the kept count varies per token and the table "
+    "gives its expected value"
+)
+
 
 def model_card(base_model: str, command: str, block: dict, modules: dict[str, ModuleSparsity],
                license_id: str | None = None) -> str:
@@ -24,7 +30,9 @@ def model_card(base_model: str, command: str, block: dict, modules: dict[str, Mo
     if license_id:
         meta.append(f"license: {license_id}")
     meta.append("---")
-    rows = [f"| `{name}` | {m.alpha:.3f} | {m.sparsity:.3f} | {m.keep} / {m.in_features} |" for name, m in modules.items()]
+    by_threshold = block.get("mode", "topk") == "threshold"
+    rows = [f"| `{name}` | {m.alpha:.3f} | {m.sparsity:.3f} | {m.keep} / {m.in_features} |"
+            + (f" {block['modules'][name]['threshold']:.6g} |" if by_threshold else "") for name, m in modules.items()]
     return "\n".join([
         *meta,
         "",
@@ -36,7 +44,9 @@ def model_card(base_model: str, command: str, block: dict, modules: dict[str, Mo
         f"- target sparsity {block['target_sparsity']}, effective {block['effective_sparsity']:.4f} "
         "(fraction of projection weights a decode step skips)",
         f"- allocation `{block['method']}`, estimator `{block['estimator']}`, epsilon {block['epsilon']}, "
-        f"sparser `{block['sparser']}`, prefill `{block['prefill']}`",
+        f"sparser `{block['sparser']}`, prefill `{block['prefill']}`, sites `{block.get('sites', 'all')}`",
+        *([_THRESHOLD_MODE] if by_threshold else []),
+        *([f"- calibration: {block['calibration']}"] if "calibration" in block else []),
         "",
         "## Export command",
         "",
@@ -60,8 +70,8 @@ def model_card(base_model: str, command: str, block: dict, modules: dict[str, Mo
         "",
         "## Per-projection allocation",
         "",
-        "| projection | alpha | sparsity | kept inputs |",
-        "|---|---:|---:|---:|",
+        "| projection | alpha | sparsity | kept inputs |" + (" threshold |" if by_threshold else ""),
+        "|---|---:|---:|---:|" + ("---:|" if by_threshold else ""),
         *rows,
         "",
     ])
