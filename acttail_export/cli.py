@@ -189,8 +189,10 @@ def evaluate(model, text_file, seqlen, windows, dense_baseline, dtype, device, t
         loaded.set_activation_sparsity(dense_block(block))
         rows.append(("dense (sparsity off)", perplexity(loaded, ids, desc="dense")))
         loaded.set_activation_sparsity(block)
-    label = (f"{block['method']}/{block.get('mode', 'topk')} {block['effective_sparsity']:.3f} (prefill {block['prefill']})"
-             if block else "dense")
+    label = "dense"
+    if block:
+        mode = " threshold" if block.get("mode") == "threshold" else ""
+        label = f"{block['method']}{mode} {block['effective_sparsity']:.3f} (prefill {block['prefill']})"
     rows.append((label, perplexity(loaded, ids, desc="eval")))
     click.echo(f"token perplexity, {windows} windows x {seqlen} tokens of {text_file or 'bundled Wikipedia text'}:")
     for name, ppl in rows:
