@@ -1,4 +1,9 @@
-"""Per-projection sparsity from alpha under a global, parameter-weighted budget, rounded to exact TopK counts."""
+"""Per-projection sparsity under a global, parameter-weighted budget, rounded to exact TopK counts.
+
+The sparsities come from alpha (``acttail``, ``block``), are uniform, or come from TEAL's block-wise greedy rows
+(``teal-greedy``, searched in greedy.py). ``sites`` limits which projections are sparsified; the budget always counts the
+parameters of all seven projections, so the effective sparsity is comparable across sites.
+"""
 
 from __future__ import annotations
 
@@ -8,27 +13,36 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ExportError
-from .weights import Projection
+from .weights import PROJECTION_KINDS, Projection
 
 __all__ = [
     "ALLOCATIONS",
+    "SITES",
+    "GREEDY_TOLERANCE",
     "DEFAULT_EPSILON",
     "DEFAULT_SPARSER",
     "DIRECTIONS",
     "BUDGET_TOLERANCE",
     "ModuleSparsity",
+    "GreedyRow",
     "check_bounds",
+    "site_projections",
+    "site_target",
     "keep_count",
     "effective_sparsity",
     "allocate",
 ]
 
-ALLOCATIONS = ("acttail", "uniform", "block")
+ALLOCATIONS = ("acttail", "uniform", "block", "teal-greedy")
+# Which projections a method sparsifies; the others keep every input. "mlp" is Dhar et al.'s FFN-only setting.
+SITES = {"all": PROJECTION_KINDS, "mlp": ("gate", "up", "down")}
 DIRECTIONS = ("heavy-tail", "light-tail")
 # Defaults chosen from docs/RESULTS.md (SmolLM2-135M, every token sparse).
 DEFAULT_EPSILON = 0.3
 DEFAULT_SPARSER = "heavy-tail"
 BUDGET_TOLERANCE = 0.002
+# teal-greedy: the rows each block picks must bring the (unrounded) sparsity this close to the target.
+GREEDY_TOLERANCE = 0.005
 
 
 @dataclass(frozen=True)
@@ -49,6 +63,14 @@ class ModuleSparsity:
                 "in_features": self.in_features}
 
 
+@dataclass(frozen=True)
+class GreedyRow:
+    """One row of a block's greedy search: the block's parameter-weighted sparsity and each projection kind's sparsity."""
+
+    block_sparsity: float
+    sparsity: dict[str, float]  # kind ("q" ... "down") -> s
+
+
 def keep_count(sparsity: float, in_features: int) -> int:
     """k_p = clamp(round((1 - s_p) * d_in), 1, d_in)."""
     return min(max(round((1.0 - sparsity) * in_features), 1), in_features)
@@ -67,6 +89,25 @@ def check_bounds(target: float, s_min: float, s_max: float) -> None:
         raise ExportError(f"sparsity must be in [0, 1), got {target}")
     if not 0.0 <= s_min <= target <= s_max < 1.0:
         raise ExportError(f"need 0 <= --min-sparsity ({s_min}) <= --sparsity ({target}) <= --max-sparsity ({s_max}) < 1")
+
+
+def site_projections(projections, sites: str) -> list[Projection]:
+    """The projections that ``sites`` sparsifies, in their order."""
+    if sites not in SITES:
+        raise ExportError(f"unknown sites {sites!r}; choose from {', '.join(SITES)}")
+    return [p for p in projections if p.kind in SITES[sites]]
+
+
+def site_target(projections, target: float, sites: str, s_max: float) -> float:
+    """The mean sparsity the sparsified projections need so that the mean over *all* projection parameters is ``target``;
+    refused if it exceeds ``s_max``."""
+    chosen = site_projections(projections, sites)
+    share = sum(p.params for p in chosen) / sum(p.params for p in projections)
+    needed = target / share
+    if needed > s_max:
+        raise ExportError(f"sparsity {target} cannot be reached with --sites {sites}: those projections hold {share:.1%} "
+                          f"of the projection weights, so they would need {needed:.3f} > --max-sparsity {s_max}")
+    return needed
 
 
 def _solve_linear_rule(scores: np.ndarray, params: np.ndarray, target: float, epsilon: float,
@@ -133,18 +174,38 @@ def _scores(projections: list[Projection], alphas: dict[str, float], method: str
     return 1.0 - r if sparser == "heavy-tail" else r
 
 
+def _greedy_sparsity(projections: list[Projection], rows: dict[int, list[GreedyRow]], target: float,
+                     all_params: float) -> np.ndarray:
+    """Each block takes its row closest to ``target``; the result must meet the budget within GREEDY_TOLERANCE."""
+    missing = sorted({p.layer for p in projections} - set(rows))
+    if missing:
+        raise ExportError(f"teal-greedy has no rows for layers {missing}")
+    picked = {layer: min(layer_rows, key=lambda row: abs(row.block_sparsity - target)) for layer, layer_rows in rows.items()}
+    sparsity = np.array([picked[p.layer].sparsity[p.kind] for p in projections])
+    reached = float(np.dot([p.params for p in projections], sparsity)) / all_params
+    if abs(reached - target) > GREEDY_TOLERANCE:
+        highest = min(layer_rows[-1].block_sparsity for layer_rows in rows.values())
+        raise ExportError(f"teal-greedy rows reach sparsity {reached:.4f}, more than {GREEDY_TOLERANCE} from the target "
+                          f"{target} (the lowest last row is at {highest:.3f}): use a smaller --greedy-step")
+    return sparsity
+
+
 def allocate(projections: list[Projection] | tuple[Projection, ...], alphas: dict[str, float], target: float,
              method: str = "acttail", epsilon: float = DEFAULT_EPSILON, sparser: str = DEFAULT_SPARSER,
-             s_min: float = 0.0, s_max: float = 0.99) -> dict[str, ModuleSparsity]:
+             s_min: float = 0.0, s_max: float = 0.99, sites: str = "all",
+             greedy_rows: dict[int, list[GreedyRow]] | None = None) -> dict[str, ModuleSparsity]:
     """Choose each projection's TopK count so that the parameter-weighted sparsity is ``target`` (within rounding).
 
-    :param alphas: Hill alpha per module name
+    :param alphas: Hill alpha per module name (recorded for every method; used by ``acttail`` and ``block``)
     :param target: S, the mean sparsity over all projection parameters, in [0, 1)
-    :param method: ``acttail`` (linear rule on alpha), ``uniform`` (s_p = S), ``block`` (linear rule on the block mean alpha)
+    :param method: ``acttail`` (linear rule on alpha), ``uniform`` (s_p = S), ``block`` (linear rule on the block mean
+        alpha), ``teal-greedy`` (each block's row of ``greedy_rows`` closest to S)
     :param epsilon: spread of the linear rule: sparsities lie in eta * [1 - eps, 1 + eps] before clipping
     :param sparser: ``heavy-tail`` gives small alpha more sparsity, ``light-tail`` large alpha (AlphaPruning's direction)
-    :param s_min: lower clip of each projection's sparsity
+    :param s_min: lower clip of each sparsified projection's sparsity
     :param s_max: upper clip of each projection's sparsity
+    :param sites: ``all`` or ``mlp`` (see SITES); the other projections keep every input, and the budget still counts them
+    :param greedy_rows: for ``teal-greedy``: per layer, the rows of :func:`acttail_export.greedy.search_rows`
     """
     if method not in ALLOCATIONS:
         raise ExportError(f"unknown allocation {method!r}; choose from {', '.join(ALLOCATIONS)}")
@@ -152,17 +213,23 @@ def allocate(projections: list[Projection] | tuple[Projection, ...], alphas: dic
         raise ExportError(f"unknown direction {sparser!r}; choose from {', '.join(DIRECTIONS)}")
     if not 0.0 <= epsilon <= 1.0:
         raise ExportError(f"epsilon must be in [0, 1], got {epsilon}")
+    if method == "teal-greedy" and greedy_rows is None:
+        raise ExportError("allocation teal-greedy needs the greedy rows (see acttail_export.greedy)")
     check_bounds(target, s_min, s_max)
     projections = list(projections)
-    params = np.array([p.params for p in projections], dtype=np.float64)
+    chosen = site_projections(projections, sites)
+    chosen_target = site_target(projections, target, sites, s_max)
+    params = np.array([p.params for p in chosen], dtype=np.float64)
     if method == "uniform":
-        sparsity = np.full(len(projections), target)
+        sparsity = np.full(len(chosen), chosen_target)
+    elif method == "teal-greedy":
+        sparsity = _greedy_sparsity(chosen, greedy_rows, target, float(sum(p.params for p in projections)))
     else:
-        sparsity = _solve_linear_rule(_scores(projections, alphas, method, sparser), params, target, epsilon, s_min, s_max)
-    keep = _round_to_budget(sparsity, projections, target, s_min, s_max)
+        sparsity = _solve_linear_rule(_scores(chosen, alphas, method, sparser), params, chosen_target, epsilon, s_min, s_max)
+    keep = dict(zip((p.name for p in chosen), _round_to_budget(sparsity, chosen, chosen_target, s_min, s_max)))
     modules = {
-        p.name: ModuleSparsity(float(alphas[p.name]), int(k), p.in_features, p.out_features)
-        for p, k in zip(projections, keep)
+        p.name: ModuleSparsity(float(alphas[p.name]), int(keep.get(p.name, p.in_features)), p.in_features, p.out_features)
+        for p in projections
     }
     achieved = effective_sparsity(modules)
     if abs(achieved - target) > BUDGET_TOLERANCE:

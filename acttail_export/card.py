@@ -30,6 +30,12 @@ _ABOUT = (
     "the sparsity lives in `config.json` and the code shipped beside it."
 )
 
+_THRESHOLD_MODE = (
+    "- runtime mode `threshold` (TEAL): instead of TopK, every input entry with |x| <= its projection's threshold is "
+    "zeroed; the thresholds are quantiles of |x| on calibration text, so the kept count varies per token and the table "
+    "gives its expected value"
+)
+
 
 @dataclass(frozen=True)
 class CardFacts:
@@ -77,7 +83,9 @@ def _readme(facts: CardFacts, block: dict, modules: dict[str, ModuleSparsity]) -
         pipeline_tag="text-generation",
         tags=["custom_code", "activation-sparsity", "acttail"],
     )
-    rows = [f"| `{name}` | {m.alpha:.3f} | {m.sparsity:.3f} | {m.keep} / {m.in_features} |" for name, m in modules.items()]
+    by_threshold = block.get("mode", "topk") == "threshold"
+    rows = [f"| `{name}` | {m.alpha:.3f} | {m.sparsity:.3f} | {m.keep} / {m.in_features} |"
+            + (f" {block['modules'][name]['threshold']:.6g} |" if by_threshold else "") for name, m in modules.items()]
     return "\n".join([
         "---",
         metadata.to_yaml(),
@@ -91,7 +99,9 @@ def _readme(facts: CardFacts, block: dict, modules: dict[str, ModuleSparsity]) -
         f"- target sparsity {block['target_sparsity']}, effective {block['effective_sparsity']:.4f} "
         "(fraction of projection weights a decode step skips)",
         f"- allocation `{block['method']}`, estimator `{block['estimator']}`, epsilon {block['epsilon']}, "
-        f"sparser `{block['sparser']}`, prefill `{block['prefill']}`",
+        f"sparser `{block['sparser']}`, prefill `{block['prefill']}`, sites `{block.get('sites', 'all')}`",
+        *([_THRESHOLD_MODE] if by_threshold else []),
+        *([f"- calibration: {block['calibration']}"] if "calibration" in block else []),
         *_perplexity_lines(facts.perplexity, block),
         "",
         "## Export command",
@@ -121,8 +131,8 @@ def _readme(facts: CardFacts, block: dict, modules: dict[str, ModuleSparsity]) -
         "",
         f"![histogram of sparsities]({FIGURE_HISTOGRAM})",
         "",
-        "| projection | alpha | sparsity | kept inputs |",
-        "|---|---:|---:|---:|",
+        "| projection | alpha | sparsity | kept inputs |" + (" threshold |" if by_threshold else ""),
+        "|---|---:|---:|---:|" + ("---:|" if by_threshold else ""),
         *rows,
         "",
     ])

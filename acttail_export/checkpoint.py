@@ -42,18 +42,31 @@ def shipped_code_files() -> list[Path]:
 
 
 def sparsity_block(modules: dict[str, ModuleSparsity], target: float, method: str, estimator: str, epsilon: float,
-                   sparser: str, prefill: str | float = "sparse") -> dict:
-    """The ``activation_sparsity`` block of config.json, checked by the same code that reads it back in a checkpoint."""
+                   sparser: str, prefill: str | float = "sparse", mode: str = "topk", sites: str = "all",
+                   thresholds: dict[str, float] | None = None, calibration: dict | None = None) -> dict:
+    """The ``activation_sparsity`` block of config.json, checked by the same code that reads it back in a checkpoint.
+
+    :param mode: "topk", or "threshold" with ``thresholds`` (module name -> t); ``keep`` stays the expected kept count
+    :param sites: which projections the method sparsified ("all" or "mlp")
+    :param calibration: what calibration saw (windows, seqlen, text, greedy settings), recorded when a method used it
+    """
+    specs = {name: m.to_dict() for name, m in modules.items()}
+    if thresholds is not None:
+        for name, spec in specs.items():
+            spec["threshold"] = thresholds[name]
     block = {
         "format_version": FORMAT_VERSION,
         "method": method,
+        "mode": mode,
+        "sites": sites,
         "target_sparsity": target,
         "effective_sparsity": round(effective_sparsity(modules), 6),
         "estimator": estimator,
         "epsilon": epsilon,
         "sparser": sparser,
         "prefill": prefill,
-        "modules": {name: m.to_dict() for name, m in modules.items()},
+        **({"calibration": calibration} if calibration is not None else {}),
+        "modules": specs,
     }
     try:
         validate_activation_sparsity(block)

@@ -4,6 +4,8 @@ Examples::
 
     acttail-export export out/smollm2-acttail-50 --sparsity 0.5          # the embedded SmolLM2-135M-Instruct
     acttail-export export ./my-llama out/my-llama-70 --sparsity 0.7 --estimator peak
+    acttail-export export out/smollm2-teal-50 --sparsity 0.5 --allocation teal-greedy --mode threshold   # TEAL
+    acttail-export export out/smollm2-dhar-30 --sparsity 0.3 --allocation uniform --mode threshold --sites mlp
     acttail-export analyze ./my-llama
     acttail-export eval out/smollm2-acttail-50 --windows 8 --dense-baseline
     acttail-export generate out/smollm2-acttail-50 --prompt "The Eiffel tower is"
@@ -23,13 +25,16 @@ from pathlib import Path
 import click
 import torch
 
-from .allocation import ALLOCATIONS, DEFAULT_EPSILON, DEFAULT_SPARSER, DIRECTIONS, allocate, check_bounds
+from .allocation import ALLOCATIONS, DEFAULT_EPSILON, DEFAULT_SPARSER, DIRECTIONS, SITES, check_bounds, site_target
+from .calibration import DEFAULT_GREEDY_WINDOWS, DEFAULT_SEQLEN, DEFAULT_WINDOWS, Calibration, calibration_ids
 from .card import CardFacts, card_files, inherited_license
-from .checkpoint import check_out, replace_card, sparsity_block, write_checkpoint
+from .checkpoint import check_out, replace_card, write_checkpoint
 from .errors import ExportError
 from .evaluate import dense_block, is_checkpoint, load_model, perplexity, tokenize_windows
+from .greedy import DEFAULT_STEP
 from .hub import check_push_target, push_checkpoint
-from .modeling.activation_sparsity import PREFILL_MODES, validate_prefill
+from .methods import Method, build_block
+from .modeling.activation_sparsity import MODES, PREFILL_MODES, validate_prefill
 from .patterns import (DEFAULT_PATTERN_SPARSITY, capture_masks, format_table, model_sites, pattern_rows, plot_patterns,
                        write_csv)
 from .spectra import (
@@ -114,7 +119,13 @@ def push(checkpoint, repo_id, private, revision, commit_message, endpoint) -> No
 @click.option("--sparsity", type=click.FloatRange(0, 1, max_open=True), required=True,
               help="Target sparsity S: mean over all projection parameters, in [0, 1).")
 @click.option("--allocation", type=click.Choice(ALLOCATIONS), default="acttail", show_default=True,
-              help="acttail: per-projection alpha; block: per-block mean alpha; uniform: S everywhere.")
+              help="acttail: per-projection alpha; block: per-block mean alpha; uniform: S everywhere; teal-greedy: "
+                   "TEAL's block-wise greedy search on calibration text.")
+@click.option("--mode", type=click.Choice(MODES), default="topk", show_default=True,
+              help="topk: keep exactly k inputs per token; threshold: zero |x| <= a threshold calibrated per projection "
+                   "(TEAL).")
+@click.option("--sites", type=click.Choice(tuple(SITES)), default="all", show_default=True,
+              help="Sparsify all seven projections, or only gate/up/down (mlp; the budget still counts all seven).")
 @click.option("--estimator", type=click.Choice(ESTIMATORS), default=DEFAULT_ESTIMATOR, show_default=True,
               help="xmin rule of the Hill alpha estimate.")
 @click.option("--epsilon", type=click.FloatRange(0, 1), default=DEFAULT_EPSILON, show_default=True,
@@ -125,6 +136,18 @@ def push(checkpoint, repo_id, private, revision, commit_message, endpoint) -> No
 @click.option("--max-sparsity", type=click.FloatRange(0, 1, max_open=True), default=0.99, show_default=True)
 @click.option("--prefill", default="sparse", show_default=True, callback=lambda ctx, p, v: _parse_prefill(v),
               help="Which prompt tokens are sparse: sparse (all), dense (none), or a fraction f (the last f).")
+@click.option("--calibration-text", type=click.Path(), default=None,
+              help="UTF-8 text for threshold mode and teal-greedy; windows come from its end (default: the bundled "
+                   "Wikipedia text, whose start eval uses).")
+@click.option("--calibration-windows", type=click.IntRange(1), default=DEFAULT_WINDOWS, show_default=True,
+              help="Calibration windows (TEAL used 10 x 2048 tokens; the default is sized for a CPU).")
+@click.option("--calibration-seqlen", type=click.IntRange(2), default=DEFAULT_SEQLEN, show_default=True,
+              help="Tokens per calibration window.")
+@click.option("--greedy-step", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=DEFAULT_STEP,
+              show_default=True, help="teal-greedy: block sparsity added per accepted raise (TEAL's 0.05 / parameter "
+                                      "ratio is about 0.005).")
+@click.option("--greedy-windows", type=click.IntRange(1), default=DEFAULT_GREEDY_WINDOWS, show_default=True,
+              help="teal-greedy: how many calibration windows the search replays (its time grows with them).")
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Convert weights (default: keep files unchanged).")
 @click.option("--gguf-file", default=None, help="GGUF file name inside MODEL (a folder or Hub repo).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Device for the spectra.")
@@ -143,12 +166,13 @@ def push(checkpoint, repo_id, private, revision, commit_message, endpoint) -> No
 @click.option("--verbose", is_flag=True, help="Print one line per projection.")
 @click.option("--push-to-hub", metavar="ORG/NAME", default=None, help="After writing OUT, push it to this Hub repo.")
 @_hub_options
-def export(paths, sparsity, allocation, estimator, epsilon, sparser, min_sparsity, max_sparsity, prefill, dtype,
-           gguf_file, device, spectra_dtype_name, spectra_cache, run_eval, link_weights, base_model, overwrite,
-           verbose, push_to_hub, private, revision, commit_message, endpoint) -> None:
+def export(paths, sparsity, allocation, mode, sites, estimator, epsilon, sparser, min_sparsity, max_sparsity, prefill,
+           calibration_text, calibration_windows, calibration_seqlen, greedy_step, greedy_windows, dtype, gguf_file,
+           device, spectra_dtype_name, spectra_cache, run_eval, link_weights, base_model, overwrite, verbose,
+           push_to_hub, private, revision, commit_message, endpoint) -> None:
     """Export MODEL (folder, Hub id or GGUF; default: SmolLM2-135M-Instruct) to the ActTail checkpoint folder OUT."""
     model, out = _split_model_out(paths)
-    # Everything that can be checked before the spectra is checked here, so bad input fails at once.
+    # Everything that can be checked before the spectra and the calibration is checked here, so bad input fails at once.
     check_out(out, overwrite)
     check_bounds(sparsity, min_sparsity, max_sparsity)
     _check_device(device)
@@ -156,13 +180,19 @@ def export(paths, sparsity, allocation, estimator, epsilon, sparser, min_sparsit
         check_push_target(push_to_hub, endpoint)
     elif private or revision or commit_message or endpoint:
         raise click.UsageError("--private, --revision, --commit-message and --endpoint go with --push-to-hub")
+    method = Method(allocation, mode, sites, estimator, epsilon, sparser, min_sparsity, max_sparsity, prefill, greedy_step)
+    text = read_text(calibration_text) if method.needs_calibration else None
     start = time.perf_counter()
     is_gguf = model is None or gguf_file is not None or model.endswith(".gguf")
     source = resolve_model(model, gguf_file, _torch_dtype(dtype) if is_gguf else None)
+    site_target(source.projections, sparsity, sites, max_sparsity)
+    calibration = None
+    if method.needs_calibration:
+        ids = calibration_ids(source, text, calibration_windows, calibration_seqlen)
+        calibration = Calibration(source, ids, calibration_text or "bundled Wikipedia text", greedy_windows)
     alphas = alphas_from_spectra(_spectra(source, device, spectra_dtype(spectra_dtype_name, estimator), spectra_cache),
                                  estimator)
-    modules = allocate(source.projections, alphas, sparsity, allocation, epsilon, sparser, min_sparsity, max_sparsity)
-    block = sparsity_block(modules, sparsity, allocation, estimator, epsilon, sparser, prefill)
+    block, modules = build_block(source, sparsity, method, alphas, calibration)
     facts = CardFacts(
         origin=source.origin,
         command="acttail-export " + shlex.join(sys.argv[1:]),
@@ -264,7 +294,10 @@ def evaluate(model, text_file, seqlen, windows, dense_baseline, dtype, device, t
         loaded.set_activation_sparsity(dense_block(block))
         rows.append(("dense (sparsity off)", perplexity(loaded, ids, desc="dense")))
         loaded.set_activation_sparsity(block)
-    label = f"{block['method']} {block['effective_sparsity']:.3f} (prefill {block['prefill']})" if block else "dense"
+    label = "dense"
+    if block:
+        mode = " threshold" if block.get("mode") == "threshold" else ""
+        label = f"{block['method']}{mode} {block['effective_sparsity']:.3f} (prefill {block['prefill']})"
     rows.append((label, perplexity(loaded, ids, desc="eval")))
     click.echo(f"token perplexity, {windows} windows x {seqlen} tokens of {text_file or 'bundled Wikipedia text'}:")
     for name, ppl in rows:

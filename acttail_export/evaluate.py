@@ -14,7 +14,8 @@ from .checkpoint import shipped_code_files
 from .errors import ExportError
 from .weights import resolve_model
 
-__all__ = ["is_checkpoint", "load_model", "dense_block", "perplexity", "tokenize_windows", "calibration_windows"]
+__all__ = ["is_checkpoint", "load_model", "dense_block", "perplexity", "measured_sparsity", "tokenize_windows",
+           "calibration_windows"]
 
 
 def is_checkpoint(path: str | None) -> bool:
@@ -56,7 +57,9 @@ def load_model(model: str | None, dtype: torch.dtype = torch.float32, trust_remo
 
 def dense_block(block: dict) -> dict:
     """A copy of an activation_sparsity block that keeps every input (the same model, sparsity switched off)."""
-    modules = {name: {**spec, "keep": spec["in_features"], "sparsity": 0.0} for name, spec in block["modules"].items()}
+    threshold = {"threshold": 0.0} if block.get("mode") == "threshold" else {}  # threshold 0 keeps every input
+    modules = {name: {**spec, "keep": spec["in_features"], "sparsity": 0.0, **threshold}
+               for name, spec in block["modules"].items()}
     return {**block, "modules": modules, "effective_sparsity": 0.0}
 
 
@@ -97,3 +100,31 @@ def perplexity(model, windows: torch.Tensor, progress: bool = True, desc: str = 
         total_nll += F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").item()
         count += ids.shape[1] - 1
     return math.exp(total_nll / count)
+
+
+@torch.inference_mode()
+def measured_sparsity(model, windows: torch.Tensor) -> float:
+    """The fraction of projection inputs a loaded ActTail model zeroes on ``windows``, weighted by each projection's
+    parameters like the effective sparsity (for TopK it equals the effective sparsity; for thresholds it is measured).
+
+    :param windows: ``[N, seqlen]`` token ids
+    """
+    zeroed: dict[str, float] = {}
+
+    def count(name):
+        def hook(module, args):
+            zeroed[name] = zeroed.get(name, 0.0) + float((module.sparsify(args[0]) == 0).sum())
+        return hook
+
+    modules = model.topk_modules()
+    hooks = [module.register_forward_pre_hook(count(name)) for name, module in modules.items()]
+    device = next(model.parameters()).device
+    try:
+        for window in windows:
+            model(input_ids=window[None].to(device), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    params = sum(m.in_features * m.out_features for m in modules.values())
+    return sum(zeroed[name] / (windows.numel() * m.in_features) * m.in_features * m.out_features
+               for name, m in modules.items()) / params

@@ -1,4 +1,5 @@
-"""TopK activation sparsity, torch reference op: the semantics every faster path must match.
+"""TopK activation sparsity, torch reference op: the semantics every faster path must match. Also the threshold op of
+the "threshold" runtime mode (TEAL), which zeroes by a fixed magnitude instead of a fixed count.
 
 The rank of an entry is its magnitude, compared as the bit pattern of |x| (sign bit cleared): for IEEE floats that order is
 the order of the magnitudes, and it puts NaN above infinity, so a NaN input is always among the kept entries (NaN in gives
@@ -9,7 +10,7 @@ Shipped flat inside every exported checkpoint; imports nothing but torch.
 
 import torch
 
-__all__ = ["KEY_TYPES", "magnitude_keys", "topk_order", "topk_mask", "topk_sparsify"]
+__all__ = ["KEY_TYPES", "magnitude_keys", "topk_order", "topk_mask", "topk_sparsify", "threshold_sparsify"]
 
 KEY_TYPES = {  # float dtype -> (integer dtype of its bits, mask clearing the sign bit)
     torch.float16: (torch.int16, 0x7FFF),
@@ -59,3 +60,13 @@ def topk_sparsify(x: torch.Tensor, k: int) -> torch.Tensor:
     if k >= x.shape[-1]:
         return x
     return torch.where(topk_mask(x, k), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def threshold_sparsify(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """x * (|x| > t): zero the entries with |x| <= ``threshold``. NaN is kept (NaN in gives NaN out, as in TopK).
+
+    ``threshold == 0`` returns ``x`` itself: zeroing the exact zeros would change no product.
+    """
+    if threshold == 0:
+        return x
+    return torch.where(x.abs() <= threshold, torch.zeros((), dtype=x.dtype, device=x.device), x)

@@ -1,8 +1,9 @@
-"""ActTail causal LMs: the installed transformers architecture with TopK activation sparsity at its seven projections.
+"""ActTail causal LMs: the installed transformers architecture with activation sparsity at its seven projections.
 
 Shipped flat inside every exported checkpoint (load with ``trust_remote_code=True``). Each class subclasses the installed
 ``*ForCausalLM`` and swaps the q/k/v/o/gate/up/down ``nn.Linear`` modules named in ``config.activation_sparsity["modules"]``
 for :class:`TopKLinear`, which keeps the same parameters, so state-dict keys and weights are those of the base model.
+The block's ``mode`` picks TopK (exact count per token) or a calibrated magnitude threshold per projection (TEAL).
 """
 
 import math
@@ -15,7 +16,7 @@ from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
 
 from .activation_sparsity import validate_activation_sparsity, validate_sparse_backend
 from .configuration_acttail import ActTailLlamaConfig, ActTailMistralConfig, ActTailQwen2Config, ActTailQwen3Config
-from .topk import topk_sparsify
+from .topk import threshold_sparsify, topk_sparsify
 from .topk_cpu import select_cpu, sparse_linear_cpu
 
 try:  # Triton kernels for CUDA decode steps; without Triton, CUDA uses the reference path
@@ -84,39 +85,53 @@ class SharedSelection:
 
 
 class TopKLinear(nn.Linear):
-    """``nn.Linear`` whose input keeps only its ``keep`` largest-magnitude entries per token.
+    """``nn.Linear`` whose input keeps only its ``keep`` largest-magnitude entries per token, or, with a ``threshold``
+    (mode "threshold"), only the entries with |x| > threshold.
 
     ``prefill`` decides which tokens of a multi-token call (a prompt, or a perplexity window) are sparsified:
     "sparse" all of them, "dense" none, a fraction f the last ceil(f * S). Single-token calls (decode steps) are always
-    sparse. Multi-token calls use the TopK mask + dense matmul. Decode steps read only the kept rows of the weight stored
-    input-major (see :meth:`make_input_major`) on the path ``backend`` picks (see ``DECODE_PATHS``).
+    sparse. Multi-token calls use the mask + dense matmul. TopK decode steps read only the kept rows of the weight stored
+    input-major (see :meth:`make_input_major`) on the path ``backend`` picks (see ``DECODE_PATHS``); threshold decode
+    steps use the mask + dense matmul (the sparse paths are built for an exact k per row).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, keep: int, prefill="sparse", device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool, keep: int, prefill="sparse",
+                 threshold: float | None = None, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.keep = keep
         self.prefill = prefill
+        self.threshold = threshold  # None: TopK; a float: zero |x| <= threshold
         self.backend = "auto"
         self.decode_path = None  # "triton" | "cpu" | "reference", chosen at the first decode step (see plan_decode)
         self.shared = None  # SharedSelection with the other projections reading this input, or None
         self.shared_slot = 0  # this projection's place in ``shared.ks``
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, keep: int, prefill) -> "TopKLinear":
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, keep, prefill, device="meta")
+    def from_linear(cls, linear: nn.Linear, keep: int, prefill, threshold: float | None = None) -> "TopKLinear":
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, keep, prefill, threshold,
+                     device="meta")
         module.weight, module.bias = linear.weight, linear.bias  # share, never copy
         return module
+
+    @property
+    def topk_sparse(self) -> bool:
+        """Whether decode steps may take a sparse TopK path: TopK mode and fewer than all inputs kept."""
+        return self.threshold is None and self.keep < self.in_features
+
+    def sparsify_all(self, x: torch.Tensor) -> torch.Tensor:
+        """Sparsify every token of x, by TopK or by the threshold."""
+        return topk_sparsify(x, self.keep) if self.threshold is None else threshold_sparsify(x, self.threshold)
 
     def sparsify(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., S, d_in]
         if x.dim() < 2 or x.shape[-2] == 1 or self.prefill == "sparse":
-            return topk_sparsify(x, self.keep)
+            return self.sparsify_all(x)
         if self.prefill == "dense":
             return x
         tokens = x.shape[-2]
         sparse_tokens = math.ceil(self.prefill * tokens)
         head, tail = x.split([tokens - sparse_tokens, sparse_tokens], dim=-2)
-        return torch.cat([head, topk_sparsify(tail, self.keep)], dim=-2)
+        return torch.cat([head, self.sparsify_all(tail)], dim=-2)
 
     def is_input_major(self) -> bool:
         """Whether the weight is stored as a contiguous ``[in, out]`` tensor (``weight`` is its transposed view)."""
@@ -152,7 +167,7 @@ class TopKLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, S, d_in]; decode steps (S == 1, few rows) of a sparse projection take the planned path
-        if x.dim() == 3 and x.shape[1] == 1 and x.shape[0] <= MAX_DECODE_ROWS and self.keep < self.in_features:
+        if x.dim() == 3 and x.shape[1] == 1 and x.shape[0] <= MAX_DECODE_ROWS and self.topk_sparse:
             path = self.decode_path
             if path is None:
                 # No layout change inside a traced graph: call model.prepare_sparse_decode() before torch.compile.
@@ -173,7 +188,8 @@ class TopKLinear(nn.Linear):
         return y.unsqueeze(1)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, keep={self.keep}, prefill={self.prefill!r}, backend={self.backend!r}"
+        sparsity = f"keep={self.keep}" if self.threshold is None else f"threshold={self.threshold:.6g}"
+        return f"{super().extra_repr()}, {sparsity}, prefill={self.prefill!r}, backend={self.backend!r}"
 
 
 class ActTailMixin:
@@ -188,13 +204,16 @@ class ActTailMixin:
         return {name: module for name, module in self.named_modules() if isinstance(module, TopKLinear)}
 
     def set_activation_sparsity(self, block: dict) -> None:
-        """Swap or update the TopK projections named in ``block["modules"]`` (keep = in_features makes one dense).
+        """Swap or update the sparse projections named in ``block["modules"]`` (keep = in_features, or threshold 0 in
+        mode "threshold", makes one dense). Switches between the modes "topk" and "threshold".
 
         :param block: an ``activation_sparsity`` block, as in config.json
         """
         validate_activation_sparsity(block)
         prefill = block.get("prefill", "sparse")
+        by_threshold = block.get("mode", "topk") == "threshold"
         for name, spec in block["modules"].items():
+            threshold = float(spec["threshold"]) if by_threshold else None
             try:
                 module = self.get_submodule(name)
             except AttributeError:
@@ -202,10 +221,10 @@ class ActTailMixin:
             if not isinstance(module, nn.Linear) or module.in_features != spec["in_features"]:
                 raise ValueError(f"{name!r} is not a Linear with in_features={spec['in_features']}: {module}")
             if isinstance(module, TopKLinear):
-                module.keep, module.prefill = spec["keep"], prefill
+                module.keep, module.prefill, module.threshold = spec["keep"], prefill, threshold
             else:
                 parent, _, child = name.rpartition(".")
-                setattr(self.get_submodule(parent), child, TopKLinear.from_linear(module, spec["keep"], prefill))
+                setattr(self.get_submodule(parent), child, TopKLinear.from_linear(module, spec["keep"], prefill, threshold))
         self.config.activation_sparsity = block
         self.set_sparse_backend(self.config.sparse_backend)
         self._share_selections()
@@ -229,7 +248,7 @@ class ActTailMixin:
         for parent in parents:
             for names in SHARED_INPUTS:
                 members = [modules.get(f"{parent}.{name}") for name in names]
-                members = [m for m in members if m is not None and m.keep < m.in_features]
+                members = [m for m in members if m is not None and m.topk_sparse]
                 if len(members) < 2:
                     continue
                 shared = SharedSelection([m.keep for m in members])
@@ -243,7 +262,7 @@ class ActTailMixin:
         weight data yourself; eager forwards otherwise plan at their first decode step.
         """
         for module in self.topk_modules().values():
-            if module.keep < module.in_features:
+            if module.topk_sparse:
                 module.plan_decode()
 
     def generate(self, *args, **kwargs):

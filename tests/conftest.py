@@ -82,14 +82,15 @@ TINY_ARCHITECTURES = {
 }
 
 
-def make_tiny_model(arch: str, folder: Path, dtype=torch.float32) -> Path:
+def make_tiny_model(arch: str, folder: Path, dtype=torch.float32, **config_overrides) -> Path:
     """A random-initialised 2-layer model of ``arch`` saved as safetensors (architecture coverage, not quality)."""
     import transformers
 
     config_name, model_name, extra = TINY_ARCHITECTURES[arch]
     config = getattr(transformers, config_name)(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, **extra,
+        **{"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+           "tie_word_embeddings": False, **extra, **config_overrides},
     )
     torch.manual_seed(0)
     model = getattr(transformers, model_name)(config).to(dtype)

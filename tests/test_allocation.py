@@ -3,9 +3,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from acttail_export.allocation import BUDGET_TOLERANCE, allocate, effective_sparsity, keep_count
+from acttail_export.allocation import BUDGET_TOLERANCE, GreedyRow, allocate, effective_sparsity, keep_count
 from acttail_export.errors import ExportError
-from acttail_export.weights import Projection
+from acttail_export.weights import PROJECTION_KINDS, Projection
 
 
 def llama_like(layers: int = 4, d: int = 576, d_kv: int = 192, d_ff: int = 1536) -> list[Projection]:
@@ -113,3 +113,33 @@ def test_bad_allocation_arguments_are_refused(kwargs, message):
     projections = llama_like(layers=1)
     with pytest.raises(ExportError, match=message):
         allocate(projections, random_alphas(projections), **kwargs)
+
+
+@pytest.mark.parametrize("method", ["acttail", "uniform", "block"])
+@pytest.mark.parametrize("target", [0.2, 0.5, 0.7])
+def test_mlp_sites_keep_attention_dense_and_meet_the_budget_over_all_projections(method, target):
+    projections = llama_like()
+    modules = allocate(projections, random_alphas(projections), target, method, sites="mlp")
+    assert abs(effective_sparsity(modules) - target) <= BUDGET_TOLERANCE
+    for p in projections:
+        assert (modules[p.name].keep == p.in_features) == (p.kind in ("q", "k", "v", "o")), p.name
+
+
+def test_mlp_sites_refuse_a_target_the_mlp_cannot_reach():
+    projections = llama_like()  # MLP: 75% of the projection weights
+    with pytest.raises(ExportError, match=r"cannot be reached with --sites mlp: .* 75.0% .* 1.067 > --max-sparsity 0.99"):
+        allocate(projections, random_alphas(projections), 0.8, "uniform", sites="mlp")
+    allocate(projections, random_alphas(projections), 0.74, "uniform", sites="mlp")
+
+
+def test_teal_greedy_takes_each_blocks_row_closest_to_the_target():
+    projections = llama_like(layers=2)
+    rows = {layer: [GreedyRow(s, dict.fromkeys(PROJECTION_KINDS, s)) for s in np.arange(0, 0.91, 0.005 * (layer + 1))]
+            for layer in range(2)}
+    modules = allocate(projections, random_alphas(projections), 0.4, "teal-greedy", greedy_rows=rows)
+    assert abs(effective_sparsity(modules) - 0.4) <= BUDGET_TOLERANCE
+    coarse = {layer: [GreedyRow(s, dict.fromkeys(PROJECTION_KINDS, s)) for s in (0.0, 0.3, 0.6)] for layer in range(2)}
+    with pytest.raises(ExportError, match="use a smaller --greedy-step"):
+        allocate(projections, random_alphas(projections), 0.4, "teal-greedy", greedy_rows=coarse)
+    with pytest.raises(ExportError, match="needs the greedy rows"):
+        allocate(projections, random_alphas(projections), 0.4, "teal-greedy")

@@ -97,6 +97,15 @@ CASES = {
     "no num_hidden_layers": (no_layers, ["--sparsity", "0.5"], "no valid num_hidden_layers"),
     "bad prefill": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--prefill", "2"], "--prefill"),
     "min above target": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--min-sparsity", "0.6"], "--min-sparsity"),
+    "unknown mode": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--mode", "magic"], "--mode"),
+    "mlp sites cannot reach": (lambda tiny, tmp: tiny, ["--sparsity", "0.8", "--sites", "mlp"],
+                               "cannot be reached with --sites mlp"),
+    "missing calibration text": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--mode", "threshold",
+                                                          "--calibration-text", "/nonexistent/calibration.txt"],
+                                 "cannot read text file"),
+    "calibration without tokenizer": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--allocation", "teal-greedy"],
+                                      "calibration needs the model's tokenizer"),
+    "greedy step 0": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--greedy-step", "0"], "--greedy-step"),
 }
 
 
