@@ -16,6 +16,26 @@ _ABOUT = (
 )
 
 
+def _tuning_section(tuning: dict | None) -> list[str]:
+    """The ``--epsilon auto`` search: what it scored, on which windows, and every trial."""
+    if tuning is None:
+        return []
+    chosen = tuning["chosen"]
+    rows = [f"| `{t['estimator']}` | `{t['sparser']}` | {t['epsilon']:.3f} | {t['perplexity']:.3f} |" for t in tuning["trials"]]
+    return [
+        "## Auto-tuning",
+        "",
+        f"`--epsilon auto` chose estimator `{chosen['estimator']}`, sparser `{chosen['sparser']}`, epsilon "
+        f"{chosen['epsilon']:.3f} by {tuning['objective']}: {tuning['windows']} windows x {tuning['seqlen']} tokens "
+        f"from the end of {tuning['text']} (disjoint from evaluation windows taken from its start).",
+        "",
+        "| estimator | sparser | epsilon | calibration perplexity |",
+        "|---|---|---:|---:|",
+        *rows,
+        "",
+    ]
+
+
 def model_card(base_model: str, command: str, block: dict, modules: dict[str, ModuleSparsity],
                license_id: str | None = None) -> str:
     """README.md text: metadata, what ActTail is, how it was exported, how to load it, and the per-projection table."""
@@ -38,6 +58,7 @@ def model_card(base_model: str, command: str, block: dict, modules: dict[str, Mo
         f"- allocation `{block['method']}`, estimator `{block['estimator']}`, epsilon {block['epsilon']}, "
         f"sparser `{block['sparser']}`, prefill `{block['prefill']}`",
         "",
+        *_tuning_section(block.get("tuning")),
         "## Export command",
         "",
         "```bash",

@@ -39,8 +39,11 @@ def shipped_code_files() -> list[Path]:
 
 
 def sparsity_block(modules: dict[str, ModuleSparsity], target: float, method: str, estimator: str, epsilon: float,
-                   sparser: str, prefill: str | float = "sparse") -> dict:
-    """The ``activation_sparsity`` block of config.json, checked by the same code that reads it back in a checkpoint."""
+                   sparser: str, prefill: str | float = "sparse", tuning: dict | None = None) -> dict:
+    """The ``activation_sparsity`` block of config.json, checked by the same code that reads it back in a checkpoint.
+
+    :param tuning: the search record of ``--epsilon auto`` (see :func:`acttail_export.tuning.tune_block`), if any
+    """
     block = {
         "format_version": FORMAT_VERSION,
         "method": method,
@@ -52,6 +55,8 @@ def sparsity_block(modules: dict[str, ModuleSparsity], target: float, method: st
         "prefill": prefill,
         "modules": {name: m.to_dict() for name, m in modules.items()},
     }
+    if tuning is not None:
+        block["tuning"] = tuning
     try:
         validate_activation_sparsity(block)
     except ValueError as e:
@@ -78,12 +83,13 @@ def _checkpoint_config(source: SourceModel, block: dict, dtype: torch.dtype | No
     return config
 
 
-def _copy_weights(source: SourceModel, dest: Path, dtype: torch.dtype | None) -> None:
-    """Copy the safetensors files byte for byte, or convert floating tensors to ``dtype`` one file at a time."""
+def _copy_weights(source: SourceModel, dest: Path, dtype: torch.dtype | None, link: bool = False) -> None:
+    """Copy the safetensors files byte for byte (or link them), or convert floating tensors to ``dtype`` one file at a
+    time."""
     total_bytes = 0
     for file in source.weight_files:
         if dtype is None:
-            shutil.copyfile(file, dest / file.name)
+            (os.symlink if link else shutil.copyfile)(file.absolute(), dest / file.name)
             continue
         with safe_open(file, framework="pt") as f:
             metadata = f.metadata()
@@ -120,12 +126,13 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 
 def write_checkpoint(source: SourceModel, out: Path, block: dict, card: str, overwrite: bool = False,
-                     dtype: torch.dtype | None = None) -> Path:
+                     dtype: torch.dtype | None = None, link_weights: bool = False) -> Path:
     """Write the checkpoint folder ``out`` atomically and return it.
 
     :param block: the ``activation_sparsity`` block (see :func:`sparsity_block`)
     :param card: README.md text (model card)
     :param dtype: convert floating weights to this dtype; None keeps the files byte-identical
+    :param link_weights: with ``dtype`` None, link the weight files instead of copying them (for a temporary checkpoint)
     """
     out = Path(out).absolute()
     check_out(out, overwrite)
@@ -133,7 +140,7 @@ def write_checkpoint(source: SourceModel, out: Path, block: dict, card: str, ove
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     try:
         tmp.mkdir(parents=True)
-        _copy_weights(source, tmp, dtype)
+        _copy_weights(source, tmp, dtype, link_weights)
         config = _checkpoint_config(source, block, dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for name in TOKENIZER_FILES:

@@ -25,10 +25,11 @@ from .allocation import ALLOCATIONS, DEFAULT_EPSILON, DEFAULT_SPARSER, DIRECTION
 from .card import model_card
 from .checkpoint import check_out, sparsity_block, write_checkpoint
 from .errors import ExportError
-from .evaluate import dense_block, load_model, perplexity, tokenize_windows
+from .evaluate import calibration_windows, dense_block, load_model, perplexity, tokenize_windows
 from .modeling.activation_sparsity import PREFILL_MODES, validate_prefill
 from .spectra import DEFAULT_ESTIMATOR, ESTIMATORS, alphas_from_spectra, compute_spectra
 from .text import read_text
+from .tuning import load_for_tuning, tune_block
 from .weights import resolve_model
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -45,6 +46,19 @@ def _parse_prefill(value: str) -> str | float:
     except ValueError:
         raise click.BadParameter(f"must be one of {', '.join(PREFILL_MODES)} or a fraction in (0, 1], got {value!r}") from None
     return prefill
+
+
+def _parse_epsilon(value) -> float | str:
+    """``auto`` or a spread in [0, 1]."""
+    if value == "auto":
+        return value
+    try:
+        epsilon = float(value)
+    except ValueError:
+        epsilon = float("nan")
+    if not 0.0 <= epsilon <= 1.0:
+        raise click.BadParameter(f"must be auto or a number in [0, 1], got {value!r}")
+    return epsilon
 
 
 def _split_model_out(paths: tuple[str, ...]) -> tuple[str | None, Path]:
@@ -68,39 +82,79 @@ def cli() -> None:
               help="acttail: per-projection alpha; block: per-block mean alpha; uniform: S everywhere.")
 @click.option("--estimator", type=click.Choice(ESTIMATORS), default=DEFAULT_ESTIMATOR, show_default=True,
               help="xmin rule of the Hill alpha estimate.")
-@click.option("--epsilon", type=click.FloatRange(0, 1), default=DEFAULT_EPSILON, show_default=True,
-              help="Spread of the allocation: sparsities lie in eta * [1 - eps, 1 + eps] before clipping.")
+@click.option("--epsilon", default=str(DEFAULT_EPSILON), show_default=True, callback=lambda ctx, p, v: _parse_epsilon(v),
+              help="Spread of the allocation: sparsities lie in eta * [1 - eps, 1 + eps] before clipping. auto: choose "
+                   "estimator, sparser and epsilon by perplexity on calibration windows (an explicit --estimator or "
+                   "--sparser restricts the search).")
 @click.option("--sparser", type=click.Choice(DIRECTIONS), default=DEFAULT_SPARSER, show_default=True,
               help="Which projections get more sparsity: small alpha (heavy-tail) or large alpha (light-tail).")
 @click.option("--min-sparsity", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
 @click.option("--max-sparsity", type=click.FloatRange(0, 1, max_open=True), default=0.99, show_default=True)
 @click.option("--prefill", default="sparse", show_default=True, callback=lambda ctx, p, v: _parse_prefill(v),
               help="Which prompt tokens are sparse: sparse (all), dense (none), or a fraction f (the last f).")
+@click.option("--calibration-text", type=click.Path(), default=None,
+              help="UTF-8 text for --epsilon auto (default: the bundled English Wikipedia articles); its end is used.")
+@click.option("--calibration-windows", type=click.IntRange(1), default=4, show_default=True,
+              help="Calibration windows for --epsilon auto.")
+@click.option("--calibration-seqlen", type=click.IntRange(2), default=512, show_default=True)
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Convert weights (default: keep files unchanged).")
 @click.option("--gguf-file", default=None, help="GGUF file name inside MODEL (a folder or Hub repo).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Device for the spectra.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Device for the spectra and the --epsilon auto trials.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--verbose", is_flag=True, help="Print one line per projection.")
-def export(paths, sparsity, allocation, estimator, epsilon, sparser, min_sparsity, max_sparsity, prefill, dtype,
-           gguf_file, device, overwrite, verbose) -> None:
+@click.pass_context
+def export(ctx, paths, sparsity, allocation, estimator, epsilon, sparser, min_sparsity, max_sparsity, prefill,
+           calibration_text, calibration_windows, calibration_seqlen, dtype, gguf_file, device, overwrite, verbose) -> None:
     """Export MODEL (folder, Hub id or GGUF; default: SmolLM2-135M-Instruct) to the ActTail checkpoint folder OUT."""
     model, out = _split_model_out(paths)
     # Everything that can be checked before the spectra is checked here, so bad input fails at once.
     check_out(out, overwrite)
     check_bounds(sparsity, min_sparsity, max_sparsity)
     _check_device(device)
+    if epsilon == "auto" and allocation != "acttail":
+        raise click.BadParameter(f"auto needs --allocation acttail, got {allocation}", param_hint="'--epsilon'")
+    text = read_text(calibration_text) if epsilon == "auto" else None
     start = time.perf_counter()
     is_gguf = model is None or gguf_file is not None or model.endswith(".gguf")
     source = resolve_model(model, gguf_file, _torch_dtype(dtype) if is_gguf else None)
-    alphas = alphas_from_spectra(compute_spectra(source, device), estimator)
+    tuning = None
+    if epsilon == "auto":
+        spectra, tuned = _tune(ctx, source, text)
+        estimator, epsilon, sparser, tuning = (tuned[key] for key in ("estimator", "epsilon", "sparser", "tuning"))
+    else:
+        spectra = compute_spectra(source, device)
+    alphas = alphas_from_spectra(spectra, estimator)
     modules = allocate(source.projections, alphas, sparsity, allocation, epsilon, sparser, min_sparsity, max_sparsity)
-    block = sparsity_block(modules, sparsity, allocation, estimator, epsilon, sparser, prefill)
+    block = sparsity_block(modules, sparsity, allocation, estimator, epsilon, sparser, prefill, tuning)
     command = "acttail-export " + shlex.join(sys.argv[1:])
     card = model_card(source.origin, command, block, modules, "apache-2.0" if model is None else None)
     write_checkpoint(source, out, block, card, overwrite, None if is_gguf else _torch_dtype(dtype))
     _print_summary(modules, verbose)
     click.echo(f"effective sparsity {block['effective_sparsity']:.4f} (target {sparsity}); "
                f"wrote {out} in {time.perf_counter() - start:.1f} s")
+
+
+def _tune(ctx: click.Context, source, text: str) -> tuple[dict, dict]:
+    """The spectra and the block ``--epsilon auto`` chooses, for the export options in ``ctx``.
+
+    The model and the calibration windows come before the spectra, so that a text too short fails at once.
+    """
+    options = ctx.params
+    model, tokenizer = load_for_tuning(source)
+    windows = calibration_windows(tokenizer, text, options["calibration_seqlen"], options["calibration_windows"])
+    spectra = compute_spectra(source, options["device"])
+
+    def narrowed(name: str, default: tuple[str, ...]) -> tuple[str, ...]:  # only an option the user named narrows it
+        explicit = ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+        return (options[name],) if explicit else default
+
+    block = tune_block(model.to(options["device"]), source.projections, spectra, options["sparsity"], windows,
+                       estimators=narrowed("estimator", ESTIMATORS), sparsers=narrowed("sparser", DIRECTIONS),
+                       s_min=options["min_sparsity"], s_max=options["max_sparsity"],
+                       text=options["calibration_text"] or "the bundled Wikipedia text",
+                       log=lambda line: click.echo(line, err=True))
+    return spectra, block
 
 
 def _check_device(device: str) -> None:

@@ -97,6 +97,13 @@ CASES = {
     "no num_hidden_layers": (no_layers, ["--sparsity", "0.5"], "no valid num_hidden_layers"),
     "bad prefill": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--prefill", "2"], "--prefill"),
     "min above target": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--min-sparsity", "0.6"], "--min-sparsity"),
+    "epsilon not a number": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--epsilon", "wide"], "must be auto or a number"),
+    "epsilon above 1": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--epsilon", "1.5"], "must be auto or a number"),
+    "epsilon negative": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--epsilon", "-0.1"], "must be auto or a number"),
+    "epsilon auto with uniform": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--epsilon", "auto", "--allocation",
+                                                           "uniform"], "auto needs --allocation acttail"),
+    "missing calibration text": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--epsilon", "auto", "--calibration-text",
+                                                          "/nonexistent/calibration.txt"], "cannot read text file"),
 }
 
 
