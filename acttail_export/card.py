@@ -37,6 +37,26 @@ _THRESHOLD_MODE = (
 )
 
 
+def _tuning_section(tuning: dict | None) -> list[str]:
+    """The ``--epsilon auto`` search: what it scored, on which windows, and every trial."""
+    if tuning is None:
+        return []
+    chosen = tuning["chosen"]
+    rows = [f"| `{t['estimator']}` | `{t['sparser']}` | {t['epsilon']:.3f} | {t['perplexity']:.3f} |" for t in tuning["trials"]]
+    return [
+        "## Auto-tuning",
+        "",
+        f"`--epsilon auto` chose estimator `{chosen['estimator']}`, sparser `{chosen['sparser']}`, epsilon "
+        f"{chosen['epsilon']:.3f} by {tuning['objective']}: {tuning['windows']} windows x {tuning['seqlen']} tokens "
+        f"from the end of {tuning['text']} (disjoint from evaluation windows taken from its start).",
+        "",
+        "| estimator | sparser | epsilon | calibration perplexity |",
+        "|---|---|---:|---:|",
+        *rows,
+        "",
+    ]
+
+
 @dataclass(frozen=True)
 class CardFacts:
     """What the card says about where the checkpoint came from and how it was measured.
@@ -104,6 +124,7 @@ def _readme(facts: CardFacts, block: dict, modules: dict[str, ModuleSparsity]) -
         *([f"- calibration: {block['calibration']}"] if "calibration" in block else []),
         *_perplexity_lines(facts.perplexity, block),
         "",
+        *_tuning_section(block.get("tuning")),
         "## Export command",
         "",
         "```bash",

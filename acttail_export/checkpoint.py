@@ -43,12 +43,14 @@ def shipped_code_files() -> list[Path]:
 
 def sparsity_block(modules: dict[str, ModuleSparsity], target: float, method: str, estimator: str, epsilon: float,
                    sparser: str, prefill: str | float = "sparse", mode: str = "topk", sites: str = "all",
-                   thresholds: dict[str, float] | None = None, calibration: dict | None = None) -> dict:
+                   thresholds: dict[str, float] | None = None, calibration: dict | None = None,
+                   tuning: dict | None = None) -> dict:
     """The ``activation_sparsity`` block of config.json, checked by the same code that reads it back in a checkpoint.
 
     :param mode: "topk", or "threshold" with ``thresholds`` (module name -> t); ``keep`` stays the expected kept count
     :param sites: which projections the method sparsified ("all" or "mlp")
     :param calibration: what calibration saw (windows, seqlen, text, greedy settings), recorded when a method used it
+    :param tuning: the search record of ``--epsilon auto`` (see :func:`acttail_export.tuning.tune_block`), if any
     """
     specs = {name: m.to_dict() for name, m in modules.items()}
     if thresholds is not None:
@@ -68,6 +70,8 @@ def sparsity_block(modules: dict[str, ModuleSparsity], target: float, method: st
         **({"calibration": calibration} if calibration is not None else {}),
         "modules": specs,
     }
+    if tuning is not None:
+        block["tuning"] = tuning
     try:
         validate_activation_sparsity(block)
     except ValueError as e:
@@ -106,7 +110,7 @@ def _copy_weights(source: SourceModel, dest: Path, dtype: torch.dtype | None, li
             except OSError:  # another filesystem, or links not supported: copy
                 pass
         if dtype is None:
-            shutil.copyfile(file, dest / file.name)
+            (os.symlink if link else shutil.copyfile)(file.absolute(), dest / file.name)
             continue
         with safe_open(file, framework="pt") as f:
             metadata = f.metadata()

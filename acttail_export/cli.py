@@ -30,7 +30,7 @@ from .calibration import DEFAULT_GREEDY_WINDOWS, DEFAULT_SEQLEN, DEFAULT_WINDOWS
 from .card import CardFacts, card_files, inherited_license
 from .checkpoint import check_out, replace_card, write_checkpoint
 from .errors import ExportError
-from .evaluate import dense_block, is_checkpoint, load_model, perplexity, tokenize_windows
+from .evaluate import calibration_windows, dense_block, is_checkpoint, load_model, perplexity, tokenize_windows
 from .greedy import DEFAULT_STEP
 from .hub import check_push_target, push_checkpoint
 from .methods import Method, build_block
@@ -47,6 +47,7 @@ from .spectra import (
     spectra_dtype,
 )
 from .text import read_text
+from .tuning import load_for_tuning, tune_block
 from .weights import default_gguf, resolve_model
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -67,6 +68,19 @@ def _parse_prefill(value: str) -> str | float:
     except ValueError:
         raise click.BadParameter(f"must be one of {', '.join(PREFILL_MODES)} or a fraction in (0, 1], got {value!r}") from None
     return prefill
+
+
+def _parse_epsilon(value) -> float | str:
+    """``auto`` or a spread in [0, 1]."""
+    if value == "auto":
+        return value
+    try:
+        epsilon = float(value)
+    except ValueError:
+        epsilon = float("nan")
+    if not 0.0 <= epsilon <= 1.0:
+        raise click.BadParameter(f"must be auto or a number in [0, 1], got {value!r}")
+    return epsilon
 
 
 def _split_model_out(paths: tuple[str, ...]) -> tuple[str | None, Path]:
@@ -128,8 +142,10 @@ def push(checkpoint, repo_id, private, revision, commit_message, endpoint) -> No
               help="Sparsify all seven projections, or only gate/up/down (mlp; the budget still counts all seven).")
 @click.option("--estimator", type=click.Choice(ESTIMATORS), default=DEFAULT_ESTIMATOR, show_default=True,
               help="xmin rule of the Hill alpha estimate.")
-@click.option("--epsilon", type=click.FloatRange(0, 1), default=DEFAULT_EPSILON, show_default=True,
-              help="Spread of the allocation: sparsities lie in eta * [1 - eps, 1 + eps] before clipping.")
+@click.option("--epsilon", default=str(DEFAULT_EPSILON), show_default=True, callback=lambda ctx, p, v: _parse_epsilon(v),
+              help="Spread of the allocation: sparsities lie in eta * [1 - eps, 1 + eps] before clipping. auto: choose "
+                   "estimator, sparser and epsilon by perplexity on calibration windows (an explicit --estimator or "
+                   "--sparser restricts the search).")
 @click.option("--sparser", type=click.Choice(DIRECTIONS), default=DEFAULT_SPARSER, show_default=True,
               help="Which projections get more sparsity: small alpha (heavy-tail) or large alpha (light-tail).")
 @click.option("--min-sparsity", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
@@ -137,8 +153,8 @@ def push(checkpoint, repo_id, private, revision, commit_message, endpoint) -> No
 @click.option("--prefill", default="sparse", show_default=True, callback=lambda ctx, p, v: _parse_prefill(v),
               help="Which prompt tokens are sparse: sparse (all), dense (none), or a fraction f (the last f).")
 @click.option("--calibration-text", type=click.Path(), default=None,
-              help="UTF-8 text for threshold mode and teal-greedy; windows come from its end (default: the bundled "
-                   "Wikipedia text, whose start eval uses).")
+              help="UTF-8 text for threshold mode, teal-greedy and --epsilon auto; windows come from its end "
+                   "(default: the bundled Wikipedia text, whose start eval uses).")
 @click.option("--calibration-windows", type=click.IntRange(1), default=DEFAULT_WINDOWS, show_default=True,
               help="Calibration windows (TEAL used 10 x 2048 tokens; the default is sized for a CPU).")
 @click.option("--calibration-seqlen", type=click.IntRange(2), default=DEFAULT_SEQLEN, show_default=True,
@@ -150,7 +166,8 @@ def push(checkpoint, repo_id, private, revision, commit_message, endpoint) -> No
               help="teal-greedy: how many calibration windows the search replays (its time grows with them).")
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Convert weights (default: keep files unchanged).")
 @click.option("--gguf-file", default=None, help="GGUF file name inside MODEL (a folder or Hub repo).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Device for the spectra.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Device for the spectra and the --epsilon auto trials.")
 @click.option("--spectra-dtype", "spectra_dtype_name", type=click.Choice(SPECTRA_DTYPES), default="auto", show_default=True,
               help="Precision of the Gram matrices and eigenvalues; auto: float64 for the peak estimator, else float32.")
 @click.option("--spectra-cache/--no-spectra-cache", default=True, show_default=True,
@@ -166,7 +183,8 @@ def push(checkpoint, repo_id, private, revision, commit_message, endpoint) -> No
 @click.option("--verbose", is_flag=True, help="Print one line per projection.")
 @click.option("--push-to-hub", metavar="ORG/NAME", default=None, help="After writing OUT, push it to this Hub repo.")
 @_hub_options
-def export(paths, sparsity, allocation, mode, sites, estimator, epsilon, sparser, min_sparsity, max_sparsity, prefill,
+@click.pass_context
+def export(ctx, paths, sparsity, allocation, mode, sites, estimator, epsilon, sparser, min_sparsity, max_sparsity, prefill,
            calibration_text, calibration_windows, calibration_seqlen, greedy_step, greedy_windows, dtype, gguf_file,
            device, spectra_dtype_name, spectra_cache, run_eval, link_weights, base_model, overwrite, verbose,
            push_to_hub, private, revision, commit_message, endpoint) -> None:
@@ -180,8 +198,13 @@ def export(paths, sparsity, allocation, mode, sites, estimator, epsilon, sparser
         check_push_target(push_to_hub, endpoint)
     elif private or revision or commit_message or endpoint:
         raise click.UsageError("--private, --revision, --commit-message and --endpoint go with --push-to-hub")
-    method = Method(allocation, mode, sites, estimator, epsilon, sparser, min_sparsity, max_sparsity, prefill, greedy_step)
-    text = read_text(calibration_text) if method.needs_calibration else None
+    auto = epsilon == "auto"
+    if auto and (allocation, mode) != ("acttail", "topk"):
+        raise click.BadParameter(f"auto needs --allocation acttail --mode topk, got {allocation} / {mode}",
+                                 param_hint="'--epsilon'")
+    method = Method(allocation, mode, sites, estimator, 0.0 if auto else epsilon, sparser, min_sparsity, max_sparsity,
+                    prefill, greedy_step)
+    text = read_text(calibration_text) if method.needs_calibration or auto else None
     start = time.perf_counter()
     is_gguf = model is None or gguf_file is not None or model.endswith(".gguf")
     source = resolve_model(model, gguf_file, _torch_dtype(dtype) if is_gguf else None)
@@ -190,9 +213,20 @@ def export(paths, sparsity, allocation, mode, sites, estimator, epsilon, sparser
     if method.needs_calibration:
         ids = calibration_ids(source, text, calibration_windows, calibration_seqlen)
         calibration = Calibration(source, ids, calibration_text or "bundled Wikipedia text", greedy_windows)
-    alphas = alphas_from_spectra(_spectra(source, device, spectra_dtype(spectra_dtype_name, estimator), spectra_cache),
-                                 estimator)
+    tuning = None
+    if auto:
+        # every estimator is exact on float64 spectra; the search needs them all
+        spectra = _spectra(source, device, torch.float64, spectra_cache)
+        tuned = _tune(ctx, source, spectra, text)
+        method = dataclasses.replace(method, estimator=tuned["estimator"], epsilon=tuned["epsilon"],
+                                     sparser=tuned["sparser"])
+        tuning = tuned["tuning"]
+    else:
+        spectra = _spectra(source, device, spectra_dtype(spectra_dtype_name, estimator), spectra_cache)
+    alphas = alphas_from_spectra(spectra, method.estimator)
     block, modules = build_block(source, sparsity, method, alphas, calibration)
+    if tuning is not None:
+        block["tuning"] = tuning
     facts = CardFacts(
         origin=source.origin,
         command="acttail-export " + shlex.join(sys.argv[1:]),
@@ -236,6 +270,24 @@ def _measure_perplexity(out: Path) -> dict:
     dense = perplexity(loaded, ids, desc="eval dense")
     return {"dense": dense, "sparse": sparse, "windows": EVAL_WINDOWS, "seqlen": EVAL_SEQLEN,
             "text": "the bundled English Wikipedia articles (gensim test data)"}
+
+
+def _tune(ctx: click.Context, source, spectra: dict, text: str) -> dict:
+    """The block ``--epsilon auto`` chooses, for the export options in ``ctx``."""
+    options = ctx.params
+    model, tokenizer = load_for_tuning(source)
+    windows = calibration_windows(tokenizer, text, options["calibration_seqlen"], options["calibration_windows"])
+
+    def narrowed(name: str, default: tuple[str, ...]) -> tuple[str, ...]:  # only an option the user named narrows it
+        explicit = ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+        return (options[name],) if explicit else default
+
+    block = tune_block(model.to(options["device"]), source.projections, spectra, options["sparsity"], windows,
+                       estimators=narrowed("estimator", ESTIMATORS), sparsers=narrowed("sparser", DIRECTIONS),
+                       s_min=options["min_sparsity"], s_max=options["max_sparsity"],
+                       text=options["calibration_text"] or "the bundled Wikipedia text",
+                       log=click.echo)
+    return block
 
 
 def _check_device(device: str) -> None:

@@ -106,6 +106,13 @@ CASES = {
     "calibration without tokenizer": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--allocation", "teal-greedy"],
                                       "calibration needs the model's tokenizer"),
     "greedy step 0": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--greedy-step", "0"], "--greedy-step"),
+    "epsilon not a number": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--epsilon", "wide"], "must be auto or a number"),
+    "epsilon above 1": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--epsilon", "1.5"], "must be auto or a number"),
+    "epsilon negative": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--epsilon", "-0.1"], "must be auto or a number"),
+    "epsilon auto with uniform": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--epsilon", "auto", "--allocation",
+                                                           "uniform"], "auto needs --allocation acttail"),
+    "missing auto calibration text": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--epsilon", "auto", "--calibration-text",
+                                                          "/nonexistent/calibration.txt"], "cannot read text file"),
 }
 
 

@@ -1,0 +1,107 @@
+"""--epsilon auto: the search picks the lowest calibration perplexity among its trials, records them, meets the budget."""
+
+import json
+
+import pytest
+import torch
+
+from acttail_export.allocation import BUDGET_TOLERANCE, allocate
+from acttail_export.checkpoint import sparsity_block
+from acttail_export.evaluate import calibration_windows, load_model, perplexity
+from acttail_export.spectra import alphas_from_spectra, compute_spectra
+from acttail_export.tuning import COARSE_EPSILONS, REFINE_STEP, load_for_tuning, tune_block
+from acttail_export.weights import resolve_model
+from conftest import make_tiny_model, read_block, run_cli
+
+SEQLEN = 48
+
+
+@pytest.fixture(scope="module")
+def tuned(smollm2, wiki_text):
+    model, tokenizer = load_for_tuning(smollm2)
+    windows = calibration_windows(tokenizer, wiki_text, SEQLEN, 1)
+    spectra = compute_spectra(smollm2, progress=False)
+    lines = []
+    block = tune_block(model, smollm2.projections, spectra, 0.5, windows, estimators=("mid", "ks"),
+                       text="wiki", log=lines.append)
+    return model, windows, spectra, block, lines
+
+
+def direct_perplexity(model, projections, spectra, windows, trial) -> float:
+    alphas = alphas_from_spectra(spectra, trial["estimator"])
+    modules = allocate(projections, alphas, 0.5, "acttail", trial["epsilon"], trial["sparser"])
+    model.set_activation_sparsity(sparsity_block(modules, 0.5, "acttail", trial["estimator"], trial["epsilon"],
+                                                 trial["sparser"]))
+    return perplexity(model, windows, progress=False)
+
+
+def test_tuner_chooses_the_lowest_calibration_perplexity(smollm2, tuned):
+    model, windows, spectra, block, lines = tuned
+    trials = block["tuning"]["trials"]
+    chosen = min(trials, key=lambda t: t["perplexity"])
+    assert block["tuning"]["chosen"] == chosen
+    assert (block["estimator"], block["sparser"], block["epsilon"]) == (chosen["estimator"], chosen["sparser"],
+                                                                          chosen["epsilon"])
+    # The recorded numbers are what a direct evaluation of the same setting gives.
+    worst = max(trials, key=lambda t: t["perplexity"])
+    assert worst["perplexity"] > chosen["perplexity"]
+    for trial in (chosen, worst):
+        assert direct_perplexity(model, smollm2.projections, spectra, windows, trial) == pytest.approx(
+            trial["perplexity"], rel=1e-6)
+
+
+def test_tuner_records_its_search_and_meets_the_budget(smollm2, tuned):
+    _, _, spectra, block, lines = tuned
+    tuning = block["tuning"]
+    assert (tuning["windows"], tuning["seqlen"], tuning["text"]) == (1, SEQLEN, "wiki")
+    tried = {(t["estimator"], t["sparser"], t["epsilon"]) for t in tuning["trials"]}
+    coarse = {(e, d, eps) for e in ("mid", "ks") for d in ("heavy-tail", "light-tail") for eps in COARSE_EPSILONS}
+    assert coarse <= tried and any(eps == 0.0 for _, _, eps in tried)
+    coarse_best = min((t for t in tuning["trials"] if (t["estimator"], t["sparser"], t["epsilon"]) in coarse),
+                      key=lambda t: t["perplexity"])
+    refined = {round(coarse_best["epsilon"] + step, 6) for step in (-REFINE_STEP, REFINE_STEP)}
+    assert {eps for e, d, eps in tried if (e, d) == (coarse_best["estimator"], coarse_best["sparser"])} >= {
+        eps for eps in refined if 0 < eps <= 1}
+    assert len(lines) == len(tuning["trials"]) and all("calibration ppl" in line for line in lines)
+    assert abs(block["effective_sparsity"] - 0.5) <= BUDGET_TOLERANCE
+    alphas = alphas_from_spectra(spectra, block["estimator"])
+    expected = allocate(smollm2.projections, alphas, 0.5, "acttail", block["epsilon"], block["sparser"])
+    assert {name: spec["keep"] for name, spec in block["modules"].items()} == {n: m.keep for n, m in expected.items()}
+
+
+def test_trials_the_clip_bounds_cannot_meet_are_skipped(tmp_path):
+    # With s_max = target, epsilon 1 gives the highest-score projection sparsity s_min = 0 and no eta can make up for it.
+    from transformers import AutoModelForCausalLM
+
+    from acttail_export.checkpoint import write_checkpoint
+
+    source = resolve_model(str(make_tiny_model("llama", tmp_path / "tiny")))
+    dense = allocate(source.projections, {p.name: 0.0 for p in source.projections}, 0.0, "uniform")
+    folder = write_checkpoint(source, tmp_path / "ckpt", sparsity_block(dense, 0.0, "uniform", "mid", 0.0, "heavy-tail"),
+                              {"README.md": b""})
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    windows = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(0))
+    lines = []
+    block = tune_block(model, source.projections, compute_spectra(source, progress=False), 0.5, windows,
+                       estimators=("mid",), sparsers=("heavy-tail",), epsilons=(0.5, 1.0), s_max=0.5, log=lines.append)
+    assert 1.0 not in {t["epsilon"] for t in block["tuning"]["trials"]}
+    assert any("epsilon 1.000: skipped" in line for line in lines)
+    assert abs(block["effective_sparsity"] - 0.5) <= BUDGET_TOLERANCE
+
+
+def test_cli_epsilon_auto_writes_the_chosen_setting_and_its_search(smollm2, tmp_path):
+    out = tmp_path / "auto"
+    result = run_cli("export", smollm2.folder, out, "--sparsity", "0.5", "--epsilon", "auto", "--estimator", "mid",
+                     "--calibration-windows", "1", "--calibration-seqlen", SEQLEN)
+    block = read_block(out)
+    tuning = block["tuning"]
+    assert {t["estimator"] for t in tuning["trials"]} == {"mid"}  # an explicit --estimator narrows the search
+    assert {t["sparser"] for t in tuning["trials"]} == {"heavy-tail", "light-tail"}
+    assert tuning["chosen"] == min(tuning["trials"], key=lambda t: t["perplexity"])
+    assert (block["estimator"], block["sparser"], block["epsilon"]) == tuple(tuning["chosen"][k] for k in
+                                                                               ("estimator", "sparser", "epsilon"))
+    assert result.stdout.count("tune: ") == len(tuning["trials"])
+    assert "## Auto-tuning" in (out / "README.md").read_text()
+    assert abs(block["effective_sparsity"] - 0.5) <= BUDGET_TOLERANCE
+    loaded, _ = load_model(str(out))
+    assert loaded.config.activation_sparsity["tuning"] == json.loads(json.dumps(tuning))
