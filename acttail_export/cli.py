@@ -28,6 +28,10 @@ import torch
 from .allocation import ALLOCATIONS, DEFAULT_EPSILON, DEFAULT_SPARSER, DIRECTIONS, SITES, check_bounds, site_target
 from .calibration import DEFAULT_GREEDY_WINDOWS, DEFAULT_SEQLEN, DEFAULT_WINDOWS, Calibration, calibration_ids
 from .card import CardFacts, card_files, inherited_license
+from .compare import METHODS as COMPARE_METHODS
+from .compare import compare as run_compare
+from .compare import format_markdown, plot_results
+from .compare import write_csv as write_compare_csv
 from .checkpoint import check_out, replace_card, write_checkpoint
 from .errors import ExportError
 from .evaluate import calibration_windows, dense_block, is_checkpoint, load_model, perplexity, tokenize_windows
@@ -407,6 +411,65 @@ def patterns(model, text_file, sparsity, windows, seqlen, max_distance, out) -> 
                f"{text_file or 'bundled Wikipedia text'}; rand = independent random sets of the same sizes")
     click.echo(format_table(rows, sites))
     click.echo(f"wrote {out / 'patterns.csv'} and {out / 'patterns.png'}")
+
+
+@cli.command(name="compare")
+@click.argument("model", required=False)
+@click.option("--sparsity", "sparsities", default="0.3,0.5,0.7", show_default=True,
+              help="Comma-separated target sparsities.")
+@click.option("--methods", default=",".join(COMPARE_METHODS), show_default=True,
+              help="Comma-separated methods: " + ", ".join(COMPARE_METHODS) + ".")
+@click.option("--prefill", "prefills", default="sparse", show_default=True,
+              help="Comma-separated prefill policies, each sparse, dense or a fraction (the last f of each window).")
+@click.option("--text", "text_file", type=click.Path(), default=None,
+              help="Evaluation text (default: the bundled English Wikipedia articles; windows from its start).")
+@click.option("--windows", type=click.IntRange(1), default=6, show_default=True)
+@click.option("--seqlen", type=click.IntRange(2), default=512, show_default=True)
+@click.option("--calibration-text", type=click.Path(), default=None,
+              help="Calibration text for thresholds, the greedy search and auto (default: the bundled text; windows "
+                   "from its end, disjoint from the evaluation windows).")
+@click.option("--calibration-windows", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Folder for compare.csv, compare.md and compare.png (default: compare-<model name>).")
+def compare_command(model, sparsities, methods, prefills, text_file, windows, seqlen, calibration_text,
+                    calibration_windows, out) -> None:
+    """Perplexity of each method at each sparsity on the same windows of MODEL (default: SmolLM2-135M-Instruct)."""
+    targets = _parse_list(sparsities, float, "--sparsity", lambda s: 0 < s < 1)
+    names = _parse_list(methods, str, "--methods", lambda m: m in COMPARE_METHODS)
+    policies = [_parse_prefill(p) for p in prefills.split(",")]
+    text = read_text(text_file)
+    calibration = read_text(calibration_text)
+    source = resolve_model(model)
+    from transformers import AutoTokenizer
+
+    eval_ids = tokenize_windows(AutoTokenizer.from_pretrained(source.folder), text, seqlen, windows)
+    out = Path(out or f"compare-{Path(source.origin.split()[0]).name}")
+    out.mkdir(parents=True, exist_ok=True)
+    header = (f"token perplexity of {source.origin}: {windows} windows x {seqlen} tokens from the start of "
+              f"{text_file or 'the bundled Wikipedia text'}; calibration: {calibration_windows} windows x "
+              f"{seqlen} tokens from the end of {calibration_text or 'the bundled Wikipedia text'}. Sparse tokens: "
+              "prefill sparse = every token of every window; a fraction f = the last f of each window's tokens "
+              "(loss over all tokens); dense = none.")
+    click.echo(header)
+    results = run_compare(source, targets, names, policies, eval_ids, calibration, calibration_windows, seqlen,
+                          log=click.echo)
+    table = format_markdown(results)
+    click.echo(table)
+    (out / "compare.md").write_text(header + "\n" + table)
+    write_compare_csv(results, out / "compare.csv")
+    plot_results(results, out / "compare.png", f"{Path(source.origin.split()[0]).name}: perplexity vs sparsity")
+    click.echo(f"wrote {out}/compare.md, compare.csv, compare.png")
+
+
+def _parse_list(value: str, kind, option: str, valid) -> list:
+    try:
+        items = [kind(v.strip()) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"not a comma-separated list: {value!r}", param_hint=option) from None
+    bad = [v for v in items if not valid(v)]
+    if not items or bad:
+        raise click.BadParameter(f"invalid value {bad[0] if bad else value!r}", param_hint=option)
+    return items
 
 
 def main() -> None:

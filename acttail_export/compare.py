@@ -1,0 +1,141 @@
+"""Perplexity of every sparsification method at several sparsities, on the same evaluation windows of the same model.
+
+The model is loaded once through the shipped ActTail code; each (method, sparsity, prefill) applies its block with
+``set_activation_sparsity``, so every row runs the modeling code a user would. Calibration (thresholds, the greedy
+search, the auto-tuning search) uses windows from the end of the calibration text, evaluation windows from the start of
+the evaluation text: with the bundled text for both, they are disjoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+from .calibration import Calibration, calibration_ids
+from .errors import ExportError
+from .evaluate import dense_block, perplexity, tokenize_windows
+from .methods import Method, build_block
+from .spectra import ESTIMATORS, alphas_from_spectra, compute_spectra, spectra_cache_file, spectra_dtype
+from .tuning import load_for_tuning, tune_block
+from .weights import SourceModel
+
+__all__ = ["METHODS", "Result", "compare", "format_markdown", "write_csv", "plot_results"]
+
+# name -> how its block is built; "dense" and "auto" are special.
+METHODS: dict[str, Method | str] = {
+    "dense": "dense",
+    "uniform": Method("uniform"),
+    "block": Method("block"),
+    "acttail": Method(),
+    "auto": "auto",  # ActTail with estimator, direction and epsilon chosen on calibration windows (tuning.py)
+    "teal-greedy": Method("teal-greedy"),  # TEAL's block-wise greedy allocation, exact TopK counts
+    "teal": Method("teal-greedy", "threshold"),  # TEAL as published: greedy allocation, calibrated thresholds
+    "teal-uniform": Method("uniform", "threshold"),  # TEAL's thresholds without its allocation
+    "ffn-only": Method("uniform", "threshold", sites="mlp"),  # Dhar et al.: percentile thresholds, FFN inputs only
+}
+
+
+@dataclass(frozen=True)
+class Result:
+    method: str
+    sparsity: float
+    prefill: str | float
+    effective_sparsity: float
+    perplexity: float
+
+
+def compare(source: SourceModel, sparsities: list[float], methods: list[str], prefills: list[str | float],
+            eval_ids, calibration_text: str, calibration_windows: int, calibration_seqlen: int,
+            log=print) -> list[Result]:
+    """Every method x sparsity x prefill on ``eval_ids`` (``[windows, seqlen]``); ``log`` gets one line per result."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ExportError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    model, _ = load_for_tuning(source)
+    spectra = {}
+    for estimator in ESTIMATORS:  # one spectra computation per precision the estimators need (cached on disk)
+        dtype = spectra_dtype("auto", estimator)
+        if dtype not in spectra:
+            spectra[dtype] = compute_spectra(source, dtype=dtype, cache_file=spectra_cache_file(source, dtype))
+    alphas = {e: alphas_from_spectra(spectra[spectra_dtype("auto", e)], e) for e in ESTIMATORS}
+    calibration_ids_ = calibration_ids(source, calibration_text, calibration_windows, calibration_seqlen)
+    calibration = None
+    if any(isinstance(METHODS[m], Method) and METHODS[m].needs_calibration for m in methods):
+        calibration = Calibration(source, calibration_ids_, "calibration text")
+    results = []
+
+    def measure(name: str, target: float, block: dict) -> None:
+        for prefill in prefills:
+            model.set_activation_sparsity({**block, "prefill": prefill})
+            ppl = perplexity(model, eval_ids, progress=False)
+            results.append(Result(name, target, prefill, block["effective_sparsity"], ppl))
+            log(f"{name:13s} sparsity {target:.2f} (effective {block['effective_sparsity']:.3f}) prefill {prefill!s:6s} "
+                f"perplexity {ppl:10.3f}")
+
+    for name in methods:
+        method = METHODS[name]
+        for target in sparsities:
+            if method == "dense":
+                block, _ = build_block(source, 0.0, Method("uniform"), alphas["mid"])
+                measure(name, 0.0, dense_block(block))
+                break
+            if method == "auto":
+                block = tune_block(model, source.projections, spectra[spectra_dtype("auto", "mid")], target,
+                                   calibration_ids_, text="calibration text")
+            else:
+                block, _ = build_block(source, target, method, alphas[method.estimator], calibration)
+            measure(name, target, block)
+    return results
+
+
+def format_markdown(results: list[Result]) -> str:
+    """One table per prefill policy: methods as rows, sparsities as columns."""
+    out = io.StringIO()
+    for prefill in dict.fromkeys(r.prefill for r in results):
+        rows = [r for r in results if r.prefill == prefill]
+        targets = sorted({r.sparsity for r in rows if r.method != "dense"})
+        out.write(f"\nprefill `{prefill}`\n\n| method | " + " | ".join(f"{t:.0%}" for t in targets) + " |\n")
+        out.write("|---|" + "---:|" * len(targets) + "\n")
+        for method in dict.fromkeys(r.method for r in rows):
+            cells = {r.sparsity: r.perplexity for r in rows if r.method == method}
+            if method == "dense":
+                out.write(f"| dense | {cells[0.0]:.2f} (every column) |" + " |" * (len(targets) - 1) + "\n")
+                continue
+            out.write(f"| {method} | " + " | ".join(f"{cells[t]:.2f}" if t in cells else "-" for t in targets) + " |\n")
+    return out.getvalue()
+
+
+def write_csv(results: list[Result], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "target_sparsity", "prefill", "effective_sparsity", "perplexity"])
+        for r in results:
+            writer.writerow([r.method, r.sparsity, r.prefill, f"{r.effective_sparsity:.6f}", f"{r.perplexity:.6f}"])
+
+
+def plot_results(results: list[Result], path: Path, title: str) -> None:
+    """Perplexity against target sparsity (log scale), one line per method, one panel per prefill policy."""
+    from matplotlib.figure import Figure
+
+    prefills = list(dict.fromkeys(r.prefill for r in results))
+    fig = Figure(figsize=(6 * len(prefills), 4.5))
+    axes = fig.subplots(1, len(prefills), squeeze=False)[0]
+    for ax, prefill in zip(axes, prefills):
+        rows = [r for r in results if r.prefill == prefill]
+        for method in dict.fromkeys(r.method for r in rows):
+            points = sorted((r.sparsity, r.perplexity) for r in rows if r.method == method)
+            if method == "dense":
+                ax.axhline(points[0][1], color="black", linestyle="--", linewidth=1, label="dense")
+            else:
+                ax.plot(*zip(*points), marker="o", label=method)
+        ax.set_yscale("log")
+        ax.set_xlabel("target sparsity (fraction of projection weights skipped)")
+        ax.set_ylabel("token perplexity")
+        ax.set_title(f"prefill {prefill}")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
