@@ -183,10 +183,10 @@ def _greedy_sparsity(projections: list[Projection], rows: dict[int, list[GreedyR
     picked = {layer: min(layer_rows, key=lambda row: abs(row.block_sparsity - target)) for layer, layer_rows in rows.items()}
     sparsity = np.array([picked[p.layer].sparsity[p.kind] for p in projections])
     reached = float(np.dot([p.params for p in projections], sparsity)) / all_params
-    if abs(reached - target) > GREEDY_TOLERANCE:
-        highest = min(layer_rows[-1].block_sparsity for layer_rows in rows.values())
+    if abs(reached - target) > GREEDY_TOLERANCE + 1e-9:  # a target half-way between rows is exactly step / 2 off
+        lowest_end = min(layer_rows[-1].block_sparsity for layer_rows in rows.values())
         raise ExportError(f"teal-greedy rows reach sparsity {reached:.4f}, more than {GREEDY_TOLERANCE} from the target "
-                          f"{target} (the lowest last row is at {highest:.3f}): use a smaller --greedy-step")
+                          f"{target} (the lowest last row is at {lowest_end:.3f}): use a smaller --greedy-step")
     return sparsity
 
 
@@ -205,7 +205,7 @@ def allocate(projections: list[Projection] | tuple[Projection, ...], alphas: dic
     :param s_min: lower clip of each sparsified projection's sparsity
     :param s_max: upper clip of each projection's sparsity
     :param sites: ``all`` or ``mlp`` (see SITES); the other projections keep every input, and the budget still counts them
-    :param greedy_rows: for ``teal-greedy``: per layer, the rows of :func:`acttail_export.greedy.search_rows`
+    :param greedy_rows: for ``teal-greedy``: per layer, the rows of :func:`acttail_export.greedy.search_block`
     """
     if method not in ALLOCATIONS:
         raise ExportError(f"unknown allocation {method!r}; choose from {', '.join(ALLOCATIONS)}")

@@ -164,8 +164,8 @@ def push(checkpoint, repo_id, private, revision, commit_message, endpoint) -> No
 @click.option("--calibration-seqlen", type=click.IntRange(2), default=DEFAULT_SEQLEN, show_default=True,
               help="Tokens per calibration window.")
 @click.option("--greedy-step", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=DEFAULT_STEP,
-              show_default=True, help="teal-greedy: block sparsity added per accepted raise (TEAL's 0.05 / parameter "
-                                      "ratio is about 0.005).")
+              show_default=True, help="teal-greedy: block sparsity added per accepted raise; blocks land within half "
+                                      "of it of the target (TEAL's granularity is about 0.005, twice the search time).")
 @click.option("--greedy-windows", type=click.IntRange(1), default=DEFAULT_GREEDY_WINDOWS, show_default=True,
               help="teal-greedy: how many calibration windows the search replays (its time grows with them).")
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Convert weights (default: keep files unchanged).")
@@ -353,7 +353,8 @@ def evaluate(model, text_file, seqlen, windows, dense_baseline, dtype, device, t
     label = "dense"
     if block:
         mode = " threshold" if block.get("mode") == "threshold" else ""
-        label = f"{block['method']}{mode} {block['effective_sparsity']:.3f} (prefill {block['prefill']})"
+        sites = " mlp-only" if block.get("sites") == "mlp" else ""
+        label = f"{block['method']}{mode}{sites} {block['effective_sparsity']:.3f} (prefill {block['prefill']})"
     rows.append((label, perplexity(loaded, ids, desc="eval")))
     click.echo(f"token perplexity, {windows} windows x {seqlen} tokens of {text_file or 'bundled Wikipedia text'}:")
     for name, ppl in rows:

@@ -125,6 +125,6 @@ def measured_sparsity(model, windows: torch.Tensor) -> float:
     finally:
         for hook in hooks:
             hook.remove()
+    # sum_p n_p * zeroed_p / (tokens * d_in_p) / sum_p n_p, with n_p = d_out_p * d_in_p
     params = sum(m.in_features * m.out_features for m in modules.values())
-    return sum(zeroed[name] / (windows.numel() * m.in_features) * m.in_features * m.out_features
-               for name, m in modules.items()) / params
+    return sum(zeroed[name] * m.out_features for name, m in modules.items()) / (windows.numel() * params)

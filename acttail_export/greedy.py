@@ -29,9 +29,10 @@ from .weights import PROJECTION_KINDS, Projection
 
 __all__ = ["DEFAULT_STEP", "ERROR_FRACTION", "search_block", "block_shares"]
 
-# Block-sparsity added per accepted raise. TEAL's 0.05 / (parameter ratio to a d x d matrix) adds 0.0047 per raise on
-# SmolLM2 and 0.0041 on Llama-2-7B; 0.005 is the same granularity, and each block then lands within 0.0025 of any target.
-DEFAULT_STEP = 0.005
+# Block sparsity added per accepted raise; each block then lands within step / 2 of any target. TEAL's 0.05 / (parameter
+# ratio to a d x d matrix) adds 0.0047 per raise on SmolLM2 (0.0041 on Llama-2-7B). 0.01 halves the search time, and on
+# SmolLM2 at 50% (8 x 512 evaluation tokens, every token sparse) gave perplexity 31.76 against 32.23 with 0.005.
+DEFAULT_STEP = 0.01
 ERROR_FRACTION = 0.25  # TEAL: the block-output error is read on the last 25% of each window's tokens
 # The stage a projection belongs to: a candidate at a stage recomputes it and the stages after it.
 _STAGE = {"q": 0, "k": 0, "v": 0, "o": 1, "gate": 2, "up": 2, "down": 3}

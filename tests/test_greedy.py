@@ -8,7 +8,7 @@ import torch
 
 from acttail_export.allocation import BUDGET_TOLERANCE, effective_sparsity, keep_count
 from acttail_export.calibration import Calibration
-from acttail_export.greedy import DEFAULT_STEP, ERROR_FRACTION, block_shares, search_block
+from acttail_export.greedy import ERROR_FRACTION, block_shares, search_block
 from acttail_export.kernels.topk import topk_sparsify
 from acttail_export.methods import Method, build_block
 from acttail_export.weights import PROJECTION_KINDS, resolve_model
@@ -44,9 +44,9 @@ def test_rows_are_monotone_and_each_raise_adds_one_step(tiny):
 def test_teal_greedy_meets_the_budget(tiny, mode, target):
     source, calibration = tiny
     alphas = {p.name: 2.0 for p in source.projections}
-    block, modules = build_block(source, target, Method("teal-greedy", mode), alphas, calibration)
+    block, modules = build_block(source, target, Method("teal-greedy", mode, greedy_step=0.01), alphas, calibration)
     assert abs(effective_sparsity(modules) - target) <= BUDGET_TOLERANCE
-    assert block["method"] == "teal-greedy" and block["calibration"]["greedy_step"] == DEFAULT_STEP
+    assert block["method"] == "teal-greedy" and block["calibration"]["greedy_step"] == 0.01
     sparsities = {round(m.sparsity, 2) for m in modules.values()}
     assert len(sparsities) > 3  # the search gave the projections different sparsities
     if mode == "threshold":
@@ -57,7 +57,7 @@ def test_teal_greedy_meets_the_budget(tiny, mode, target):
 def test_mlp_sites_leave_attention_dense_and_meet_the_budget(tiny, allocation):
     source, calibration = tiny
     alphas = {p.name: 1.5 + i / 10 for i, p in enumerate(source.projections)}
-    method = Method(allocation, "threshold", sites="mlp")
+    method = Method(allocation, "threshold", sites="mlp", greedy_step=0.01)
     block, modules = build_block(source, 0.4, method, alphas, calibration)
     assert abs(effective_sparsity(modules) - 0.4) <= BUDGET_TOLERANCE
     for name, spec in block["modules"].items():

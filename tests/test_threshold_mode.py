@@ -1,7 +1,6 @@
 """The threshold runtime mode (TEAL): the block format's checks, calibration on SmolLM2 that meets its target on held-out
 text, and a CLI-exported threshold checkpoint loaded in a fresh process."""
 
-import copy
 import json
 import math
 
