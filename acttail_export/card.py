@@ -42,7 +42,8 @@ def _tuning_section(tuning: dict | None) -> list[str]:
     if tuning is None:
         return []
     chosen = tuning["chosen"]
-    rows = [f"| `{t['estimator']}` | `{t['sparser']}` | {t['epsilon']:.3f} | {t['perplexity']:.3f} |" for t in tuning["trials"]]
+    rows = [f"| `{t['estimator']}` | `{t['sparser']}` | {t['epsilon']:.3f}{' (uniform)' * (t['epsilon'] == 0)} | "
+            f"{t['perplexity']:.3f} |" for t in tuning["trials"]]
     return [
         "## Auto-tuning",
         "",

@@ -8,7 +8,7 @@ same modeling code a user would, on the same windows. Prints a Markdown table (u
 
 Research options: ``--normalizations`` maps alpha before the allocation's global min-max (``per-kind``: min-max within each
 projection kind q/k/v/o/gate/up/down; ``kind-mean``: the kind's mean alpha only; ``rank``: global rank; ``log``: log alpha),
-``--max-sparsities`` adds clip bounds, ``--no-baselines`` skips the uniform and block rows, and ``--auto`` adds the
+``--min-sparsities`` / ``--max-sparsities`` add clip bounds, ``--no-baselines`` skips the uniform and block rows, and ``--auto`` adds the
 ``--epsilon auto`` row: tuned on calibration windows from the end of the text, reported on the evaluation windows.
 
     .venv/bin/python scripts/allocation_sweep.py --sparsities 0.5,0.7 --estimators mid --sparsers heavy-tail \\
@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--sparsers", default=",".join(DIRECTIONS))
     parser.add_argument("--epsilons", default="0.1,0.3,0.5")
     parser.add_argument("--normalizations", default="global")
+    parser.add_argument("--min-sparsities", default="0")
     parser.add_argument("--max-sparsities", default="0.99")
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--auto", action="store_true", help="add the --epsilon auto row")
@@ -83,9 +84,9 @@ def main() -> None:
         return perplexity(model, ids, progress=False)
 
     def fixed(target, method, estimator=DEFAULT_ESTIMATOR, epsilon=DEFAULT_EPSILON, sparser=DEFAULT_SPARSER,
-              normalization="global", s_max=0.99) -> float:
+              normalization="global", s_min=0.0, s_max=0.99) -> float:
         mapped = NORMALIZATIONS[normalization](alphas[estimator])
-        modules = allocate(source.projections, mapped, target, method, epsilon, sparser, s_max=s_max)
+        modules = allocate(source.projections, mapped, target, method, epsilon, sparser, s_min, s_max)
         return measure(sparsity_block(modules, target, method, estimator, epsilon, sparser))
 
     def auto(target) -> tuple[float, str]:
@@ -99,20 +100,21 @@ def main() -> None:
     sparsities = split(args.sparsities, float)
     print(f"SmolLM2-135M-Instruct, {args.windows} windows x {args.seqlen} tokens of the bundled Wikipedia text, "
           f"prefill={args.prefill}; dense perplexity {dense:.2f}\n")
-    print("| allocation | estimator | sparser | epsilon | normalization | max sparsity | "
+    print("| allocation | estimator | sparser | epsilon | normalization | min / max sparsity | "
           + " | ".join(f"{s:.0%}" for s in sparsities) + " |")
     print("|---|---|---|---:|---|---:|" + "---:|" * len(sparsities), flush=True)
-    baselines = [("uniform", DEFAULT_ESTIMATOR, DEFAULT_SPARSER, 0.0, "global", 0.99),
-                 ("block", DEFAULT_ESTIMATOR, DEFAULT_SPARSER, DEFAULT_EPSILON, "global", 0.99)]
+    baselines = [("uniform", DEFAULT_ESTIMATOR, DEFAULT_SPARSER, 0.0, "global", 0.0, 0.99),
+                 ("block", DEFAULT_ESTIMATOR, DEFAULT_SPARSER, DEFAULT_EPSILON, "global", 0.0, 0.99)]
     rows = [] if args.no_baselines else baselines
     rows += [("acttail", *row) for row in itertools.product(split(args.estimators), split(args.sparsers),
                                                             split(args.epsilons, float), split(args.normalizations),
+                                                            split(args.min_sparsities, float),
                                                             split(args.max_sparsities, float))]
-    for method, estimator, sparser, epsilon, normalization, s_max in rows:
-        cells = [fixed(s, method, estimator, epsilon, sparser, normalization, s_max) for s in sparsities]
+    for method, estimator, sparser, epsilon, normalization, s_min, s_max in rows:
+        cells = [fixed(s, method, estimator, epsilon, sparser, normalization, s_min, s_max) for s in sparsities]
         if method == "uniform":
             estimator = sparser = epsilon = normalization = "-"
-        print(f"| {method} | {estimator} | {sparser} | {epsilon} | {normalization} | {s_max} | "
+        print(f"| {method} | {estimator} | {sparser} | {epsilon} | {normalization} | {s_min} / {s_max} | "
               + " | ".join(f"{c:.2f}" for c in cells) + " |", flush=True)
     if args.auto:
         cells = [auto(s) for s in sparsities]

@@ -22,7 +22,7 @@ def tuned(smollm2, wiki_text):
     windows = calibration_windows(tokenizer, wiki_text, SEQLEN, 1)
     spectra = compute_spectra(smollm2, progress=False)
     lines = []
-    block = tune_block(model, smollm2.projections, spectra, 0.5, windows, estimators=("mid", "ks"),
+    block = tune_block(model, smollm2.projections, spectra, 0.5, windows, estimators=("mid", "peak"),
                        text="wiki", log=lines.append)
     return model, windows, spectra, block, lines
 
@@ -55,7 +55,7 @@ def test_tuner_records_its_search_and_meets_the_budget(smollm2, tuned):
     tuning = block["tuning"]
     assert (tuning["windows"], tuning["seqlen"], tuning["text"]) == (1, SEQLEN, "wiki")
     tried = {(t["estimator"], t["sparser"], t["epsilon"]) for t in tuning["trials"]}
-    coarse = {(e, d, eps) for e in ("mid", "ks") for d in ("heavy-tail", "light-tail") for eps in COARSE_EPSILONS}
+    coarse = {(e, d, eps) for e in ("mid", "peak") for d in ("heavy-tail", "light-tail") for eps in COARSE_EPSILONS}
     assert coarse <= tried and any(eps == 0.0 for _, _, eps in tried)
     coarse_best = min((t for t in tuning["trials"] if (t["estimator"], t["sparser"], t["epsilon"]) in coarse),
                       key=lambda t: t["perplexity"])
