@@ -105,7 +105,9 @@ model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True
 loaded = time.perf_counter() - start
 with torch.inference_mode():
     logits = model(torch.arange(1, 9)[None]).logits
-print(f"loaded in {loaded:.1f} s on {sorted(set(map(str, model.hf_device_map.values())))}; "
+# accelerate records the placement only when it spans devices; the parameters say where they are in every case
+devices = sorted({str(p.device) for p in model.parameters()})
+print(f"loaded in {loaded:.1f} s on {devices}, {model.dtype}; "
       f"forward of 8 tokens: logits {tuple(logits.shape)} {logits.dtype}, finite={bool(torch.isfinite(logits).all())}")
 """
 
@@ -135,6 +137,7 @@ def main() -> None:
             print(f"export: {label}", flush=True)
             wall, rss, stdout = run_measured([*base, "--sparsity", str(sparsity), *extra], env)
             rows.append((label, sparsity, wall, spectra_seconds(stdout), rss))
+            print(f"  {wall:.1f} s wall, spectra {spectra_seconds(stdout)} s, peak RSS {rss:.2f} GiB", flush=True)
     if not args.skip_load:
         print("load check", flush=True)
         wall, rss, stdout = run_measured([sys.executable, "-c", LOAD_CHECK, str(args.out)], dict(os.environ))

@@ -98,13 +98,19 @@ def test_permission_denied_on_out(tiny_models, tmp_path):
     assert list(parent.iterdir()) == []
 
 
+def default_sigint() -> None:
+    """A shell that starts the suite in the background ignores SIGINT, and an ignored signal stays ignored across exec:
+    Python then installs no KeyboardInterrupt handler. Restore the default so the child sees Ctrl-C as a terminal would."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_spectra(smollm2, tmp_path):
     """SIGINT (what Ctrl-C sends) once the spectra have started: exit 130, one line, no checkpoint, no cache file."""
     out = tmp_path / "out"
     env = {**os.environ, "ACTTAIL_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([CLI, "export", smollm2.folder, out, "--sparsity", "0.5", "--spectra-dtype", "float64"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                               stdin=subprocess.DEVNULL)
+                               stdin=subprocess.DEVNULL, preexec_fn=default_sigint)
     first_line = process.stdout.readline()
     assert first_line.startswith("spectra: 210 projections"), first_line
     time.sleep(1.0)  # inside the eigenvalue loop (210 projections in float64 take well over a second)
