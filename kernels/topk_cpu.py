@@ -15,7 +15,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .topk import magnitude_keys, topk_order
+from .topk import magnitude_keys, threshold_sparsify, topk_order
 
 try:  # optional fast path; the try block also keeps transformers' remote-code import check from requiring numba
     import numba
@@ -23,7 +23,7 @@ try:  # optional fast path; the try block also keeps transformers' remote-code i
 except ImportError:
     numba = None
 
-__all__ = ["select_cpu", "sparse_linear_cpu"]
+__all__ = ["select_cpu", "sparse_linear_cpu", "threshold_linear_cpu"]
 
 USE_NUMBA = numba is not None and os.environ.get("ACTTAIL_NUMBA", "1") != "0"  # tests flip it to run the torch path
 
@@ -197,3 +197,18 @@ def sparse_linear_cpu(x: torch.Tensor, idx: torch.Tensor, weight_t: torch.Tensor
     if bias is not None:
         y = y + bias
     return y.to(x.dtype)
+
+
+def threshold_linear_cpu(x: torch.Tensor, threshold: float, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``y[b] = sum_{i: |x[b, i]| > t} x[b, i] * weight_t[i] + bias`` (NaN kept, as ``topk.threshold_sparsify`` keeps it),
+    reading only the kept rows of ``weight_t``. Each row has its own count, so rows go one at a time.
+
+    :param x: ``[B, d_in]`` activations
+    :param weight_t: ``[d_in, d_out]`` input-major weight
+    :returns: ``[B, d_out]`` in x's dtype
+    """
+    if torch.compiler.is_compiling():  # the kept count is data: a traced graph takes the mask + dense matmul
+        return F.linear(threshold_sparsify(x, threshold), weight_t.t(), bias)
+    kept = ~(x.abs() <= threshold)
+    return torch.cat([sparse_linear_cpu(x[b:b + 1], kept[b].nonzero().view(1, -1), weight_t, bias)
+                      for b in range(x.shape[0])])

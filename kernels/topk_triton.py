@@ -1,237 +1,307 @@
-"""Triton decode kernels for TopK activation sparsity: exact per-row selection, then a GEMV that reads only kept weight rows.
+"""Triton decode kernels for activation sparsity: one launch per group of projections that read the same input.
 
-A decode step of projection p computes ``y = W x_k`` where ``x_k`` keeps the k largest-magnitude entries of x. With the
-weight stored input-major (``weight_t = W^T``, ``[d_in, d_out]``, built at load time) the kept entries select whole
-contiguous rows of ``weight_t``, so the step reads ``k / d_in`` of the weight bytes:
+A decode step of projection p computes ``y = W x_s`` where ``x_s`` keeps either the k largest-magnitude entries of x
+(TopK mode, ranked as ``topk.py`` ranks them) or the entries with |x| > t (threshold mode, TEAL). With the weight stored
+input-major (``weight_t = W^T``, ``[d_in, d_out]``) the kept entries select whole contiguous rows of ``weight_t``, so the
+step reads only the kept fraction of the weight bytes. Projections reading one input (q/k/v, gate/up) are one
+input-major ``weight_t`` whose column ranges are the members; each member keeps its own count or threshold.
 
-1. ``topk_select`` (one program per row) finds, for each of up to three k (q/k/v or gate/up share one call), the k-th
-   largest magnitude by bisection over its bit pattern, breaks ties at it by index as the torch reference does
-   (``topk.py``), and writes the kept indices in ascending order.
-2. ``sparse_gemv`` splits the kept indices over programs (split-K), each reading ``[BLOCK_K, BLOCK_N]`` tiles of the kept
-   rows and accumulating in fp32; a second kernel adds the partial sums and the bias and casts to the input dtype.
+A row's kept set is described by a *cut* ``(kth, cutoff)``: entry i is kept iff ``key_i > kth`` or
+``key_i == kth and i <= cutoff``, where key is the magnitude's bit pattern (sign cleared). For TopK, kth is the k-th
+largest key and cutoff the index of the last tie still kept (ties go to lower indices); for a threshold t, kth is the
+key of t in x's dtype and cutoff is -1.
 
-Both are torch custom ops (``torch.library.triton_op``) so ``torch.compile`` and CUDA graphs capture a decode step.
-Shipped flat inside every exported checkpoint; ``modeling_acttail.py`` imports this file inside try/except, so machines
-without Triton load the model and use another path.
+``sparse_gemv`` finds the TopK cut inside every GEMV program (``_topk_cut``: radix passes of 5 bits over the row held in
+registers, with ``tl.histogram``), so selection costs no launch and no serial kernel in front of the GEMV; or it reads a
+given cut (threshold mode, or ``topk_cut``'s output). Programs split the kept rows (split-K) and the output columns; with
+more than one split the fp32 partial sums meet in an fp32 buffer through atomic adds.
+
+Both are torch custom ops (``torch.library.triton_op``) so ``torch.compile`` and CUDA graphs capture a decode step. Their
+names carry a hash of this file, so two checkpoints with different kernel files in one process each run their own.
+Every loop is a plain ``range``: torch's analysis of which tensors a kernel writes walks every path of an unrolled
+loop, which grows exponentially (``tests/test_kernel_compile.py``). Shipped flat inside every exported checkpoint;
+``modeling_acttail.py`` imports this file inside try/except, so machines without Triton load the model and use another
+path.
 """
 
+import hashlib
+import math
 import os
 
 import torch
-
-from .topk import KEY_TYPES
 
 try:  # a try block keeps transformers' import check from requiring Triton; the modeling file catches the ImportError
     import triton
     import triton.language as tl
 except ImportError as error:
-    raise ImportError("Triton is not installed: the TopK decode kernels are unavailable") from error
+    raise ImportError("Triton is not installed: the sparse decode kernels are unavailable") from error
 
-__all__ = ["topk_select", "sparse_gemv", "MAX_SHARED_K"]
+__all__ = ["topk_cut", "sparse_gemv", "threshold_cut", "gemv_blocks", "MAX_MEMBERS", "INTERPRET"]
 
-MAX_SHARED_K = 3  # projections sharing one selection: q/k/v
+MAX_MEMBERS = 3  # projections sharing one input: q/k/v
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+KEY_BITS = {torch.float16: 15, torch.bfloat16: 15, torch.float32: 31}  # magnitude bits of each dtype's pattern
+# Ops are named after this file's content: a different copy (another checkpoint's) registers its own ops.
+OP_SUFFIX = hashlib.sha256(open(__file__, "rb").read()).hexdigest()[:12]
 
 
 @triton.jit
-def _topk_select_kernel(
-    keys_ptr,  # [B, D] int16/int32: the bits of x (x.view(int)); the sign bit is cleared here
-    idx_ptr,  # [B, k0 + k1 + k2] int32 out: member j's kept indices, ascending, in columns [k0 + .. + k(j-1), + kj)
+def _magnitude_keys(v, KEY_BITS: tl.constexpr):
+    """The bits of v with the sign cleared, as int32: ordered like |v|, NaN above inf (as ``topk.magnitude_keys``)."""
+    if KEY_BITS == 15:
+        return v.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
+    else:
+        return v.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
+def _topk_cut(x_row_ptr, D, k, KEY_BITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The cut ``(kth, cutoff)`` that keeps exactly the k largest-magnitude entries of a row (1 <= k <= D).
+
+    kth is found digit by digit from the top, 5 bits a pass: a histogram of the next digit over the keys that share the
+    digits found so far, and the largest digit whose count, with everything above it, still reaches k.
+    """
+    # 5 bits a pass: 32 bins, one per lane of a warp (a histogram costs about bins / 32 operations per entry)
+    RADIX_BITS: tl.constexpr = 5
+    NUM_BINS: tl.constexpr = 32
+    NUM_PASSES: tl.constexpr = (KEY_BITS + 4) // 5
+    offs = tl.arange(0, BLOCK_D)
+    valid = offs < D
+    keys = _magnitude_keys(tl.load(x_row_ptr + offs, mask=valid, other=0), KEY_BITS)
+    bins = tl.arange(0, NUM_BINS)
+    kth = 0  # digits found so far, in place
+    above = 0  # keys above every key that starts with those digits
+    for p in range(NUM_PASSES):
+        shift = (NUM_PASSES - 1 - p) * RADIX_BITS
+        top = keys >> shift
+        same_prefix = valid & ((top >> RADIX_BITS) == ((kth >> shift) >> RADIX_BITS))  # two shifts: each stays < 32
+        hist = tl.histogram(top & (NUM_BINS - 1), NUM_BINS, mask=same_prefix)
+        at_or_above = above + tl.cumsum(hist, 0, reverse=True)
+        digit = tl.max(tl.where(at_or_above >= k, bins, 0), 0)
+        above += tl.sum(tl.where(bins > digit, hist, 0), 0)
+        kth = kth | (digit << shift)
+    # Keys equal to kth fill the remaining k - above places, lowest index first. Usually all of them fit.
+    tied = valid & (keys == kth)
+    room = k - above
+    cutoff = D
+    if tl.sum(tied.to(tl.int32), 0) > room:
+        rank = tl.cumsum(tied.to(tl.int32), 0)
+        cutoff = tl.max(tl.where(tied & (rank <= room), offs, -1), 0)
+    return kth, cutoff
+
+
+@triton.jit
+def _topk_cut_kernel(
+    x_ptr,  # [B, D] activations
+    cut_ptr,  # [B, M, 2] int32 out: (kth, cutoff) per row and member
     D,  # entries per row
-    stride_keys,  # row stride of keys
-    stride_idx,  # row stride of idx
-    k0,  # entries kept for member 0
-    k1,  # ... member 1 (if NUM_K > 1)
-    k2,  # ... member 2 (if NUM_K > 2)
-    NUM_K: tl.constexpr,  # members sharing this selection, 1..3
-    K_PAD: tl.constexpr,  # NUM_K rounded up to a power of two
-    KEY_BITS: tl.constexpr,  # magnitude bits: 15 for fp16/bf16, 31 for fp32
-    BLOCK_D: tl.constexpr,  # power of two >= D: the whole row lives in registers
+    stride_x,  # row stride of x
+    k0,  # kept count of member 0
+    k1,  # ... member 1
+    k2,  # ... member 2
+    KEY_BITS: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # power of two >= D: the row lives in registers
 ):
     row = tl.program_id(0)
-    offs = tl.arange(0, BLOCK_D)
-    in_row = offs < D
-    keys = tl.load(keys_ptr + row * stride_keys + offs, mask=in_row, other=0).to(tl.int32)
-    keys = keys & ((1 << KEY_BITS) - 1)
-    keys = tl.where(in_row, keys, -1)  # padding ranks below every real entry
-    member = tl.arange(0, K_PAD)
-    ks = tl.where(member == 0, k0, tl.where(member == 1, k1, k2))
-    # The k-th largest key is the largest t with count(keys >= t) >= k: set its bits from the top down, for every
-    # member at once (one reduction per bit, not one per bit and member: the reductions are the latency).
-    t = tl.zeros([K_PAD], dtype=tl.int32)
-    for bit in tl.static_range(KEY_BITS - 1, -1, -1):
-        candidate = t | (1 << bit)
-        count = tl.sum((keys[None, :] >= candidate[:, None]).to(tl.int32), axis=1)
-        t = tl.where(count >= ks, candidate, t)
-    start = 0
-    for j in tl.static_range(NUM_K):
-        k = tl.sum(tl.where(member == j, ks, 0), axis=0)
-        kth = tl.sum(tl.where(member == j, t, 0), axis=0)
-        # Keep every key above the k-th, then the lowest-index keys equal to it until k are kept.
-        above = keys > kth
-        room = k - tl.sum(above.to(tl.int32), axis=0)
-        tied = keys == kth
-        keep = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= room))
-        slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
-        tl.store(idx_ptr + row * stride_idx + start + slot, offs, mask=keep)
-        start += k
+    member = tl.program_id(1)
+    k = tl.where(member == 0, k0, tl.where(member == 1, k1, k2))
+    kth, cutoff = _topk_cut(x_ptr + row * stride_x, D, k, KEY_BITS, BLOCK_D)
+    members = tl.num_programs(1)
+    tl.store(cut_ptr + (row * members + member) * 2, kth)
+    tl.store(cut_ptr + (row * members + member) * 2 + 1, cutoff)
 
 
 @triton.jit
-def _gather_gemv_kernel(
-    x_ptr,  # [B, D] input rows
-    idx_ptr,  # [B, >= K] int32 kept input indices per row
-    wt_ptr,  # [D, N] input-major weight, contiguous rows
-    part_ptr,  # [SPLIT_K, B, N] fp32 out: partial sums
-    N,  # output features
-    K,  # kept indices per row
-    k_per_split,  # kept indices per program, a multiple of BLOCK_K
+def _sparse_gemv_kernel(
+    x_ptr,  # [B, D] activations
+    wt_ptr,  # [D, N] input-major weight of every member, contiguous rows
+    bias_ptr,  # [N] bias (read only if HAS_BIAS)
+    out_ptr,  # [B, N] out: x's dtype, or a zeroed fp32 buffer if ATOMIC
+    cut_ptr,  # [B or 1, M, 2] int32 (kth, cutoff) per row and member (read only if not FIND_CUT)
+    D,  # input features
+    N,  # output features, all members
+    end0,  # first column after member 0
+    end1,  # first column after member 1
+    rows_per_split,  # input rows per split, a multiple of BLOCK_K
     stride_x,  # row stride of x
-    stride_idx,  # row stride of idx
     stride_wt,  # row stride of wt
-    stride_part_split,  # split stride of part
-    stride_part_row,  # row stride of part
-    BLOCK_N: tl.constexpr,  # output features per program
-    BLOCK_K: tl.constexpr,  # kept weight rows per loaded tile
+    stride_out,  # row stride of out
+    stride_cut,  # row stride of cut (0: one cut for every row)
+    k0,  # kept count of member 0 (FIND_CUT)
+    k1,  # ... member 1
+    k2,  # ... member 2
+    FIND_CUT: tl.constexpr,  # True: find the TopK cut here; False: read it from cut_ptr
+    HAS_BIAS: tl.constexpr,
+    ATOMIC: tl.constexpr,  # several splits add into out (fp32)
+    KEY_BITS: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # power of two >= D (FIND_CUT)
+    BLOCK_N: tl.constexpr,  # output columns per program; divides end0 and end1, so a program serves one member
+    BLOCK_K: tl.constexpr,  # input rows per loaded tile
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     row = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_start = pid_n * BLOCK_N
+    member = (n_start >= end0).to(tl.int32) + (n_start >= end1).to(tl.int32)
+    x_row_ptr = x_ptr + row * stride_x
+    if FIND_CUT:
+        k = tl.where(member == 0, k0, tl.where(member == 1, k1, k2))
+        kth, cutoff = _topk_cut(x_row_ptr, D, k, KEY_BITS, BLOCK_D)
+    else:
+        kth = tl.load(cut_ptr + row * stride_cut + member * 2)
+        cutoff = tl.load(cut_ptr + row * stride_cut + member * 2 + 1)
+    offs_n = n_start + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-    for k_start in range(split * k_per_split, tl.minimum((split + 1) * k_per_split, K), BLOCK_K):
-        offs_k = k_start + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        idx = tl.load(idx_ptr + row * stride_idx + offs_k, mask=k_mask, other=0).to(tl.int64)
-        x = tl.load(x_ptr + row * stride_x + idx, mask=k_mask, other=0.0).to(tl.float32)
-        # Masked-off lanes issue no memory traffic: only the kept rows of wt are read.
-        w = tl.load(wt_ptr + idx[:, None] * stride_wt + offs_n[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc += w.to(tl.float32) * x[:, None]
-    part = tl.sum(acc, axis=0)
-    tl.store(part_ptr + split * stride_part_split + row * stride_part_row + offs_n, part, mask=n_mask)
-
-
-@triton.jit
-def _reduce_kernel(
-    part_ptr,  # [SPLIT_K, B, N] fp32 partial sums
-    bias_ptr,  # [N] bias (unused unless HAS_BIAS)
-    out_ptr,  # [B, N] out, in the input dtype
-    N,  # output features
-    stride_part_split,  # split stride of part
-    stride_part_row,  # row stride of part
-    stride_out,  # row stride of out
-    SPLIT_K: tl.constexpr,  # partial sums per output
-    HAS_BIAS: tl.constexpr,  # add bias
-    BLOCK_N: tl.constexpr,  # outputs per program
-):
-    pid_n = tl.program_id(0)
-    row = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for split in tl.static_range(SPLIT_K):
-        acc += tl.load(part_ptr + split * stride_part_split + row * stride_part_row + offs_n, mask=n_mask, other=0.0)
+    k_start = split * rows_per_split
+    k_end = tl.minimum(k_start + rows_per_split, D)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        v = tl.load(x_row_ptr + offs_k, mask=offs_k < k_end, other=0)
+        key = _magnitude_keys(v, KEY_BITS)
+        keep = (offs_k < k_end) & ((key > kth) | ((key == kth) & (offs_k <= cutoff)))
+        # Masked-off rows issue no memory traffic: only the kept rows of wt are read.
+        w = tl.load(wt_ptr + offs_k[:, None] * stride_wt + offs_n[None, :], mask=keep[:, None] & n_mask[None, :],
+                    other=0.0)
+        acc += w.to(tl.float32) * tl.where(keep, v.to(tl.float32), 0.0)[:, None]
+    y = tl.sum(acc, axis=0)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+        if split == 0:
+            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    if ATOMIC:
+        tl.atomic_add(out_ptr + row * stride_out + offs_n, y, mask=n_mask)
+    else:
+        tl.store(out_ptr + row * stride_out + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+def _tile_configs() -> list:
+    """Tile shapes the autotuner tries per shape (one in the interpreter, which cannot time). Every one compiles for
+    sm_90 without spilling at rows of up to 16384 entries held in registers (tests/test_kernel_compile.py); 4 warps
+    would spill there."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_K": 32}, num_warps=4)]
+    return [triton.Config({"BLOCK_K": block_k}, num_warps=warps) for block_k, warps in TILES]
+
+
+TILES = ((32, 8), (64, 8), (64, 16), (128, 16))  # (BLOCK_K, num_warps)
+_sparse_gemv_tuned = triton.autotune(
+    configs=_tile_configs(), key=["D", "N", "rows_per_split", "FIND_CUT", "ATOMIC", "BLOCK_N"],
+    reset_to_zero=["out_ptr"],  # atomic adds need a zeroed buffer on every timed try (harmless for plain stores)
+)(_sparse_gemv_kernel)
 
 
 def _programs_wanted(device: torch.device) -> int:
-    """Enough programs to keep every SM streaming weight rows (a few per SM)."""
+    """One program per SM: every program finds its row's cut, so a second program on an SM doubles that work."""
     if device.type != "cuda":
         return 8  # the interpreter: few programs, quick tests
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _gemv_blocks(n: int, k: int, rows: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, split, k_per_split) for an N-output GEMV over k kept rows."""
-    block_n = 128 if n >= 2048 else 64
-    block_k = 32
-    n_blocks = triton.cdiv(n, block_n)
-    split = max(1, min(_programs_wanted(device) // (n_blocks * rows), triton.cdiv(k, block_k), 64))
-    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
-    return block_n, block_k, triton.cdiv(k, k_per_split), k_per_split
+def gemv_blocks(widths: list[int], d: int, rows: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_N, splits, rows_per_split) for a group GEMV: BLOCK_N divides every member boundary; splits of the input
+    rows fill the GPU when the output columns alone do not."""
+    boundary = math.gcd(*(sum(widths[:i + 1]) for i in range(len(widths) - 1))) if len(widths) > 1 else 0
+    block_n = 128
+    while boundary % block_n:
+        block_n //= 2
+    n_blocks = triton.cdiv(sum(widths), block_n)
+    # rows_per_split is a multiple of 128, the largest BLOCK_K, so every tile lies inside one split
+    splits = max(1, min(round(_programs_wanted(device) / (n_blocks * rows)), triton.cdiv(d, 128)))
+    rows_per_split = triton.cdiv(triton.cdiv(d, splits), 128) * 128
+    return block_n, triton.cdiv(d, rows_per_split), rows_per_split
 
 
 def _launch(kernel):
     """The kernel as torch.compile can trace it (``wrap_triton``); outside tracing it launches as usual."""
     wrap = getattr(torch.library, "wrap_triton", None)
-    return wrap(kernel) if wrap is not None else kernel
+    return wrap(kernel) if wrap is not None and not INTERPRET else kernel
 
 
-def _topk_select(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
-    """Kept input indices of each row for each k in ``ks`` (exact TopK of |x|, ranked as ``topk.topk_order`` ranks).
-
-    :param x: ``[B, D]`` fp16 / bf16 / fp32 activations with contiguous rows
-    :param ks: 1 to 3 counts, one per projection reading x
-    :returns: int32 ``[B, sum(ks)]``; projection j's indices, ascending, are columns ``[sum(ks[:j]), sum(ks[:j + 1]))``
-    """
+def _check_rows(x: torch.Tensor) -> None:
     assert x.dim() == 2 and x.stride(-1) == 1, f"x must be [B, D] with contiguous rows, got {tuple(x.shape)} {x.stride()}"
-    assert x.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported dtype {x.dtype}"
-    assert 1 <= len(ks) <= MAX_SHARED_K and all(1 <= k <= x.shape[1] for k in ks), f"bad ks {ks} for d={x.shape[1]}"
+    assert x.dtype in KEY_BITS, f"unsupported dtype {x.dtype}"
+
+
+def _topk_cut_impl(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    """The TopK cut of each row for each member's k: int32 ``[B, len(ks), 2]`` (see the module docstring)."""
+    _check_rows(x)
+    assert 1 <= len(ks) <= MAX_MEMBERS and all(1 <= k <= x.shape[1] for k in ks), f"bad ks {ks} for d={x.shape[1]}"
     rows, d = x.shape
-    idx = torch.empty(rows, sum(ks), dtype=torch.int32, device=x.device)
-    keys = x.view(KEY_TYPES[x.dtype][0])  # the kernel clears the sign bit itself
-    padded = list(ks) + [0] * (MAX_SHARED_K - len(ks))
+    cut = torch.empty(rows, len(ks), 2, dtype=torch.int32, device=x.device)
     block_d = triton.next_power_of_2(d)
-    _launch(_topk_select_kernel)[(rows,)](
-        keys, idx, d, keys.stride(0), idx.stride(0), *padded,
-        NUM_K=len(ks), K_PAD=triton.next_power_of_2(len(ks)), KEY_BITS=15 if keys.dtype == torch.int16 else 31, BLOCK_D=block_d,
-        num_warps=max(1, min(16, block_d // 512)),
-    )
-    return idx
+    _launch(_topk_cut_kernel)[(rows, len(ks))](
+        x, cut, d, x.stride(0), *(list(ks) + [0] * MAX_MEMBERS)[:MAX_MEMBERS], KEY_BITS=KEY_BITS[x.dtype], BLOCK_D=block_d,
+        num_warps=max(4, min(16, block_d // 512)))
+    return cut
 
 
-def _sparse_gemv(x: torch.Tensor, idx: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``y[b] = sum_i x[b, idx[b, i]] * weight_t[idx[b, i]] + bias``, reading only the kept rows of ``weight_t``.
+def threshold_cut(thresholds: list[float], dtype: torch.dtype, device) -> torch.Tensor:
+    """The cut of a threshold per member, for every row: int32 ``[1, M, 2]``; keeps |x| > t (t rounded to dtype as the
+    torch reference compares it) and NaN."""
+    from .topk import magnitude_keys
 
-    :param x: ``[B, D]`` activations
-    :param idx: int32 ``[B, k]`` kept indices per row (a column slice of :func:`topk_select`'s output)
-    :param weight_t: ``[D, N]`` input-major weight (``linear.weight.t()`` stored contiguous)
+    keys = magnitude_keys(torch.tensor(thresholds, dtype=dtype)).to(torch.int32)
+    return torch.stack([keys, torch.full_like(keys, -1)], dim=-1)[None].to(device)
+
+
+def _sparse_gemv_impl(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, widths: list[int],
+                      ks: list[int], cut: torch.Tensor | None) -> torch.Tensor:
+    """``y[b] = x_s[b] @ weight_t + bias`` for every member at once, reading only the kept rows of ``weight_t``.
+
+    :param x: ``[B, D]`` activations, contiguous rows
+    :param weight_t: ``[D, N]`` input-major weight, the members' columns side by side (``sum(widths) == N``)
     :param bias: ``[N]`` or None
+    :param widths: output columns of each member (1 to 3)
+    :param ks: kept count of each member (TopK; the cut is found in the kernel); ignored when ``cut`` is given
+    :param cut: int32 ``[B or 1, M, 2]`` given cuts (threshold mode, or :func:`topk_cut`), or None
     :returns: ``[B, N]`` in x's dtype, accumulated in fp32
     """
-    assert x.dim() == 2 and x.stride(-1) == 1 and idx.dim() == 2 and idx.stride(-1) == 1, "x and idx must have contiguous rows"
-    assert idx.dtype == torch.int32 and idx.shape[0] == x.shape[0], f"idx must be int32 [B, k], got {idx.dtype} {tuple(idx.shape)}"
-    assert weight_t.dim() == 2 and weight_t.shape[0] == x.shape[1] and weight_t.stride(-1) == 1, (
-        f"weight_t must be input-major [d_in={x.shape[1]}, d_out] with contiguous rows, got {tuple(weight_t.shape)}"
-    )
-    rows, k = idx.shape
+    _check_rows(x)
+    rows, d = x.shape
+    assert weight_t.dim() == 2 and weight_t.shape == (d, sum(widths)) and weight_t.stride(-1) == 1, (
+        f"weight_t must be input-major [{d}, {sum(widths)}] with contiguous rows, got {tuple(weight_t.shape)}")
+    assert 1 <= len(widths) <= MAX_MEMBERS and weight_t.dtype == x.dtype
     n = weight_t.shape[1]
-    block_n, block_k, split, k_per_split = _gemv_blocks(n, k, rows, x.device)
-    part = torch.empty(split, rows, n, dtype=torch.float32, device=x.device)
-    _launch(_gather_gemv_kernel)[(triton.cdiv(n, block_n), split, rows)](
-        x, idx, weight_t, part, n, k, k_per_split,
-        x.stride(0), idx.stride(0), weight_t.stride(0), part.stride(0), part.stride(1),
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+    find_cut = cut is None
+    if find_cut:
+        assert len(ks) == len(widths) and all(1 <= k <= d for k in ks), f"bad ks {ks} for d={d}"
+    else:
+        assert cut.dtype == torch.int32 and cut.shape[1:] == (len(widths), 2) and cut.shape[0] in (1, rows)
+    block_n, splits, rows_per_split = gemv_blocks(widths, d, rows, x.device)
+    atomic = splits > 1
+    out = torch.zeros(rows, n, dtype=torch.float32, device=x.device) if atomic else \
+        torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    ends = [sum(widths[:i + 1]) for i in range(len(widths))] + [n] * MAX_MEMBERS
+    _launch(_sparse_gemv_tuned)[(triton.cdiv(n, block_n), splits, rows)](
+        x, weight_t, bias if bias is not None else x, out, x if find_cut else cut,
+        d, n, ends[0], ends[1], rows_per_split, x.stride(0), weight_t.stride(0), out.stride(0),
+        0 if find_cut or cut.shape[0] == 1 else cut.stride(0), *(list(ks) + [0] * MAX_MEMBERS)[:MAX_MEMBERS],
+        FIND_CUT=find_cut, HAS_BIAS=bias is not None, ATOMIC=atomic, KEY_BITS=KEY_BITS[x.dtype],
+        BLOCK_D=triton.next_power_of_2(d), BLOCK_N=block_n,
     )
-    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    reduce_block = 256
-    _launch(_reduce_kernel)[(triton.cdiv(n, reduce_block), rows)](
-        part, bias if bias is not None else part, out, n, part.stride(0), part.stride(1), out.stride(0),
-        SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK_N=reduce_block, num_warps=4,
-    )
-    return out
+    return out.to(x.dtype) if atomic else out
 
 
 def _register(name: str, fn, fake):
-    """Register ``fn`` as the custom op ``acttail::name``; a second copy of this file (another checkpoint) reuses it.
+    """Register ``fn`` as the custom op ``acttail::<name>_<hash of this file>``.
 
-    ``triton_op`` lets torch.compile see into the kernels; where it is missing (torch < 2.6) or the kernels run in Triton's
-    interpreter (CPU tests), an opaque ``custom_op`` with a fake (shape-only) implementation takes its place.
+    ``triton_op`` lets torch.compile see into the kernels; in Triton's interpreter (CPU tests), or where torch has no
+    triton_op, an opaque ``custom_op`` with a fake (shape-only) implementation takes its place.
     """
+    qualified = f"acttail::{name}_{OP_SUFFIX}"
     namespace = torch.ops.acttail
-    if hasattr(namespace, name):
-        return getattr(namespace, name)
+    if hasattr(namespace, f"{name}_{OP_SUFFIX}"):  # this very file imported twice (module cache cleared)
+        return getattr(namespace, f"{name}_{OP_SUFFIX}")
     triton_op = getattr(torch.library, "triton_op", None)
-    if triton_op is not None and os.environ.get("TRITON_INTERPRET") != "1":
-        return triton_op(f"acttail::{name}", fn, mutates_args=())
-    op = torch.library.custom_op(f"acttail::{name}", fn, mutates_args=())
+    if triton_op is not None and not INTERPRET:
+        return triton_op(qualified, fn, mutates_args=())  # its fake runs fn itself, launching nothing
+    op = torch.library.custom_op(qualified, fn, mutates_args=())
     op.register_fake(fake)
     return op
 
 
-topk_select = _register(
-    "topk_select_v1", _topk_select, lambda x, ks: x.new_empty(x.shape[0], sum(ks), dtype=torch.int32))
+topk_cut = _register(
+    "topk_cut", _topk_cut_impl, lambda x, ks: x.new_empty(x.shape[0], len(ks), 2, dtype=torch.int32))
 sparse_gemv = _register(
-    "sparse_gemv_v1", _sparse_gemv, lambda x, idx, weight_t, bias: x.new_empty(x.shape[0], weight_t.shape[1]))
+    "sparse_gemv", _sparse_gemv_impl,
+    lambda x, weight_t, bias, widths, ks, cut: x.new_empty(x.shape[0], weight_t.shape[1]))

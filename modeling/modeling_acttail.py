@@ -13,75 +13,112 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+from transformers.utils import logging
 
 from .activation_sparsity import validate_activation_sparsity, validate_sparse_backend
 from .configuration_acttail import ActTailLlamaConfig, ActTailMistralConfig, ActTailQwen2Config, ActTailQwen3Config
 from .topk import threshold_sparsify, topk_sparsify
-from .topk_cpu import select_cpu, sparse_linear_cpu
+from .topk_cpu import select_cpu, sparse_linear_cpu, threshold_linear_cpu
 
-try:  # Triton kernels for CUDA decode steps; without Triton, CUDA uses the reference path
-    from .topk_triton import sparse_gemv, topk_select
+try:  # Triton kernels for GPU decode steps; without Triton, CUDA uses the reference path
+    from .topk_triton import INTERPRET as TRITON_INTERPRET
+    from .topk_triton import sparse_gemv, threshold_cut
 except Exception:  # ImportError, or a Triton that cannot initialise on this machine
-    topk_select = sparse_gemv = None
+    sparse_gemv = threshold_cut = None
+    TRITON_INTERPRET = False
+
+logger = logging.get_logger(__name__)
 
 __all__ = [
     "TopKLinear",
+    "SparseGroup",
     "ActTailLlamaForCausalLM",
     "ActTailMistralForCausalLM",
     "ActTailQwen2ForCausalLM",
     "ActTailQwen3ForCausalLM",
 ]
 
-# Projections that read the same vector share one selection per decode step (each keeps its own k).
-SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-# Decode steps with at most this many rows take the sparse paths; more rows read most weight rows anyway.
-MAX_DECODE_ROWS = 8
+# Projections that read the same vector, and the module that hands it to them: one sparse launch serves a group.
+SHARED_INPUTS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
+# A decode step of B rows takes the sparse path while B * (kept fraction) < 1: each row reads its own kept weight rows,
+# so past that the rows together read more bytes than one dense pass (Polar Sparsity; KNOWLEDGE.md).
+BATCH_BREAK_EVEN = 1.0
 
 
-def _select_triton(rows: torch.Tensor, ks: list[int]) -> tuple[torch.Tensor, list[int]]:
-    return topk_select(rows, ks), [sum(ks[:i]) for i in range(len(ks))]
+def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The decode path for weights on ``device`` in ``dtype``: "triton", "cpu" or "reference".
 
-
-# backend -> (selection for a group's ks: (indices, start column of each member), GEMV over the kept rows of weight_t)
-DECODE_PATHS = {
-    "cpu": (select_cpu, sparse_linear_cpu),
-    "triton": (_select_triton, sparse_gemv),
-}
-
-
-def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """The decode path for tensors like x (device, dtype) under ``backend``: "auto" picks by what is installed."""
-    backend = os.environ.get("ACTTAIL_SPARSE_BACKEND", backend)
+    An explicit backend wins; "auto" reads ACTTAIL_SPARSE_BACKEND, then picks by what is installed. A backend that
+    cannot run here falls back to the reference path with one warning.
+    """
+    if requested == "auto":
+        requested = os.environ.get("ACTTAIL_SPARSE_BACKEND", "auto")
+    triton_ok = sparse_gemv is not None and (device.type == "cuda" or TRITON_INTERPRET) and dtype in (
+        torch.float16, torch.bfloat16, torch.float32)
     # embedding_bag sums half-precision bags in half precision: those stay on the reference path on CPU
-    cpu_ok = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-    if backend == "auto":
-        return "triton" if x.is_cuda and topk_select is not None else "cpu" if cpu_ok else "reference"
-    if (backend == "triton" and topk_select is None) or (backend == "cpu" and not cpu_ok):
+    cpu_ok = device.type == "cpu" and dtype in (torch.float32, torch.float64)
+    if requested == "auto":
+        return "triton" if triton_ok and device.type == "cuda" else "cpu" if cpu_ok else "reference"
+    if (requested == "triton" and not triton_ok) or (requested == "cpu" and not cpu_ok):
+        why = "Triton is not installed" if requested == "triton" and sparse_gemv is None else f"{device.type} {dtype}"
+        logger.warning_once(f"sparse_backend={requested!r} cannot run here ({why}): decode steps use the reference path")
         return "reference"
-    return backend
+    return requested
 
 
-class SharedSelection:
-    """One TopK selection per decode step for projections that read the same input tensor (q/k/v; gate/up).
+class SparseGroup:
+    """Sparse projections that read one input (q/k/v, gate/up, or one alone), run as one sparse decode per step.
 
-    The first member called with a new input computes the selection for every member's k; the others reuse it while the
-    input is the same tensor object. After the last member the cache is cleared, so nothing outlives the step (and a
-    compiled step has no extra outputs).
+    Built by ``prepare_sparse_decode``, which also stores the weights input-major: on the Triton path the members'
+    weights become column blocks of one ``[d_in, sum(d_out)]`` tensor (one launch finds every member's kept set and
+    computes all outputs); on the CPU path each member's weight is stored input-major on its own.
     """
 
-    def __init__(self, ks: list[int]):
-        self.ks = ks
-        self._input = self._selection = None
-        self._uses = 0
+    def __init__(self, members: list["TopKLinear"], path: str):
+        self.members, self.path = members, path
+        self.widths = [m.out_features for m in members]
+        self.ks = [m.keep for m in members]
+        self.by_threshold = members[0].threshold is not None
+        self.kept_fraction = max(m.keep / m.in_features for m in members)
+        weight = members[0].weight
+        with torch.no_grad():
+            if path == "triton":
+                self.weight_t = torch.cat([m.weight.t() for m in members], dim=1).contiguous()
+                self.bias = None
+                if any(m.bias is not None for m in members):
+                    self.bias = torch.cat([m.bias if m.bias is not None else weight.new_zeros(m.out_features)
+                                           for m in members])
+                start = 0
+                for m, width in zip(members, self.widths):  # the members' weights become views: no second copy
+                    m.weight.data = self.weight_t[:, start:start + width].t()
+                    start += width
+                self.cut = threshold_cut([m.threshold for m in members], weight.dtype, weight.device) \
+                    if self.by_threshold else None
+            else:
+                for m in members:
+                    if m.weight.stride() != (1, m.in_features):
+                        m.weight.data = m.weight.data.t().contiguous().t()
+        self.layout = [m.weight.data_ptr() for m in members]  # a moved or replaced weight shows as another pointer
 
-    def select(self, x: torch.Tensor, rows: torch.Tensor, backend: str) -> tuple[torch.Tensor, list[int]]:
-        if self._input is not x:
-            self._input, self._selection, self._uses = x, DECODE_PATHS[backend][0](rows, self.ks), 0
-        selection = self._selection
-        self._uses += 1
-        if self._uses == len(self.ks):
-            self._input = self._selection = None
-        return selection
+    def is_current(self) -> bool:
+        """Whether the members still hold the weights this group laid out (not moved, cast or replaced since)."""
+        return [m.weight.data_ptr() for m in self.members] == self.layout and all(m.group is self for m in self.members)
+
+    def wins(self, x: torch.Tensor) -> bool:
+        """Whether x is a decode step the sparse path serves: ``[B, 1, d]`` with few enough rows to beat dense."""
+        return x.dim() == 3 and x.shape[1] == 1 and x.shape[0] * self.kept_fraction < BATCH_BREAK_EVEN
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every member's output for the decode step x (``[B, 1, d_in]``): ``[B, 1, d_out]`` each."""
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        if self.path == "triton":
+            y = sparse_gemv(rows, self.weight_t, self.bias, self.widths, [] if self.by_threshold else self.ks, self.cut)
+            return [part.unsqueeze(1) for part in y.split(self.widths, dim=-1)]
+        if self.by_threshold:
+            return [threshold_linear_cpu(rows, m.threshold, m.weight.t(), m.bias).unsqueeze(1) for m in self.members]
+        selection, starts = select_cpu(rows, self.ks)
+        return [sparse_linear_cpu(rows, selection[:, start:start + m.keep], m.weight.t(), m.bias).unsqueeze(1)
+                for m, start in zip(self.members, starts)]
 
 
 class TopKLinear(nn.Linear):
@@ -90,9 +127,8 @@ class TopKLinear(nn.Linear):
 
     ``prefill`` decides which tokens of a multi-token call (a prompt, or a perplexity window) are sparsified:
     "sparse" all of them, "dense" none, a fraction f the last ceil(f * S). Single-token calls (decode steps) are always
-    sparse. Multi-token calls use the mask + dense matmul. TopK decode steps read only the kept rows of the weight stored
-    input-major (see :meth:`make_input_major`) on the path ``backend`` picks (see ``DECODE_PATHS``); threshold decode
-    steps use the mask + dense matmul (the sparse paths are built for an exact k per row).
+    sparse. Multi-token calls, and decode steps before ``prepare_sparse_decode``, use the mask + dense matmul (the
+    reference path). Prepared decode steps read only the kept weight rows through the module's :class:`SparseGroup`.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, keep: int, prefill="sparse",
@@ -101,10 +137,8 @@ class TopKLinear(nn.Linear):
         self.keep = keep
         self.prefill = prefill
         self.threshold = threshold  # None: TopK; a float: zero |x| <= threshold
-        self.backend = "auto"
-        self.decode_path = None  # "triton" | "cpu" | "reference", chosen at the first decode step (see plan_decode)
-        self.shared = None  # SharedSelection with the other projections reading this input, or None
-        self.shared_slot = 0  # this projection's place in ``shared.ks``
+        self.group = None  # SparseGroup serving this projection's decode steps (prepare_sparse_decode), or None
+        self.step_output = None  # this decode step's output, computed with the group's other members (see the hooks)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, keep: int, prefill, threshold: float | None = None) -> "TopKLinear":
@@ -114,9 +148,9 @@ class TopKLinear(nn.Linear):
         return module
 
     @property
-    def topk_sparse(self) -> bool:
-        """Whether decode steps may take a sparse TopK path: TopK mode and fewer than all inputs kept."""
-        return self.threshold is None and self.keep < self.in_features
+    def sparse(self) -> bool:
+        """Whether decode steps may take a sparse path: a threshold above 0, or TopK with fewer than all inputs kept."""
+        return self.threshold > 0 if self.threshold is not None else self.keep < self.in_features
 
     def sparsify_all(self, x: torch.Tensor) -> torch.Tensor:
         """Sparsify every token of x, by TopK or by the threshold."""
@@ -133,63 +167,45 @@ class TopKLinear(nn.Linear):
         head, tail = x.split([tokens - sparse_tokens, sparse_tokens], dim=-2)
         return torch.cat([head, self.sparsify_all(tail)], dim=-2)
 
-    def is_input_major(self) -> bool:
-        """Whether the weight is stored as a contiguous ``[in, out]`` tensor (``weight`` is its transposed view)."""
-        return self.weight.stride() == (1, self.out_features)
-
-    @torch.no_grad()
-    def make_input_major(self) -> None:
-        """Store the weight input-major, in place of the ``[out, in]`` storage (no extra memory once the old is freed).
-
-        ``weight`` keeps its shape and values, so the dense matmul, state dicts and hooks see the same parameter.
-        """
-        if not self.is_input_major():
-            self.weight.data = self.weight.data.t().contiguous().t()
-
-    def plan_decode(self) -> str:
-        """Choose this projection's decode path once (by backend, device, dtype) and make the weight ready for it.
-
-        Decode steps reuse the choice: a step is ~200 projections of well under a millisecond each on a small model, so
-        per-call checks cost real time. Moving the module (``.to``) or ``set_sparse_backend`` clears it.
-        """
-        path = resolve_backend(self.backend, self.weight)
-        offloaded = getattr(getattr(self, "_hf_hook", None), "offload", False)  # accelerate swaps the weight per call
-        if path != "reference" and (offloaded or self.weight.device.type == "meta"):
-            path = "reference"
-        if path != "reference":
-            self.make_input_major()
-        self.decode_path = path
-        return path
-
     def _apply(self, fn, recurse=True):
-        self.decode_path = None  # new device or dtype: choose again at the next decode step
+        self.group = None  # new device, dtype or storage: prepare_sparse_decode plans again
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [B, S, d_in]; decode steps (S == 1, few rows) of a sparse projection take the planned path
-        if x.dim() == 3 and x.shape[1] == 1 and x.shape[0] <= MAX_DECODE_ROWS and self.topk_sparse:
-            path = self.decode_path
-            if path is None:
-                # No layout change inside a traced graph: call model.prepare_sparse_decode() before torch.compile.
-                path = "reference" if torch.compiler.is_compiling() else self.plan_decode()
-            if path != "reference":
-                return self._sparse_decode(x, path)
+        if self.step_output is not None:  # the group ran for this step (the parent's pre-hook): take this share
+            y, self.step_output = self.step_output, None
+            return y
+        if self.group is not None and len(self.group.members) == 1 and self.group.wins(x):
+            return self.group(x)[0]
         return F.linear(self.sparsify(x), self.weight, self.bias)
-
-    def _sparse_decode(self, x: torch.Tensor, path: str) -> torch.Tensor:
-        select, gemv = DECODE_PATHS[path]
-        rows = x.reshape(-1, self.in_features)  # [B, d_in]
-        if self.shared is not None:
-            selection, starts = self.shared.select(x, rows, path)
-            start = starts[self.shared_slot]
-        else:
-            selection, start = select(rows, [self.keep])[0], 0
-        y = gemv(rows, selection[:, start:start + self.keep], self.weight.t(), self.bias)  # [B, d_out]
-        return y.unsqueeze(1)
 
     def extra_repr(self) -> str:
         sparsity = f"keep={self.keep}" if self.threshold is None else f"threshold={self.threshold:.6g}"
-        return f"{super().extra_repr()}, {sparsity}, prefill={self.prefill!r}, backend={self.backend!r}"
+        path = self.group.path if self.group is not None else "reference"
+        return f"{super().extra_repr()}, {sparsity}, prefill={self.prefill!r}, decode={path!r}"
+
+
+def _run_group_pre_hook(group: SparseGroup):
+    """A forward pre-hook for the module that hands the group its input (self_attn, mlp): run the group once for a
+    decode step and leave each member its output, so q/k/v (gate/up) share one selection and one launch."""
+
+    def hook(module, args, kwargs):
+        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if group.wins(x):
+            for member, y in zip(group.members, group(x)):
+                member.step_output = y
+
+    return hook
+
+
+def _clear_group_hook(group: SparseGroup):
+    """A forward hook after the parent: drop outputs a member did not take (a parent that skipped a projection)."""
+
+    def hook(module, args, output):
+        for member in group.members:
+            member.step_output = None
+
+    return hook
 
 
 class ActTailMixin:
@@ -227,43 +243,65 @@ class ActTailMixin:
                 setattr(self.get_submodule(parent), child, TopKLinear.from_linear(module, spec["keep"], prefill, threshold))
         self.config.activation_sparsity = block
         self.set_sparse_backend(self.config.sparse_backend)
-        self._share_selections()
 
     def set_sparse_backend(self, backend: str) -> None:
-        """Choose how decode steps run: "auto", "triton", "cpu" or "reference".
-
-        The environment variable ACTTAIL_SPARSE_BACKEND, read when a projection plans its path, overrides it.
-        """
+        """Choose how decode steps run: "auto", "triton", "cpu" or "reference" (an explicit choice wins over the
+        environment variable ACTTAIL_SPARSE_BACKEND, which "auto" reads). Takes effect at ``prepare_sparse_decode``."""
         validate_sparse_backend(backend)
-        for module in self.topk_modules().values():
-            module.backend, module.decode_path = backend, None
         self.config.sparse_backend = backend
+        self._drop_decode_plan()
 
-    def _share_selections(self) -> None:
-        """Give the sparse projections that read one input (``SHARED_INPUTS``) a common SharedSelection."""
+    def _drop_decode_plan(self) -> None:
+        for handle in getattr(self, "_decode_hooks", []):
+            handle.remove()
+        self._decode_hooks = []
+        for module in self.topk_modules().values():
+            module.group, module.step_output = None, None
+
+    def decode_groups(self) -> list[tuple[nn.Module | None, list[TopKLinear]]]:
+        """The sparse projections grouped by shared input: (the parent that hands the group its input, or None for a
+        projection alone; the members)."""
         modules = self.topk_modules()
-        for module in modules.values():
-            module.shared, module.shared_slot = None, 0
-        parents = {name.rpartition(".")[0] for name in modules}
-        for parent in parents:
-            for names in SHARED_INPUTS:
-                members = [modules.get(f"{parent}.{name}") for name in names]
-                members = [m for m in members if m is not None and m.topk_sparse]
-                if len(members) < 2:
-                    continue
-                shared = SharedSelection([m.keep for m in members])
-                for slot, member in enumerate(members):
-                    member.shared, member.shared_slot = shared, slot
+        groups, grouped = [], set()
+        for parent_name, parent in self.named_modules():
+            for child, names in SHARED_INPUTS.items():
+                members = [modules.get(f"{parent_name}.{child}.{name}") for name in names]
+                members = [m for m in members if m is not None and m.sparse]
+                if len(members) > 1 and child in dict(parent.named_children()):
+                    groups.append((parent.get_submodule(child), members))
+                    grouped.update(map(id, members))
+        groups += [(None, [m]) for m in modules.values() if m.sparse and id(m) not in grouped]
+        return groups
 
     def prepare_sparse_decode(self) -> None:
-        """Plan every sparse projection's decode path now (weights stored input-major where the path needs it).
+        """Plan the sparse decode steps: choose each group's path (see ``resolve_backend``), store its weights
+        input-major, and hook the modules that hand shared inputs to their projections.
 
-        ``generate`` calls it. Call it yourself before ``torch.compile`` of a forward you drive, and after replacing
-        weight data yourself; eager forwards otherwise plan at their first decode step.
+        ``generate`` calls it. Call it yourself before decoding in your own loop or before ``torch.compile`` /
+        CUDA-graph capture (it also warms the Triton autotuner), and again after moving the model or replacing
+        weight data; until then decode steps take the reference path. A plan still current is kept.
         """
-        for module in self.topk_modules().values():
-            if module.topk_sparse:
-                module.plan_decode()
+        current = [m.group for m in self.topk_modules().values() if m.sparse]
+        if current and all(group is not None and group.is_current() for group in current):
+            return
+        self._drop_decode_plan()
+        for parent, members in self.decode_groups():
+            weight = members[0].weight
+            offloaded = any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in members)
+            same_place = all(m.weight.device == weight.device and m.weight.dtype == weight.dtype for m in members)
+            path = resolve_backend(self.config.sparse_backend, weight.device, weight.dtype)
+            if path == "reference" or offloaded or weight.device.type == "meta" or not same_place:
+                continue
+            group = SparseGroup(members, path)
+            for member in members:
+                member.group = group
+            if parent is not None:
+                self._decode_hooks += [
+                    parent.register_forward_pre_hook(_run_group_pre_hook(group), with_kwargs=True),
+                    parent.register_forward_hook(_clear_group_hook(group)),
+                ]
+            if path == "triton" and weight.device.type == "cuda":  # autotune now, before any graph capture
+                group(torch.zeros(1, 1, members[0].in_features, dtype=weight.dtype, device=weight.device).normal_())
 
     def generate(self, *args, **kwargs):
         self.prepare_sparse_decode()
