@@ -222,6 +222,11 @@ def _check_rows(x: torch.Tensor) -> None:
     assert x.dtype in KEY_BITS, f"unsupported dtype {x.dtype}"
 
 
+def cut_kernel_warps(block_d: int) -> int:
+    """Warps of the separate cut kernel: up to 16, so a row of 16384 entries is 32 registers a thread."""
+    return max(4, min(16, block_d // 512))
+
+
 def _topk_cut_impl(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
     """The TopK cut of each row for each member's k: int32 ``[B, len(ks), 2]`` (see the module docstring)."""
     _check_rows(x)
@@ -231,7 +236,7 @@ def _topk_cut_impl(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
     block_d = triton.next_power_of_2(d)
     _launch(_topk_cut_kernel)[(rows, len(ks))](
         x, cut, d, x.stride(0), *(list(ks) + [0] * MAX_MEMBERS)[:MAX_MEMBERS], KEY_BITS=KEY_BITS[x.dtype], BLOCK_D=block_d,
-        num_warps=max(4, min(16, block_d // 512)))
+        num_warps=cut_kernel_warps(block_d))
     return cut
 
 
