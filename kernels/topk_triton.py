@@ -90,7 +90,7 @@ def _topk_cut(x_row_ptr, D, k, KEY_BITS: tl.constexpr, BLOCK_D: tl.constexpr):
     return kth, cutoff
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k0", "k1", "k2"])  # one binary for every k: no compile per sparsity
 def _topk_cut_kernel(
     x_ptr,  # [B, D] activations
     cut_ptr,  # [B, M, 2] int32 out: (kth, cutoff) per row and member
@@ -111,7 +111,7 @@ def _topk_cut_kernel(
     tl.store(cut_ptr + (row * members + member) * 2 + 1, cutoff)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["end0", "end1", "k0", "k1", "k2"])
 def _sparse_gemv_kernel(
     x_ptr,  # [B, D] activations
     wt_ptr,  # [D, N] input-major weight of every member, contiguous rows
