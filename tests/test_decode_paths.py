@@ -16,7 +16,7 @@ PATHS = """
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, sparse_backend=backend, dtype=dtype).eval()
         modeling = __import__(type(model).__module__, fromlist=["x"])
         return model
-    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))  # batch 1: sparse at 50%
     def decode_step(model):
         with torch.inference_mode():
             out = model(ids[:, :-1], use_cache=True)
@@ -33,41 +33,89 @@ def tiny_qwen2_50(tiny_models, tmp_path_factory):
 
 def test_triton_cpu_and_reference_paths_agree(tiny_qwen2_50, tmp_path):
     out = run_fresh_python(PATHS.format(path=str(tiny_qwen2_50)) + """
-    calls = {}
-    tokens, steps = {}, {}
+    tokens, steps, calls = {}, {}, {}
     for backend in ("reference", "cpu", "triton"):
         model = load(backend)
-        if backend == "reference":  # the module is loaded once: count its selections from here on
-            for name, (select, gemv) in list(modeling.DECODE_PATHS.items()):
-                def counted(rows, ks, select=select, name=name):
-                    calls[name] = calls.get(name, 0) + 1
-                    return select(rows, ks)
-                modeling.DECODE_PATHS[name] = (counted, gemv)
-        calls.clear()
+        model.prepare_sparse_decode()
+        real_call = modeling.SparseGroup.__call__
+        def counted(group, x):
+            calls[backend] = calls.get(backend, 0) + 1
+            return real_call(group, x)
+        modeling.SparseGroup.__call__ = counted
         steps[backend] = decode_step(model)
-        print("SELECTIONS", backend, calls.get(backend, 0))
+        modeling.SparseGroup.__call__ = real_call
+        print("GROUP_CALLS", backend, calls.get(backend, 0))
         tokens[backend] = model.generate(ids, max_new_tokens=6, do_sample=False)
     for backend in ("cpu", "triton"):
         print("TOKENS", backend, torch.equal(tokens[backend], tokens["reference"]))
         print("STEP", backend, (steps[backend] - steps["reference"]).abs().max().item())
     """, tmp_path)
-    # 2 layers x (q/k/v, o, gate/up, down): four selections per layer, not seven
-    assert "SELECTIONS reference 0" in out and "SELECTIONS cpu 8" in out and "SELECTIONS triton 8" in out
+    # 2 layers x (q/k/v, o, gate/up, down): four group calls per layer, not seven; none on the reference path
+    assert "GROUP_CALLS reference 0" in out and "GROUP_CALLS cpu 8" in out and "GROUP_CALLS triton 8" in out
     for backend in ("cpu", "triton"):
         assert f"TOKENS {backend} True" in out
         assert float(out.split(f"STEP {backend} ")[1].split()[0]) < 1e-5
 
 
-def test_environment_forces_the_reference_path(tiny_qwen2_50, tmp_path):
+def test_triton_group_shares_one_weight_and_batches_fall_back_to_dense(tiny_qwen2_50, tmp_path):
+    out = run_fresh_python(PATHS.format(path=str(tiny_qwen2_50)) + """
+    model = load("triton")
+    attention = model.model.layers[0].self_attn
+    before = {name: getattr(attention, name).weight.detach().clone() for name in ("q_proj", "k_proj", "v_proj")}
+    model.prepare_sparse_decode()
+    group = attention.q_proj.group
+    print("ONE_GROUP", group is attention.k_proj.group is attention.v_proj.group, group.widths)
+    print("VIEWS", all(getattr(attention, n).weight.untyped_storage().data_ptr() == group.weight_t.untyped_storage().data_ptr()
+                       for n in before), all(torch.equal(getattr(attention, n).weight, w) for n, w in before.items()))
+    # rows x kept fraction >= 1: the rows together would read more than one dense pass
+    print("WINS", group.wins(torch.zeros(1, 1, 64)), group.wins(torch.zeros(2, 1, 64)), group.wins(torch.zeros(1, 5, 64)))
+    model.to(torch.float64)
+    print("MOVED", attention.q_proj.group)
+    """, tmp_path)
+    assert "ONE_GROUP True [64, 32, 32]" in out
+    assert "VIEWS True True" in out
+    assert "WINS True False False" in out
+    assert "MOVED None" in out
+
+
+def test_explicit_backend_wins_over_the_environment_which_auto_reads(tiny_qwen2_50, tmp_path):
     out = run_fresh_python(PATHS.format(path=str(tiny_qwen2_50)) + """
     os.environ["ACTTAIL_SPARSE_BACKEND"] = "reference"
-    model = load("auto")
-    seen = []
-    modeling.DECODE_PATHS["cpu"] = (lambda *a: seen.append(1), None)
-    decode_step(model)
-    print("CPU_CALLS", len(seen), "INPUT_MAJOR", model.model.layers[0].mlp.up_proj.is_input_major())
+    for backend in ("auto", "cpu"):
+        model = load(backend)
+        model.prepare_sparse_decode()
+        print("PATHS", backend, sorted({m.group.path if m.group else "reference" for m in model.topk_modules().values()}))
     """, tmp_path)
-    assert "CPU_CALLS 0 INPUT_MAJOR False" in out
+    assert "PATHS auto ['reference']" in out
+    assert "PATHS cpu ['cpu']" in out
+
+
+def test_unavailable_backend_warns_once_and_runs_the_reference_path(tiny_qwen2_50, tmp_path):
+    out = run_fresh_python(PATHS.format(path=str(tiny_qwen2_50)) + """
+    import logging
+    warnings = []
+    catcher = logging.Handler()
+    catcher.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger().addHandler(catcher)
+    model = load("cpu", dtype=torch.bfloat16)  # embedding_bag sums bf16 bags in bf16: no CPU path for it
+    model.prepare_sparse_decode()
+    model.set_sparse_backend("cpu")
+    model.prepare_sparse_decode()
+    print("PATHS", sorted({m.group.path if m.group else "reference" for m in model.topk_modules().values()}))
+    print("WARNINGS", [w for w in warnings if "sparse_backend" in w])
+    """, tmp_path)
+    assert "PATHS ['reference']" in out
+    assert "WARNINGS [\"sparse_backend='cpu' cannot run here (cpu torch.bfloat16): decode steps use the reference path\"]" in out
+
+
+def test_layout_changes_only_in_prepare_never_in_forward(tiny_qwen2_50, tmp_path):
+    out = run_fresh_python(PATHS.format(path=str(tiny_qwen2_50)) + """
+    model = load("cpu")
+    decode_step(model)
+    up = model.model.layers[0].mlp.up_proj
+    print("UNPLANNED", up.group, up.weight.stride())
+    """, tmp_path)
+    assert "UNPLANNED None (64, 1)" in out
 
 
 def test_bad_backend_is_refused(tiny_qwen2_50, tmp_path):
@@ -87,6 +135,7 @@ def test_compiled_decode_step_has_no_graph_break(backend, tiny_qwen2_50, tmp_pat
     model = load({backend!r})
     model.prepare_sparse_decode()
     eager = decode_step(model)
+    print("PLANNED", sorted({{m.group.path for m in model.topk_modules().values() if m.group}}))
     cache = StaticCache(config=model.config, max_cache_len=16)
     def step(tokens, position):
         return model(tokens, past_key_values=cache, cache_position=position, use_cache=True).logits
@@ -96,4 +145,5 @@ def test_compiled_decode_step_has_no_graph_break(backend, tiny_qwen2_50, tmp_pat
         logits = compiled(ids[:, -1:], torch.tensor([11]))
     print("COMPILED_VS_EAGER", (logits - eager).abs().max().item())
     """, tmp_path)
+    assert f"PLANNED ['{backend}']" in out
     assert float(out.split("COMPILED_VS_EAGER ")[1].split()[0]) < 1e-5

@@ -172,14 +172,14 @@ def test_sparse_decode_path_equals_the_reference_path(smollm2_50, wiki_text, tmp
             fast = model.generate(ids, max_new_tokens=24, do_sample=False)
             for h in handles:
                 h.remove()
-            print("INPUT_MAJOR", all(m.is_input_major() for m in model.topk_modules().values()))
+            print("PLANNED", {{m.group.path if m.group else "reference" for m in model.topk_modules().values() if m.sparse}})
             model.set_sparse_backend("reference")
             ref = model.generate(ids, max_new_tokens=24, do_sample=False)
-        print("BACKENDS", {{m.backend for m in model.topk_modules().values()}})
+        print("AFTER", {{m.group for m in model.topk_modules().values()}}, model.config.sparse_backend)
         print("CHECKED", len(worst), "WORST", max(worst))
         print("SAME_TOKENS", torch.equal(fast, ref))
     """, tmp_path)
-    assert "INPUT_MAJOR True" in out
+    assert "PLANNED {'cpu'}" in out and "AFTER {None} reference" in out
     assert "CHECKED 4830 " in out  # 23 decode steps x 210 projections
     assert float(out.split("WORST ")[1].split()[0]) < 1e-12
     assert "SAME_TOKENS True" in out
