@@ -1,10 +1,9 @@
-"""Kernel-level speed of a TopK decode step (selection + sparse GEMV) against a dense GEMV, at 7B/8B layer shapes, batch 1.
+"""CPU kernel-level speed of a TopK decode step (selection + sparse GEMV) against a dense GEMV, at 7B/8B layer shapes,
+batch 1, fp32 (the GPU kernels: ``benchmarks/gpu_check.py``, section "kernels").
 
-    python benchmarks/bench_topk_kernels.py            # CUDA if present (bf16, Triton kernels), else CPU (fp32, gather path)
-    python benchmarks/bench_topk_kernels.py --device cpu
+    python benchmarks/bench_topk_kernels.py
 
-CUDA: ``triton.testing.do_bench`` (L2 flushed before every run, median), dense = ``F.linear`` on the weight as stored in a
-checkpoint ([out, in]); sparse = ``topk_select`` + ``sparse_gemv`` on the input-major copy. CPU: the mean over enough calls
+The mean over enough calls
 that cycle through copies of the weight larger than the L3 cache together, each with a new input, so that every call reads from memory as a
 decode step does; sparse = ``select_cpu`` + ``sparse_linear_cpu`` (numba, or embedding_bag above 8 MiB of kept weights). The ideal speed-up of a memory-bound GEMV is 1 / (1 - s).
 """
@@ -25,21 +24,6 @@ SHAPES = {  # (d_in, d_out): the projections of Llama-2-7B and Llama-3-8B
     "8B down 14336x4096": (14336, 4096),
 }
 SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9)
-
-
-def cuda_times(d_in: int, d_out: int, k: int) -> tuple[float, float, float]:
-    """(dense, select, select + GEMV) in microseconds."""
-    from triton.testing import do_bench
-
-    from acttail_export.kernels.topk_triton import sparse_gemv, topk_select
-
-    x = torch.randn(1, d_in, device="cuda", dtype=torch.bfloat16)
-    weight = torch.randn(d_out, d_in, device="cuda", dtype=torch.bfloat16) / d_in**0.5
-    weight_t = weight.t().contiguous()
-    dense = do_bench(lambda: F.linear(x, weight), warmup=50, rep=300)
-    select = do_bench(lambda: topk_select(x, [k]), warmup=50, rep=300)
-    sparse = do_bench(lambda: sparse_gemv(x, topk_select(x, [k]), weight_t, None), warmup=50, rep=300)
-    return dense * 1e3, select * 1e3, sparse * 1e3
 
 
 def cpu_times(d_in: int, d_out: int, k: int, l3_bytes: float = 96e6) -> tuple[float, float, float]:
@@ -63,15 +47,10 @@ def cpu_times(d_in: int, d_out: int, k: int, l3_bytes: float = 96e6) -> tuple[fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
     torch.manual_seed(0)
-    if args.device == "cuda":
-        print(f"device: {torch.cuda.get_device_name()}, bf16, batch 1, torch {torch.__version__}")
-    else:
-        print(f"device: CPU, {torch.get_num_threads()} threads, fp32, batch 1, torch {torch.__version__}")
-    times = cuda_times if args.device == "cuda" else cpu_times
+    print(f"device: CPU, {torch.get_num_threads()} threads, fp32, batch 1, torch {torch.__version__}")
+    times = cpu_times
     print(f"| shape (d_in x d_out) | sparsity | k | dense us | select us | select+GEMV us | speed-up | ideal |")
     print("|---|---|---|---|---|---|---|---|")
     for name, (d_in, d_out) in SHAPES.items():
