@@ -56,13 +56,15 @@ def synthetic_7b(layers: int):
     return model.eval()
 
 
-def smollm2_exports(sparsities: list[float], folder: Path) -> tuple[Path, dict[float, dict]]:
-    """Export SmolLM2 at each sparsity with the CLI; return the first checkpoint and every block."""
+def smollm2_exports(sparsities: list[float], folder: Path, mode: str = "topk") -> tuple[Path, dict[float, dict]]:
+    """Export SmolLM2 at each sparsity with the CLI (TopK, or calibrated thresholds); return the first checkpoint and
+    every block."""
     cli = str(Path(sys.executable).parent / "acttail-export")
     blocks = {}
     for sparsity in sparsities:
         out = folder / f"s{sparsity}"
-        subprocess.run([cli, "export", str(out), "--sparsity", str(sparsity)], check=True, capture_output=True)
+        subprocess.run([cli, "export", str(out), "--sparsity", str(sparsity), "--mode", mode], check=True,
+                       capture_output=True)
         blocks[sparsity] = json.loads((out / "config.json").read_text())["activation_sparsity"]
     return folder / f"s{sparsities[0]}", blocks
 
@@ -153,6 +155,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--layers", type=int, default=32, help="cuda: decoder layers of the 7B-shaped model")
+    parser.add_argument("--mode", choices=["topk", "threshold"], default="topk", help="cpu: the exports' runtime mode")
     parser.add_argument("--rounds", type=int, default=3, help="measurements per row, in alternating order")
     parser.add_argument("--modes", default=None,
                         help="comma-separated generate,forward,compiled; default all three (cuda) or generate,forward (cpu)")
@@ -173,13 +176,14 @@ def main() -> None:
 
             from acttail_export.text import wikipedia_text
 
-            first, blocks = smollm2_exports(sparsities, Path(tmp))
+            first, blocks = smollm2_exports(sparsities, Path(tmp), args.mode)
             model = AutoModelForCausalLM.from_pretrained(first, trust_remote_code=True, dtype=torch.float32).eval()
             tokenizer = AutoTokenizer.from_pretrained(first, trust_remote_code=True)
             ids = tokenizer(wikipedia_text()[:4000], return_tensors="pt").input_ids[:, :args.prompt_tokens]
-            name = f"SmolLM2-135M fp32, CPU {torch.get_num_threads()} threads"
-        dense = {name: {**spec, "keep": spec["in_features"]} for name, spec in blocks[sparsities[0]]["modules"].items()}
-        rows = [(0.0, {**blocks[sparsities[0]], "modules": dense})] + [(s, blocks[s]) for s in sparsities]
+            name = f"SmolLM2-135M fp32 ({args.mode}), CPU {torch.get_num_threads()} threads"
+        dense = {name: {**spec, "keep": spec["in_features"], "sparsity": 0.0, **({"threshold": 0.0} if "threshold" in spec else {})}
+                 for name, spec in blocks[sparsities[0]]["modules"].items()}
+        rows = [(0.0, {**blocks[sparsities[0]], "modules": dense, "effective_sparsity": 0.0})] + [(s, blocks[s]) for s in sparsities]
         print(f"{name}; prompt {ids.shape[1]} tokens, {new_tokens} new; torch {torch.__version__}")
         print("| mode | sparsity | tokens/s (median) | speed-up (median of per-round ratios) | decode-step logits vs reference path |")
         print("|---|---|---|---|---|")

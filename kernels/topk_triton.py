@@ -36,7 +36,7 @@ try:  # a try block keeps transformers' import check from requiring Triton; the 
 except ImportError as error:
     raise ImportError("Triton is not installed: the sparse decode kernels are unavailable") from error
 
-__all__ = ["topk_cut", "sparse_gemv", "threshold_cut", "gemv_blocks", "MAX_MEMBERS", "INTERPRET"]
+__all__ = ["topk_cut", "sparse_gemv", "sparse_gemv_eager", "threshold_cut", "gemv_blocks", "MAX_MEMBERS", "INTERPRET"]
 
 MAX_MEMBERS = 3  # projections sharing one input: q/k/v
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -307,6 +307,8 @@ def _register(name: str, fn, fake):
 
 topk_cut = _register(
     "topk_cut", _topk_cut_impl, lambda x, ks: x.new_empty(x.shape[0], len(ks), 2, dtype=torch.int32))
+# Outside torch.compile the op's dispatch only adds microseconds to a launch-bound eager decode step: call it directly.
+sparse_gemv_eager = _sparse_gemv_impl
 sparse_gemv = _register(
     "sparse_gemv", _sparse_gemv_impl,
     lambda x, weight_t, bias, widths, ks, cut: x.new_empty(x.shape[0], weight_t.shape[1]))

@@ -22,9 +22,9 @@ from .topk_cpu import select_cpu, sparse_linear_cpu, threshold_linear_cpu
 
 try:  # Triton kernels for GPU decode steps; without Triton, CUDA uses the reference path
     from .topk_triton import INTERPRET as TRITON_INTERPRET
-    from .topk_triton import sparse_gemv, threshold_cut
+    from .topk_triton import sparse_gemv, sparse_gemv_eager, threshold_cut
 except Exception:  # ImportError, or a Triton that cannot initialise on this machine
-    sparse_gemv = threshold_cut = None
+    sparse_gemv = sparse_gemv_eager = threshold_cut = None
     TRITON_INTERPRET = False
 
 logger = logging.get_logger(__name__)
@@ -104,15 +104,21 @@ class SparseGroup:
         """Whether the members still hold the weights this group laid out (not moved, cast or replaced since)."""
         return [m.weight.data_ptr() for m in self.members] == self.layout and all(m.group is self for m in self.members)
 
+    @property
+    def max_rows(self) -> int:
+        """The most rows a decode step may have and still take the sparse path."""
+        return math.ceil(BATCH_BREAK_EVEN / self.kept_fraction) - 1
+
     def wins(self, x: torch.Tensor) -> bool:
         """Whether x is a decode step the sparse path serves: ``[B, 1, d]`` with few enough rows to beat dense."""
-        return x.dim() == 3 and x.shape[1] == 1 and x.shape[0] * self.kept_fraction < BATCH_BREAK_EVEN
+        return x.dim() == 3 and x.shape[1] == 1 and x.shape[0] <= self.max_rows
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every member's output for the decode step x (``[B, 1, d_in]``): ``[B, 1, d_out]`` each."""
         rows = x.reshape(-1, x.shape[-1]).contiguous()
         if self.path == "triton":
-            y = sparse_gemv(rows, self.weight_t, self.bias, self.widths, [] if self.by_threshold else self.ks, self.cut)
+            gemv = sparse_gemv if torch.compiler.is_compiling() else sparse_gemv_eager
+            y = gemv(rows, self.weight_t, self.bias, self.widths, [] if self.by_threshold else self.ks, self.cut)
             return [part.unsqueeze(1) for part in y.split(self.widths, dim=-1)]
         if self.by_threshold:
             return [threshold_linear_cpu(rows, m.threshold, m.weight.t(), m.bias).unsqueeze(1) for m in self.members]
@@ -191,7 +197,7 @@ def _run_group_pre_hook(group: SparseGroup):
 
     def hook(module, args, kwargs):
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        if group.wins(x):
+        if group.members[0].group is group and group.wins(x):  # still planned (a moved model is not) and a decode step
             for member, y in zip(group.members, group(x)):
                 member.step_output = y
 
@@ -300,8 +306,9 @@ class ActTailMixin:
                     parent.register_forward_pre_hook(_run_group_pre_hook(group), with_kwargs=True),
                     parent.register_forward_hook(_clear_group_hook(group)),
                 ]
-            if path == "triton" and weight.device.type == "cuda":  # autotune now, before any graph capture
-                group(torch.zeros(1, 1, members[0].in_features, dtype=weight.dtype, device=weight.device).normal_())
+            if path == "triton" and weight.device.type == "cuda":  # autotune now, for every batch the path serves,
+                for rows in range(1, group.max_rows + 1):  # before any graph capture
+                    group(torch.randn(rows, 1, members[0].in_features, dtype=weight.dtype, device=weight.device))
 
     def generate(self, *args, **kwargs):
         self.prepare_sparse_decode()

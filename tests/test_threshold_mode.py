@@ -101,7 +101,8 @@ def test_fresh_process_zeroes_exactly_the_entries_at_or_below_the_threshold(smol
             assert module.threshold == t
             kept = torch.where(x.abs() > t, x, 0)
             torch.testing.assert_close(module.sparsify(x), kept, rtol=0, atol=0)
-            torch.testing.assert_close(output, F.linear(kept, module.weight, module.bias), rtol=0, atol=2e-5)
+            # decode steps sum the kept rows on the CPU path: fp32 in another order than the dense matmul
+            torch.testing.assert_close(output, F.linear(kept, module.weight, module.bias), rtol=1e-5, atol=2e-5)
             checked["decode" if x.shape[-2] == 1 else "prefill"] += 1
         handles = [model.get_submodule(name).register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name))
                    for name in block["modules"]]

@@ -170,3 +170,29 @@ def test_cpu_gather_nan_input_gives_nan_output():
     x[1, 3] = float("nan")
     y = sparse_linear_cpu(x, topk_order(x)[:, :100], torch.randn(256, 32), None)
     assert torch.isnan(y[1]).all() and not torch.isnan(y[0]).any()
+
+
+def test_two_kernel_files_in_one_process_each_register_their_own_ops(tmp_path):
+    """Two checkpoints with different kernel files, loaded in one process, must each run their own kernels."""
+    import importlib.util
+    from pathlib import Path
+
+    from acttail_export.kernels import topk_triton
+
+    source = Path(topk_triton.__file__).read_text()
+    copies = []
+    for version in ("a", "b"):
+        path = tmp_path / version / "topk_triton.py"
+        path.parent.mkdir()
+        path.write_text(source + f"\n# kernel file version {version}\n")
+        spec = importlib.util.spec_from_file_location(f"topk_triton_{version}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        copies.append(module)
+    suffixes = {module.OP_SUFFIX for module in copies}
+    assert len(suffixes) == 2 and topk_triton.OP_SUFFIX not in suffixes
+    for suffix in suffixes:
+        assert hasattr(torch.ops.acttail, f"sparse_gemv_{suffix}")
+    x, weight_t = random_input(1, 64, torch.float32, 0), random_input(64, 32, torch.float32, 1)
+    outputs = [module.sparse_gemv(x, weight_t, None, [32], [16], None) for module in copies]
+    assert torch.equal(outputs[0], outputs[1])
