@@ -125,6 +125,7 @@ def compiled_tokens_per_s(model, ids: torch.Tensor, new_tokens: int) -> float:
 
 def step_error(model, ids: torch.Tensor) -> float:
     """Max |logits| difference of one decode step between this model's path and the reference path, relative to max |logits|."""
+    model.prepare_sparse_decode()
     with torch.inference_mode():
         out = model(ids[:, :-1], use_cache=True)
         fast = model(ids[:, -1:], past_key_values=out.past_key_values).logits.float()
