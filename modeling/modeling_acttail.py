@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
-from .activation_sparsity import validate_activation_sparsity, validate_sparse_backend
+from .activation_sparsity import ActivationSparsity, validate_sparse_backend
 from .configuration_acttail import ActTailLlamaConfig, ActTailMistralConfig, ActTailQwen2Config, ActTailQwen3Config
+from .projections import parse_projection
 from .topk import threshold_sparsify, topk_sparsify
 from .topk_cpu import select_cpu, sparse_linear_cpu
 
@@ -207,25 +208,23 @@ class ActTailMixin:
         """Swap or update the sparse projections named in ``block["modules"]`` (keep = in_features, or threshold 0 in
         mode "threshold", makes one dense). Switches between the modes "topk" and "threshold".
 
+        The block is checked (:class:`ActivationSparsity`) and then checked against this model: every q/k/v/o/gate/up/down
+        projection of every decoder layer listed, with its in_features, and the effective sparsity the keeps give.
+
         :param block: an ``activation_sparsity`` block, as in config.json
         """
-        validate_activation_sparsity(block)
-        prefill = block.get("prefill", "sparse")
-        by_threshold = block.get("mode", "topk") == "threshold"
-        for name, spec in block["modules"].items():
-            threshold = float(spec["threshold"]) if by_threshold else None
-            try:
-                module = self.get_submodule(name)
-            except AttributeError:
-                raise ValueError(f"activation_sparsity names {name!r}, which this model does not have") from None
-            if not isinstance(module, nn.Linear) or module.in_features != spec["in_features"]:
-                raise ValueError(f"{name!r} is not a Linear with in_features={spec['in_features']}: {module}")
+        sparsity = ActivationSparsity.from_dict(block)
+        linears = {name: m for name, m in self.named_modules() if parse_projection(name) and isinstance(m, nn.Linear)}
+        sparsity.check_model({name: (m.out_features, m.in_features) for name, m in linears.items()})
+        by_threshold = sparsity.mode == "threshold"
+        for name, spec in sparsity.modules.items():
+            module, threshold = linears[name], float(spec.threshold) if by_threshold else None
             if isinstance(module, TopKLinear):
-                module.keep, module.prefill, module.threshold = spec["keep"], prefill, threshold
+                module.keep, module.prefill, module.threshold = spec.keep, sparsity.prefill, threshold
             else:
                 parent, _, child = name.rpartition(".")
-                setattr(self.get_submodule(parent), child, TopKLinear.from_linear(module, spec["keep"], prefill, threshold))
-        self.config.activation_sparsity = block
+                setattr(self.get_submodule(parent), child, TopKLinear.from_linear(module, spec.keep, sparsity.prefill, threshold))
+        self.config.activation_sparsity = sparsity.to_dict()
         self.set_sparse_backend(self.config.sparse_backend)
         self._share_selections()
 

@@ -11,7 +11,7 @@ from acttail_export.weights import resolve_model
 def test_shipped_code_is_flat_and_self_contained():
     files = shipped_code_files()
     assert [f.name for f in files] == ["activation_sparsity.py", "configuration_acttail.py", "modeling_acttail.py",
-                                       "topk.py", "topk_cpu.py", "topk_triton.py"]
+                                       "projections.py", "topk.py", "topk_cpu.py", "topk_triton.py"]
     names = {f.stem for f in files}
     for f in files:
         text = f.read_text()
@@ -21,7 +21,8 @@ def test_shipped_code_is_flat_and_self_contained():
             assert module in names, (f.name, module)
         # What transformers requires installed (imports outside try blocks): nothing beyond what it needs itself;
         # triton and numba are optional.
-        assert set(get_imports(f)) <= {"functools", "math", "os", "torch", "transformers", "huggingface_hub"}, f.name
+        assert set(get_imports(f)) <= {"dataclasses", "functools", "math", "os", "re", "torch", "transformers",
+                                       "huggingface_hub"}, f.name
         assert not re.search(r"^from \.\.", text, flags=re.M)
 
 

@@ -7,9 +7,10 @@ import torch
 
 from acttail_export.allocation import BUDGET_TOLERANCE, allocate
 from acttail_export.checkpoint import sparsity_block
-from acttail_export.evaluate import calibration_windows, load_model, perplexity
+from acttail_export.calibration import calibration_ids
+from acttail_export.evaluate import load_in_process, load_model, perplexity
 from acttail_export.spectra import alphas_from_spectra, compute_spectra
-from acttail_export.tuning import COARSE_EPSILONS, REFINE_STEP, load_for_tuning, tune_block
+from acttail_export.tuning import COARSE_EPSILONS, REFINE_STEP, tune_block
 from acttail_export.weights import resolve_model
 from conftest import make_tiny_model, read_block, run_cli
 
@@ -18,8 +19,8 @@ SEQLEN = 48
 
 @pytest.fixture(scope="module")
 def tuned(smollm2, wiki_text):
-    model, tokenizer = load_for_tuning(smollm2)
-    windows = calibration_windows(tokenizer, wiki_text, SEQLEN, 1)
+    model = load_in_process(smollm2)
+    windows = calibration_ids(smollm2, wiki_text, 1, SEQLEN)
     spectra = compute_spectra(smollm2, progress=False)
     lines = []
     block = tune_block(model, smollm2.projections, spectra, 0.5, windows, estimators=("mid", "peak"),
