@@ -72,15 +72,8 @@ def test_tuner_records_its_search_and_meets_the_budget(smollm2, tuned):
 
 def test_trials_the_clip_bounds_cannot_meet_are_skipped(tmp_path):
     # With s_max = target, epsilon 1 gives the highest-score projection sparsity s_min = 0 and no eta can make up for it.
-    from transformers import AutoModelForCausalLM
-
-    from acttail_export.checkpoint import write_checkpoint
-
     source = resolve_model(str(make_tiny_model("llama", tmp_path / "tiny")))
-    dense = allocate(source.projections, {p.name: 0.0 for p in source.projections}, 0.0, "uniform")
-    folder = write_checkpoint(source, tmp_path / "ckpt", sparsity_block(dense, 0.0, "uniform", "mid", 0.0, "heavy-tail"),
-                              {"README.md": b""})
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    model = load_in_process(source)
     windows = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(0))
     lines = []
     block = tune_block(model, source.projections, compute_spectra(source, progress=False), 0.5, windows,
