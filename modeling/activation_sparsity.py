@@ -54,8 +54,12 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)  # bool is an int subclass, never a number here
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_version(version) -> None:
-    if isinstance(version, bool) or not isinstance(version, int) or version != FORMAT_VERSION:
+    if not _is_int(version) or version != FORMAT_VERSION:
         raise ValueError(f"activation_sparsity.format_version is {version!r}; this code reads version {FORMAT_VERSION}")
 
 
@@ -96,16 +100,16 @@ class ModuleSpec:
 
     def check(self, field: str) -> None:
         """Raise ValueError naming ``field`` (``activation_sparsity.modules[name]``) and the bad key."""
-        if isinstance(self.in_features, bool) or not isinstance(self.in_features, int) or self.in_features < 1:
+        if not _is_int(self.in_features) or self.in_features < 1:
             raise ValueError(f"{field}.in_features must be an int >= 1, got {self.in_features!r}")
-        if isinstance(self.keep, bool) or not isinstance(self.keep, int) or not 1 <= self.keep <= self.in_features:
+        if not _is_int(self.keep) or not 1 <= self.keep <= self.in_features:
             raise ValueError(f"{field}.keep: keep={self.keep!r} must be an int in [1, in_features={self.in_features}]")
         if self.alpha is not None and not _is_number(self.alpha):
             raise ValueError(f"{field}.alpha must be a number, got {self.alpha!r}")
-        if self.sparsity is not None and not (_is_number(self.sparsity)
-                                              and abs(self.sparsity - (1 - self.keep / self.in_features)) <= _SPARSITY_TOLERANCE):
+        sparsity = 1 - self.keep / self.in_features
+        if self.sparsity is not None and not (_is_number(self.sparsity) and abs(self.sparsity - sparsity) <= _SPARSITY_TOLERANCE):
             raise ValueError(f"{field}.sparsity is {self.sparsity!r}, but keep {self.keep} of {self.in_features} inputs "
-                             f"is {1 - self.keep / self.in_features:.4f}")
+                             f"is {sparsity:.4f}")
         # math.isfinite rejects NaN and inf
         if self.threshold is not None and not (_is_number(self.threshold) and math.isfinite(self.threshold)
                                                and self.threshold >= 0):
