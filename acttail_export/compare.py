@@ -1,7 +1,7 @@
 """Perplexity of every sparsification method at several sparsities, on the same evaluation windows of the same model.
 
-The model is built once in this process by the ActTail runtime every checkpoint ships; each (method, sparsity, prefill) applies its block with
-``set_activation_sparsity``, so every row runs the modeling code a user would. Calibration (thresholds, the greedy
+The model is built once, in this process, by the ActTail runtime every checkpoint ships; each (method, sparsity, prefill)
+applies its block with ``set_activation_sparsity``, so every row runs the modeling code a user would. Calibration (thresholds, the greedy
 search, the auto-tuning search) uses windows from the end of the calibration text, evaluation windows from the start of
 the evaluation text: with the bundled text for both, they are disjoint.
 """

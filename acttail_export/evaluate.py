@@ -15,8 +15,8 @@ from .errors import ExportError
 from .modeling.activation_sparsity import ActivationSparsity
 from .weights import SUPPORTED_ARCHITECTURES, SourceModel, resolve_model
 
-__all__ = ["is_checkpoint", "load_model", "load_in_process", "load_tokenizer", "dense_block", "perplexity", "measured_sparsity",
-           "tokenize_windows", "calibration_windows"]
+__all__ = ["is_checkpoint", "load_model", "load_in_process", "load_tokenizer", "dense_block", "perplexity",
+           "measured_sparsity", "tokenize_windows", "calibration_windows"]
 
 
 def is_checkpoint(path: str | None) -> bool:
@@ -72,7 +72,8 @@ def load_in_process(model: SourceModel | str, dtype: torch.dtype = torch.float32
         folder, config = Path(model), None
         model_type = json.loads((folder / "config.json").read_text()).get("model_type", "").removeprefix("acttail_")
     if model_type not in SUPPORTED_ARCHITECTURES:
-        raise ExportError(f"{folder}: unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise ExportError(f"{folder}: unsupported architecture {model_type!r}; "
+                          f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     stem = SUPPORTED_ARCHITECTURES[model_type]
     config_class = getattr(configuration_acttail, f"ActTail{stem}Config")
     model_class = getattr(modeling_acttail, f"ActTail{stem}ForCausalLM")
