@@ -18,7 +18,7 @@ from acttail_export.modeling.activation_sparsity import ActivationSparsity, vali
 from acttail_export.modeling.projections import (INPUTS, PROJECTION_KINDS, SHARED_INPUTS, parse_projection,
                                                  projection_name)
 from acttail_export.weights import resolve_model
-from conftest import make_tiny_model, read_block, run_cli
+from conftest import make_tiny_model, read_block, run_cli, run_fresh_python
 
 Q0 = "model.layers.0.self_attn.q_proj"
 DOWN1 = "model.layers.1.mlp.down_proj"
@@ -173,19 +173,54 @@ def test_block_that_does_not_fit_the_model_is_refused(tiny, edit, words):
     assert {name: m.keep for name, m in model.topk_modules().items()} == before  # nothing half-applied
 
 
-def test_checkpoint_with_a_truncated_block_is_refused_at_load(exported, tmp_path):
-    config = json.loads((exported / "config.json").read_text())
-    config["activation_sparsity"]["modules"] = {Q0: config["activation_sparsity"]["modules"][Q0]}
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for file in exported.iterdir():
-        if file.is_file():
-            (bad / file.name).write_bytes(file.read_bytes())
-    (bad / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ExportError) as info:  # from the model's ValueError
-        load_in_process(str(bad))
-    message = str(info.value)
-    assert "\n" not in message and "activation_sparsity.modules lists 1 of the model's 14 projections" in message
+BAD_CHECKPOINTS = {
+    "unknown key": (lambda b: b.update(colour="blue"), "activation_sparsity: unknown key 'colour'"),
+    "one projection": (lambda b: b.update(modules={Q0: b["modules"][Q0]}),
+                       "activation_sparsity.modules lists 1 of the model's 14 projections"),
+    "lm_head": (lambda b: b["modules"].update(lm_head={"keep": 32, "in_features": 64}),
+                "activation_sparsity.modules['lm_head']: not a q/k/v/o/gate/up/down projection"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_checkpoints(exported, tmp_path_factory) -> dict[str, Path]:
+    """Copies of the exported checkpoint whose config.json holds an edited block, by edit."""
+    folders = {}
+    for what, (edit, _) in BAD_CHECKPOINTS.items():
+        folder = tmp_path_factory.mktemp("bad") / what.replace(" ", "_")
+        folder.mkdir()
+        for file in exported.iterdir():
+            if file.is_file():
+                (folder / file.name).write_bytes(file.read_bytes())
+        config = json.loads((exported / "config.json").read_text())
+        edit(config["activation_sparsity"])
+        (folder / "config.json").write_text(json.dumps(config))
+        folders[what] = folder
+    return folders
+
+
+@pytest.mark.parametrize("what", list(BAD_CHECKPOINTS))
+def test_checkpoint_with_a_bad_block_is_refused_at_load_in_process(bad_checkpoints, what):
+    with pytest.raises(ExportError) as info:  # from the config's or the model's ValueError
+        load_in_process(str(bad_checkpoints[what]))
+    assert "\n" not in str(info.value) and BAD_CHECKPOINTS[what][1] in str(info.value)
+
+
+def test_checkpoint_with_a_bad_block_is_refused_by_its_shipped_code(bad_checkpoints, tmp_path):
+    # the user's path: transformers runs the flat copy of the runtime shipped in the checkpoint
+    folders = {what: str(folder) for what, folder in bad_checkpoints.items()}
+    result = run_fresh_python(f"""
+        from transformers import AutoModelForCausalLM
+        for what, folder in {folders!r}.items():
+            try:
+                AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+                print(what, "| LOADED")
+            except ValueError as e:
+                print(what, "|", repr(str(e)))
+    """, tmp_path)
+    lines = dict(line.split(" | ", 1) for line in result.splitlines() if " | " in line)
+    for what, (_, message) in BAD_CHECKPOINTS.items():
+        assert message in lines[what] and "\\n" not in lines[what], lines[what]
 
 
 # --------------------------------------------------------------------------------------------------- what keeps loading
