@@ -8,6 +8,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from .activation_sparsity import ActivationSparsity, validate_sparse_backend
+from .projections import SITES  # noqa: F401  (transformers 5.0 copies only the files a loaded file imports directly)
 
 __all__ = [
     "ActTailLlamaConfig",

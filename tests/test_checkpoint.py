@@ -26,6 +26,19 @@ def test_shipped_code_is_flat_and_self_contained():
         assert not re.search(r"^from \.\.", text, flags=re.M)
 
 
+def test_files_transformers_loads_import_every_helper_directly():
+    # transformers 5.0 copies a local checkpoint's loaded file and only the files it imports directly (not theirs)
+    files = {f.stem: f for f in shipped_code_files()}
+    direct = {stem: set(re.findall(r"^\s*from \.(\w+) import", f.read_text(), flags=re.M)) for stem, f in files.items()}
+    for entry in ("configuration_acttail", "modeling_acttail"):  # the files auto_map names
+        reached, todo = set(), [entry]
+        while todo:
+            for module in direct[todo.pop()] - reached:
+                reached.add(module)
+                todo.append(module)
+        assert reached - {entry} <= direct[entry], (entry, reached - direct[entry])
+
+
 def test_failed_write_leaves_nothing_and_keeps_the_old_checkpoint(tiny_models, tmp_path):
     source = resolve_model(str(tiny_models["llama"]))
     broken = dataclasses.replace(source, weight_files=(tmp_path / "vanished.safetensors",))
