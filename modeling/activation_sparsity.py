@@ -173,16 +173,16 @@ class ActivationSparsity:
             raise ValueError(f"activation_sparsity.mode must be one of {MODES}, got {self.mode!r}")
         if self.sites not in tuple(SITES):
             raise ValueError(f"activation_sparsity.sites must be one of {tuple(SITES)}, got {self.sites!r}")
+        # the allocation's record: optional, of the right type where given
         for name in ("method", "estimator", "sparser"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                raise ValueError(f"activation_sparsity.{name} must be a string, got {getattr(self, name)!r}")
-        for name, high in (("target_sparsity", 1.0), ("effective_sparsity", 1.0), ("epsilon", 1.0)):
-            value = getattr(self, name)
-            if value is not None and not (_is_number(value) and 0.0 <= value <= high):
-                raise ValueError(f"activation_sparsity.{name} must be a number in [0, {high}], got {value!r}")
+            if (value := getattr(self, name)) is not None and not isinstance(value, str):
+                raise ValueError(f"activation_sparsity.{name} must be a string, got {value!r}")
+        for name in ("target_sparsity", "effective_sparsity", "epsilon"):
+            if (value := getattr(self, name)) is not None and not (_is_number(value) and 0.0 <= value <= 1.0):
+                raise ValueError(f"activation_sparsity.{name} must be a number in [0, 1], got {value!r}")
         for name in ("calibration", "tuning"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
-                raise ValueError(f"activation_sparsity.{name} must be a dict, got {getattr(self, name)!r}")
+            if (value := getattr(self, name)) is not None and not isinstance(value, dict):
+                raise ValueError(f"activation_sparsity.{name} must be a dict, got {value!r}")
         if not isinstance(self.modules, dict) or not self.modules:
             raise ValueError("activation_sparsity.modules must map projection names to {keep, in_features, ...}")
         for name, spec in self.modules.items():
