@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ExportError
-from .weights import PROJECTION_KINDS, Projection
+from .modeling.projections import SITES
+from .weights import Projection
 
 __all__ = [
     "ALLOCATIONS",
@@ -34,8 +35,6 @@ __all__ = [
 ]
 
 ALLOCATIONS = ("acttail", "uniform", "block", "teal-greedy")
-# Which projections a method sparsifies; the others keep every input. "mlp" is Dhar et al.'s FFN-only setting.
-SITES = {"all": PROJECTION_KINDS, "mlp": ("gate", "up", "down")}
 DIRECTIONS = ("heavy-tail", "light-tail")
 # Defaults chosen from docs/RESULTS.md (SmolLM2-135M, every token sparse).
 DEFAULT_EPSILON = 0.3

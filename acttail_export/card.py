@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from huggingface_hub import ModelCardData, metadata_load  # noqa: E402
 
 from .allocation import ModuleSparsity  # noqa: E402
-from .weights import PROJECTION_KINDS  # noqa: E402
+from .modeling.projections import PROJECTION_KINDS, parse_projection  # noqa: E402
 
 __all__ = ["CardFacts", "card_files", "inherited_license"]
 
@@ -172,8 +172,8 @@ def _perplexity_lines(perplexity: dict | None, block: dict) -> list[str]:
 def _by_kind(modules: dict[str, ModuleSparsity]) -> dict[str, list[tuple[int, ModuleSparsity]]]:
     by_kind = defaultdict(list)
     for name, m in modules.items():
-        layer = int(name.split(".layers.")[1].split(".")[0])
-        by_kind[name.rsplit(".", 1)[-1].removesuffix("_proj")].append((layer, m))
+        layer, kind = parse_projection(name)
+        by_kind[kind].append((layer, m))
     return {kind: sorted(by_kind[kind], key=lambda item: item[0]) for kind in PROJECTION_KINDS if kind in by_kind}
 
 

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from .allocation import ModuleSparsity, effective_sparsity
 from .errors import ExportError
-from .modeling.activation_sparsity import FORMAT_VERSION, validate_activation_sparsity
+from .modeling.activation_sparsity import FORMAT_VERSION, ActivationSparsity, ModuleSpec
 from .weights import SUPPORTED_ARCHITECTURES, SourceModel
 
 __all__ = ["TOKENIZER_FILES", "check_out", "shipped_code_files", "sparsity_block", "write_checkpoint", "replace_card"]
@@ -52,31 +52,17 @@ def sparsity_block(modules: dict[str, ModuleSparsity], target: float, method: st
     :param calibration: what calibration saw (windows, seqlen, text, greedy settings), recorded when a method used it
     :param tuning: the search record of ``--epsilon auto`` (see :func:`acttail_export.tuning.tune_block`), if any
     """
-    specs = {name: m.to_dict() for name, m in modules.items()}
-    if thresholds is not None:
-        for name, spec in specs.items():
-            spec["threshold"] = thresholds[name]
-    block = {
-        "format_version": FORMAT_VERSION,
-        "method": method,
-        "mode": mode,
-        "sites": sites,
-        "target_sparsity": target,
-        "effective_sparsity": round(effective_sparsity(modules), 6),
-        "estimator": estimator,
-        "epsilon": epsilon,
-        "sparser": sparser,
-        "prefill": prefill,
-        **({"calibration": calibration} if calibration is not None else {}),
-        "modules": specs,
-    }
-    if tuning is not None:
-        block["tuning"] = tuning
+    thresholds = thresholds or {}
     try:
-        validate_activation_sparsity(block)
+        block = ActivationSparsity(
+            format_version=FORMAT_VERSION, method=method, mode=mode, sites=sites, target_sparsity=target,
+            effective_sparsity=round(effective_sparsity(modules), 6), estimator=estimator, epsilon=epsilon,
+            sparser=sparser, prefill=prefill, calibration=calibration, tuning=tuning,
+            modules={name: ModuleSpec(**m.to_dict(), threshold=thresholds.get(name)) for name, m in modules.items()},
+        )
     except ValueError as e:
         raise ExportError(str(e)) from e
-    return block
+    return block.to_dict()
 
 
 def _checkpoint_config(source: SourceModel, block: dict, dtype: torch.dtype | None) -> dict:
@@ -110,7 +96,7 @@ def _copy_weights(source: SourceModel, dest: Path, dtype: torch.dtype | None, li
             except OSError:  # another filesystem, or links not supported: copy
                 pass
         if dtype is None:
-            (os.symlink if link else shutil.copyfile)(file.absolute(), dest / file.name)
+            shutil.copyfile(file, dest / file.name)
             continue
         with safe_open(file, framework="pt") as f:
             metadata = f.metadata()

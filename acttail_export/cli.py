@@ -34,7 +34,8 @@ from .compare import format_markdown, plot_results
 from .compare import write_csv as write_compare_csv
 from .checkpoint import check_out, replace_card, write_checkpoint
 from .errors import ExportError
-from .evaluate import calibration_windows, dense_block, is_checkpoint, load_model, perplexity, tokenize_windows
+from .evaluate import (dense_block, is_checkpoint, load_in_process, load_model, load_tokenizer, perplexity,
+                       tokenize_windows)
 from .greedy import DEFAULT_STEP
 from .hub import check_push_target, push_checkpoint
 from .methods import Method, build_block
@@ -51,7 +52,7 @@ from .spectra import (
     spectra_dtype,
 )
 from .text import read_text
-from .tuning import load_for_tuning, tune_block
+from .tuning import tune_block
 from .weights import default_gguf, resolve_model
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -279,8 +280,8 @@ def _measure_perplexity(out: Path) -> dict:
 def _tune(ctx: click.Context, source, spectra: dict, text: str) -> dict:
     """The block ``--epsilon auto`` chooses, for the export options in ``ctx``."""
     options = ctx.params
-    model, tokenizer = load_for_tuning(source)
-    windows = calibration_windows(tokenizer, text, options["calibration_seqlen"], options["calibration_windows"])
+    model = load_in_process(source)
+    windows = calibration_ids(source, text, options["calibration_windows"], options["calibration_seqlen"])
 
     def narrowed(name: str, default: tuple[str, ...]) -> tuple[str, ...]:  # only an option the user named narrows it
         explicit = ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
@@ -401,7 +402,8 @@ def patterns(model, text_file, sparsity, windows, seqlen, max_distance, out) -> 
     name = Path(model or default_gguf()).name.removesuffix(".gguf")
     out = Path(out or f"patterns-{name}")
     out.mkdir(parents=True, exist_ok=True)
-    loaded, tokenizer = load_model(model)
+    source = model if checkpoint else resolve_model(model)  # a checkpoint is read as it is, through our runtime
+    loaded, tokenizer = load_in_process(source), load_tokenizer(Path(model) if checkpoint else source.folder)
     ids = tokenize_windows(tokenizer, text, seqlen, windows)
     sites = model_sites(loaded, sparsity)
     rows = pattern_rows(capture_masks(loaded, ids, sites), sites, max_distance)

@@ -1,7 +1,7 @@
 """Perplexity of every sparsification method at several sparsities, on the same evaluation windows of the same model.
 
-The model is loaded once through the shipped ActTail code; each (method, sparsity, prefill) applies its block with
-``set_activation_sparsity``, so every row runs the modeling code a user would. Calibration (thresholds, the greedy
+The model is built once, in this process, by the ActTail runtime every checkpoint ships; each (method, sparsity, prefill)
+applies its block with ``set_activation_sparsity``, so every row runs the modeling code a user would. Calibration (thresholds, the greedy
 search, the auto-tuning search) uses windows from the end of the calibration text, evaluation windows from the start of
 the evaluation text: with the bundled text for both, they are disjoint.
 """
@@ -15,10 +15,10 @@ from pathlib import Path
 
 from .calibration import Calibration, calibration_ids
 from .errors import ExportError
-from .evaluate import dense_block, perplexity, tokenize_windows
+from .evaluate import dense_block, load_in_process, perplexity
 from .methods import Method, build_block
 from .spectra import ESTIMATORS, alphas_from_spectra, compute_spectra, spectra_cache_file, spectra_dtype
-from .tuning import load_for_tuning, tune_block
+from .tuning import tune_block
 from .weights import SourceModel
 
 __all__ = ["METHODS", "Result", "compare", "format_markdown", "write_csv", "plot_results"]
@@ -53,7 +53,7 @@ def compare(source: SourceModel, sparsities: list[float], methods: list[str], pr
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ExportError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
-    model, _ = load_for_tuning(source)
+    model = load_in_process(source)
     spectra = {}
     for estimator in ESTIMATORS:  # one spectra computation per precision the estimators need (cached on disk)
         dtype = spectra_dtype("auto", estimator)

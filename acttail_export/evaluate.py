@@ -12,10 +12,11 @@ from tqdm.auto import tqdm
 
 from .checkpoint import shipped_code_files
 from .errors import ExportError
-from .weights import resolve_model
+from .modeling.activation_sparsity import ActivationSparsity
+from .weights import SUPPORTED_ARCHITECTURES, SourceModel, resolve_model
 
-__all__ = ["is_checkpoint", "load_model", "dense_block", "perplexity", "measured_sparsity", "tokenize_windows",
-           "calibration_windows"]
+__all__ = ["is_checkpoint", "load_model", "load_in_process", "load_tokenizer", "dense_block", "perplexity",
+           "measured_sparsity", "tokenize_windows", "calibration_windows"]
 
 
 def is_checkpoint(path: str | None) -> bool:
@@ -55,12 +56,48 @@ def load_model(model: str | None, dtype: torch.dtype = torch.float32, trust_remo
     return loaded.eval(), tokenizer
 
 
+def load_in_process(model: SourceModel | str, dtype: torch.dtype = torch.float32):
+    """``model`` built in this process by this package's runtime, the code every checkpoint ships: no checkpoint is
+    written and no remote code is run. For the studies, which apply many blocks to one model.
+
+    :param model: an input model, built as the ActTail class of its architecture without a block (plain Linears until
+        ``set_activation_sparsity``), or the folder of an exported checkpoint (its block applied)
+    """
+    from .modeling import configuration_acttail, modeling_acttail  # here, not above: the runtime imports Triton and numba
+
+    if isinstance(model, SourceModel):
+        folder, model_type = model.folder, model.model_type
+        config = {key: value for key, value in model.config.items() if key != "model_type"}
+    else:  # a checkpoint: its config.json is the ActTail class's own
+        folder, config = Path(model), None
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type", "").removeprefix("acttail_")
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise ExportError(f"{folder}: unsupported architecture {model_type!r}; "
+                          f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    stem = SUPPORTED_ARCHITECTURES[model_type]
+    config_class = getattr(configuration_acttail, f"ActTail{stem}Config")
+    model_class = getattr(modeling_acttail, f"ActTail{stem}ForCausalLM")
+    try:
+        config = config_class.from_pretrained(folder) if config is None else config_class.from_dict(config)
+        loaded = model_class.from_pretrained(folder, config=config, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"could not load {folder}: {e}") from e
+    return loaded.eval()
+
+
+def load_tokenizer(folder: Path):
+    """The tokenizer saved in ``folder`` (never code shipped with it)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{folder} has no tokenizer that loads: {e}") from e
+
+
 def dense_block(block: dict) -> dict:
     """A copy of an activation_sparsity block that keeps every input (the same model, sparsity switched off)."""
-    threshold = {"threshold": 0.0} if block.get("mode") == "threshold" else {}  # threshold 0 keeps every input
-    modules = {name: {**spec, "keep": spec["in_features"], "sparsity": 0.0, **threshold}
-               for name, spec in block["modules"].items()}
-    return {**block, "modules": modules, "effective_sparsity": 0.0}
+    return ActivationSparsity.from_dict(block).dense().to_dict()
 
 
 def tokenize_windows(tokenizer, text: str, seqlen: int, windows: int) -> torch.Tensor:

@@ -25,7 +25,8 @@ from torch import nn
 from .allocation import GreedyRow, keep_count
 from .errors import ExportError
 from .kernels.topk import topk_order, topk_sparsify
-from .weights import PROJECTION_KINDS, Projection
+from .modeling.projections import INPUT_OF, INPUTS, PROJECTION_KINDS, PROJECTION_PATHS
+from .weights import Projection
 
 __all__ = ["DEFAULT_STEP", "ERROR_FRACTION", "search_block", "block_shares"]
 
@@ -34,8 +35,9 @@ __all__ = ["DEFAULT_STEP", "ERROR_FRACTION", "search_block", "block_shares"]
 # SmolLM2 at 50% (8 x 512 evaluation tokens, every token sparse) gave perplexity 31.76 against 32.23 with 0.005.
 DEFAULT_STEP = 0.01
 ERROR_FRACTION = 0.25  # TEAL: the block-output error is read on the last 25% of each window's tokens
-# The stage a projection belongs to: a candidate at a stage recomputes it and the stages after it.
-_STAGE = {"q": 0, "k": 0, "v": 0, "o": 1, "gate": 2, "up": 2, "down": 3}
+# The stage a projection belongs to, the block's inputs in forward order (q/k/v 0, o 1, gate/up 2, down 3): a candidate
+# at a stage recomputes it and the stages after it.
+_STAGE = {kind: list(INPUTS).index(INPUT_OF[kind]) for kind in PROJECTION_KINDS}
 
 
 class _Stop(Exception):
@@ -181,7 +183,7 @@ def search_block(layer: nn.Module, projections: list[Projection], x: torch.Tenso
     if not 0 < step < 1:
         raise ExportError(f"greedy step must be in (0, 1), got {step}")
     shares = block_shares(projections)
-    linears = {p.kind: layer.get_submodule(p.name.split(".", 3)[3]) for p in projections}
+    linears = {p.kind: layer.get_submodule(PROJECTION_PATHS[p.kind]) for p in projections}
     sparsity = {kind: s_min if kind in kinds else 0.0 for kind in PROJECTION_KINDS}
 
     def row() -> GreedyRow:

@@ -23,7 +23,6 @@ Capture is separate from statistics (:func:`capture_masks`), and plotting from b
 from __future__ import annotations
 
 import csv
-import re
 from dataclasses import asdict, dataclass
 from itertools import combinations
 from pathlib import Path
@@ -34,6 +33,7 @@ from tqdm.auto import tqdm
 from .allocation import keep_count
 from .evaluate import dense_block
 from .kernels.topk import topk_mask
+from .modeling.projections import INPUTS, PROJECTION_KINDS, parse_projection
 
 __all__ = [
     "DENSE_SITES",
@@ -57,17 +57,16 @@ __all__ = [
     "plot_patterns",
 ]
 
-# site -> the projection whose input it is (for a dense model; the other projections at that input read the same vector)
-DENSE_SITES = {"attn_in": "q_proj", "o_in": "o_proj", "mlp_in": "gate_proj", "down_in": "down_proj"}
-PROJECTION_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# site -> the projection kind whose input it is (for a dense model; the other kinds at that input read the same vector)
+DENSE_SITES = {site: kinds[0] for site, kinds in INPUTS.items()}
 DEFAULT_PATTERN_SPARSITY = 0.5
 STATISTICS = ("token", "hot", "depth", "depth_precision", "depth_recall")
-_MODULE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)$")
 
 
 @dataclass(frozen=True)
 class Site:
-    """One projection input per layer: ``keeps[layer]`` is the active-set size at that layer, out of ``dim``."""
+    """One projection input per layer, read by the projection kind ``projection`` ("q" ... "down"): ``keeps[layer]`` is
+    the active-set size at that layer, out of ``dim``."""
 
     name: str
     projection: str
@@ -90,12 +89,8 @@ class PatternRow:
 # ----------------------------------------------------------------------------------------------------------- sites, capture
 
 def _projection_modules(model) -> dict[tuple[int, str], torch.nn.Module]:
-    modules = {}
-    for name, module in model.named_modules():
-        match = _MODULE.search(name)
-        if match:
-            modules[int(match.group(1)), match.group(2)] = module
-    return modules
+    """(layer, kind) -> module of every decoder projection of ``model``."""
+    return {parsed: module for name, module in model.named_modules() if (parsed := parse_projection(name))}
 
 
 def dense_sites(model, sparsity: float) -> list[Site]:
@@ -111,14 +106,14 @@ def dense_sites(model, sparsity: float) -> list[Site]:
 
 def checkpoint_sites(block: dict) -> list[Site]:
     """Every sparsified projection of an ``activation_sparsity`` block, with its own keep count per layer."""
-    by_projection: dict[str, dict[int, int]] = {}
+    by_kind: dict[str, dict[int, int]] = {}
     dims = {}
     for name, spec in block["modules"].items():
-        match = _MODULE.search(name)
-        by_projection.setdefault(match.group(2), {})[int(match.group(1))] = spec["keep"]
-        dims[match.group(2)] = spec["in_features"]
-    return [Site(p, p, dims[p], dict(sorted(by_projection[p].items())))
-            for p in sorted(by_projection, key=PROJECTION_ORDER.index)]
+        layer, kind = parse_projection(name)
+        by_kind.setdefault(kind, {})[layer] = spec["keep"]
+        dims[kind] = spec["in_features"]
+    return [Site(f"{kind}_proj", kind, dims[kind], dict(sorted(by_kind[kind].items())))
+            for kind in PROJECTION_KINDS if kind in by_kind]
 
 
 def model_sites(model, sparsity: float) -> list[Site]:

@@ -12,21 +12,20 @@ from __future__ import annotations
 
 import itertools
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
-from .allocation import DEFAULT_SPARSER, DIRECTIONS, allocate
-from .checkpoint import sparsity_block, write_checkpoint
+from .allocation import DIRECTIONS, allocate
+from .checkpoint import sparsity_block
 from .errors import ExportError
-from .evaluate import load_model, perplexity
-from .spectra import DEFAULT_ESTIMATOR, ESTIMATORS, alphas_from_spectra
-from .weights import Projection, SourceModel
+from .evaluate import perplexity
+from .spectra import ESTIMATORS, alphas_from_spectra
+from .weights import Projection
 
-__all__ = ["COARSE_EPSILONS", "REFINE_STEP", "Trial", "load_for_tuning", "tune_block"]
+__all__ = ["COARSE_EPSILONS", "REFINE_STEP", "Trial", "tune_block"]
 
 COARSE_EPSILONS = (0.1, 0.3, 0.5, 0.8)  # SmolLM2: best at 0.2-0.4, 0.7 and more far worse at 70% (docs/RESULTS.md)
 REFINE_STEP = 0.1
@@ -42,19 +41,6 @@ class Trial:
     perplexity: float
 
 
-def load_for_tuning(source: SourceModel, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) of ``source`` loaded through the shipped ActTail code, sparsity off, for trials.
-
-    The model is read from a temporary checkpoint whose weight files are links to the source's, so nothing is copied.
-    """
-    dense = allocate(source.projections, {p.name: 0.0 for p in source.projections}, 0.0, "uniform")
-    block = sparsity_block(dense, 0.0, "uniform", DEFAULT_ESTIMATOR, 0.0, DEFAULT_SPARSER)
-    with tempfile.TemporaryDirectory(prefix="acttail-tune-") as tmp:
-        folder = write_checkpoint(source, f"{tmp}/model", block, {"README.md": b"temporary checkpoint for tuning"},
-                                  link_weights=True)
-        return load_model(str(folder), dtype)
-
-
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -67,7 +53,7 @@ def tune_block(model, projections: Sequence[Projection], spectra: dict[str, np.n
 
     Leaves ``model`` with the last trial's block applied.
 
-    :param model: an ActTail model (``set_activation_sparsity``), e.g. from :func:`load_for_tuning`
+    :param model: an ActTail model (``set_activation_sparsity``), e.g. from :func:`acttail_export.evaluate.load_in_process`
     :param spectra: ESD per projection name, from :func:`acttail_export.spectra.compute_spectra`
     :param windows: ``[N, seqlen]`` calibration token ids
     :param estimators: the estimators searched (default all)

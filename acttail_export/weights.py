@@ -15,10 +15,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import ExportError
+from .modeling.projections import PROJECTION_KINDS, parse_projection
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
-    "PROJECTION_KINDS",
     "Projection",
     "SourceModel",
     "default_gguf",
@@ -28,8 +28,6 @@ __all__ = [
 
 # model_type of the input -> name stem of our shipped classes (ActTail<stem>Config / ActTail<stem>ForCausalLM).
 SUPPORTED_ARCHITECTURES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
-PROJECTION_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
-_PROJECTION_KEY = re.compile(r"^model\.layers\.(\d+)\.(?:self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.weight$")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "README.md"]
@@ -206,17 +204,17 @@ def find_projections(config: dict, weight_files: tuple[Path, ...]) -> tuple[Proj
         try:
             with safe_open(file, framework="pt") as f:
                 for key in f.keys():
-                    match = _PROJECTION_KEY.match(key)
-                    if match:
+                    name = key.removesuffix(".weight")
+                    parsed = parse_projection(name) if key.endswith(".weight") else None
+                    if parsed:
                         out_features, in_features = f.get_slice(key).get_shape()
-                        name = key.removesuffix(".weight")
-                        projections.append(Projection(name, int(match[1]), match[2], out_features, in_features, file))
+                        projections.append(Projection(name, *parsed, out_features, in_features, file))
         except (SafetensorError, OSError, ValueError) as e:
             raise ExportError(f"{file} is not a readable safetensors file ({size} bytes): {e}") from e
     layers = config.get("num_hidden_layers")
     if not isinstance(layers, int) or layers < 1:
         raise ExportError(f"config.json has no valid num_hidden_layers: {layers!r}")
-    expected = 7 * layers
+    expected = len(PROJECTION_KINDS) * layers
     if len(projections) != expected:
         raise ExportError(f"expected {expected} projection weights (7 per layer), found {len(projections)}")
     order = {kind: i for i, kind in enumerate(PROJECTION_KINDS)}

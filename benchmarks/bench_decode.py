@@ -26,14 +26,14 @@ import torch
 
 from acttail_export.allocation import allocate
 from acttail_export.checkpoint import sparsity_block
+from acttail_export.evaluate import dense_block
+from acttail_export.modeling.projections import parse_projection
 from acttail_export.weights import Projection
-
-SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def projections_of(model) -> list[Projection]:
-    return [Projection(name, int(name.split(".")[2]), name.rsplit(".", 1)[1], m.out_features, m.in_features, Path("-"))
-            for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in SEVEN]
+    return [Projection(name, *parsed, m.out_features, m.in_features, Path("-"))
+            for name, m in model.named_modules() if (parsed := parse_projection(name))]
 
 
 def uniform_block(model, sparsity: float) -> dict:
@@ -182,9 +182,7 @@ def main() -> None:
             tokenizer = AutoTokenizer.from_pretrained(first, trust_remote_code=True)
             ids = tokenizer(wikipedia_text()[:4000], return_tensors="pt").input_ids[:, :args.prompt_tokens]
             name = f"SmolLM2-135M fp32 ({args.mode}), CPU {torch.get_num_threads()} threads"
-        dense = {name: {**spec, "keep": spec["in_features"], "sparsity": 0.0, **({"threshold": 0.0} if "threshold" in spec else {})}
-                 for name, spec in blocks[sparsities[0]]["modules"].items()}
-        rows = [(0.0, {**blocks[sparsities[0]], "modules": dense, "effective_sparsity": 0.0})] + [(s, blocks[s]) for s in sparsities]
+        rows = [(0.0, dense_block(blocks[sparsities[0]]))] + [(s, blocks[s]) for s in sparsities]
         print(f"{name}; prompt {ids.shape[1]} tokens, {new_tokens} new; torch {torch.__version__}")
         print("| mode | sparsity | tokens/s (median) | speed-up (median of per-round ratios) | decode-step logits vs reference path |")
         print("|---|---|---|---|---|")

@@ -7,7 +7,8 @@ Shipped flat inside every exported checkpoint. Each class has its own ``model_ty
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-from .activation_sparsity import validate_activation_sparsity, validate_sparse_backend
+from .activation_sparsity import ActivationSparsity, validate_sparse_backend
+from .projections import SITES  # noqa: F401  (transformers 5.0 copies only the files a loaded file imports directly)
 
 __all__ = [
     "ActTailLlamaConfig",
@@ -23,7 +24,7 @@ class ActTailConfigMixin:
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.activation_sparsity is not None:
-            validate_activation_sparsity(self.activation_sparsity)
+            ActivationSparsity.from_dict(self.activation_sparsity)  # the checks against the model come at load
         validate_sparse_backend(self.sparse_backend)
 
 

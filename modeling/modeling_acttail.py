@@ -15,8 +15,9 @@ from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 from transformers.utils import logging
 
-from .activation_sparsity import validate_activation_sparsity, validate_sparse_backend
+from .activation_sparsity import ActivationSparsity, validate_sparse_backend
 from .configuration_acttail import ActTailLlamaConfig, ActTailMistralConfig, ActTailQwen2Config, ActTailQwen3Config
+from .projections import INPUT_OF, parse_projection
 from .topk import threshold_sparsify, topk_sparsify
 from .topk_cpu import select_cpu, sparse_linear_cpu, threshold_linear_cpu
 
@@ -38,8 +39,6 @@ __all__ = [
     "ActTailQwen3ForCausalLM",
 ]
 
-# Projections that read the same vector, and the module that hands it to them: one sparse launch serves a group.
-SHARED_INPUTS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
 # A decode step of B rows takes the sparse path while B * (kept fraction) < 1: each row reads its own kept weight rows,
 # so past that the rows together read more bytes than one dense pass (Polar Sparsity; KNOWLEDGE.md).
 BATCH_BREAK_EVEN = 1.0
@@ -229,25 +228,23 @@ class ActTailMixin:
         """Swap or update the sparse projections named in ``block["modules"]`` (keep = in_features, or threshold 0 in
         mode "threshold", makes one dense). Switches between the modes "topk" and "threshold".
 
+        The block is checked (:class:`ActivationSparsity`) and then checked against this model: every q/k/v/o/gate/up/down
+        projection of every decoder layer listed, with its in_features, and the effective sparsity the keeps give.
+
         :param block: an ``activation_sparsity`` block, as in config.json
         """
-        validate_activation_sparsity(block)
-        prefill = block.get("prefill", "sparse")
-        by_threshold = block.get("mode", "topk") == "threshold"
-        for name, spec in block["modules"].items():
-            threshold = float(spec["threshold"]) if by_threshold else None
-            try:
-                module = self.get_submodule(name)
-            except AttributeError:
-                raise ValueError(f"activation_sparsity names {name!r}, which this model does not have") from None
-            if not isinstance(module, nn.Linear) or module.in_features != spec["in_features"]:
-                raise ValueError(f"{name!r} is not a Linear with in_features={spec['in_features']}: {module}")
+        sparsity = ActivationSparsity.from_dict(block)
+        linears = {name: m for name, m in self.named_modules() if parse_projection(name) and isinstance(m, nn.Linear)}
+        sparsity.check_model({name: (m.out_features, m.in_features) for name, m in linears.items()})
+        by_threshold = sparsity.mode == "threshold"
+        for name, spec in sparsity.modules.items():
+            module, threshold = linears[name], float(spec.threshold) if by_threshold else None
             if isinstance(module, TopKLinear):
-                module.keep, module.prefill, module.threshold = spec["keep"], prefill, threshold
+                module.keep, module.prefill, module.threshold = spec.keep, sparsity.prefill, threshold
             else:
                 parent, _, child = name.rpartition(".")
-                setattr(self.get_submodule(parent), child, TopKLinear.from_linear(module, spec["keep"], prefill, threshold))
-        self.config.activation_sparsity = block
+                setattr(self.get_submodule(parent), child, TopKLinear.from_linear(module, spec.keep, sparsity.prefill, threshold))
+        self.config.activation_sparsity = sparsity.to_dict()
         self.set_sparse_backend(self.config.sparse_backend)
 
     def set_sparse_backend(self, backend: str) -> None:
@@ -265,19 +262,15 @@ class ActTailMixin:
             module.group, module.step_output = None, None
 
     def decode_groups(self) -> list[tuple[nn.Module | None, list[TopKLinear]]]:
-        """The sparse projections grouped by shared input: (the parent that hands the group its input, or None for a
-        projection alone; the members)."""
-        modules = self.topk_modules()
-        groups, grouped = [], set()
-        for parent_name, parent in self.named_modules():
-            for child, names in SHARED_INPUTS.items():
-                members = [modules.get(f"{parent_name}.{child}.{name}") for name in names]
-                members = [m for m in members if m is not None and m.sparse]
-                if len(members) > 1 and child in dict(parent.named_children()):
-                    groups.append((parent.get_submodule(child), members))
-                    grouped.update(map(id, members))
-        groups += [(None, [m]) for m in modules.values() if m.sparse and id(m) not in grouped]
-        return groups
+        """The sparse projections grouped by the vector they read (``projections.INPUT_OF``: q/k/v, gate/up, o, down
+        of each layer): (the module that hands the group its input, for a group of several, else None; the members)."""
+        groups = {}
+        for name, module in self.topk_modules().items():
+            if module.sparse:
+                parsed = parse_projection(name)
+                groups.setdefault((parsed[0], INPUT_OF[parsed[1]]) if parsed else name, []).append((name, module))
+        return [(self.get_submodule(members[0][0].rpartition(".")[0]) if len(members) > 1 else None,
+                 [module for _, module in members]) for members in groups.values()]
 
     def prepare_sparse_decode(self) -> None:
         """Plan the sparse decode steps: choose each group's path (see ``resolve_backend``), store its weights

@@ -23,10 +23,10 @@ import numpy as np
 
 from acttail_export.allocation import DEFAULT_EPSILON, DEFAULT_SPARSER, DIRECTIONS, allocate
 from acttail_export.checkpoint import sparsity_block
-from acttail_export.evaluate import calibration_windows, dense_block, perplexity, tokenize_windows
+from acttail_export.evaluate import calibration_windows, dense_block, load_in_process, load_tokenizer, perplexity, tokenize_windows
 from acttail_export.spectra import DEFAULT_ESTIMATOR, ESTIMATORS, alphas_from_spectra, compute_spectra
 from acttail_export.text import read_text
-from acttail_export.tuning import load_for_tuning, tune_block
+from acttail_export.tuning import tune_block
 from acttail_export.weights import resolve_model
 
 
@@ -75,7 +75,7 @@ def main() -> None:
     source = resolve_model(None)
     spectra = compute_spectra(source, progress=False)
     alphas = {e: alphas_from_spectra(spectra, e) for e in ESTIMATORS}
-    model, tokenizer = load_for_tuning(source)
+    model, tokenizer = load_in_process(source), load_tokenizer(source.folder)
     text = read_text(None)
     ids = tokenize_windows(tokenizer, text, args.seqlen, args.windows)
 

@@ -5,7 +5,8 @@ import pytest
 
 from acttail_export.allocation import BUDGET_TOLERANCE, GreedyRow, allocate, effective_sparsity, keep_count
 from acttail_export.errors import ExportError
-from acttail_export.weights import PROJECTION_KINDS, Projection
+from acttail_export.modeling.projections import PROJECTION_KINDS
+from acttail_export.weights import Projection
 
 
 def llama_like(layers: int = 4, d: int = 576, d_kv: int = 192, d_ff: int = 1536) -> list[Projection]:

@@ -11,7 +11,7 @@ from acttail_export.weights import resolve_model
 def test_shipped_code_is_flat_and_self_contained():
     files = shipped_code_files()
     assert [f.name for f in files] == ["activation_sparsity.py", "configuration_acttail.py", "modeling_acttail.py",
-                                       "topk.py", "topk_cpu.py", "topk_triton.py"]
+                                       "projections.py", "topk.py", "topk_cpu.py", "topk_triton.py"]
     names = {f.stem for f in files}
     for f in files:
         text = f.read_text()
@@ -21,8 +21,22 @@ def test_shipped_code_is_flat_and_self_contained():
             assert module in names, (f.name, module)
         # What transformers requires installed (imports outside try blocks): nothing beyond what it needs itself;
         # triton and numba are optional.
-        assert set(get_imports(f)) <= {"functools", "math", "os", "torch", "transformers", "huggingface_hub"}, f.name
+        assert set(get_imports(f)) <= {"dataclasses", "functools", "hashlib", "math", "os", "re", "torch", "transformers",
+                                       "huggingface_hub"}, f.name
         assert not re.search(r"^from \.\.", text, flags=re.M)
+
+
+def test_files_transformers_loads_import_every_helper_directly():
+    # transformers 5.0 copies a local checkpoint's loaded file and only the files it imports directly (not theirs)
+    files = {f.stem: f for f in shipped_code_files()}
+    direct = {stem: set(re.findall(r"^\s*from \.(\w+) import", f.read_text(), flags=re.M)) for stem, f in files.items()}
+    for entry in ("configuration_acttail", "modeling_acttail"):  # the files auto_map names
+        reached, todo = set(), [entry]
+        while todo:
+            for module in direct[todo.pop()] - reached:
+                reached.add(module)
+                todo.append(module)
+        assert reached - {entry} <= direct[entry], (entry, reached - direct[entry])
 
 
 def test_failed_write_leaves_nothing_and_keeps_the_old_checkpoint(tiny_models, tmp_path):

@@ -11,7 +11,8 @@ from acttail_export.calibration import Calibration
 from acttail_export.greedy import ERROR_FRACTION, block_shares, search_block
 from acttail_export.kernels.topk import topk_sparsify
 from acttail_export.methods import Method, build_block
-from acttail_export.weights import PROJECTION_KINDS, resolve_model
+from acttail_export.modeling.projections import PROJECTION_KINDS
+from acttail_export.weights import resolve_model
 from conftest import make_tiny_model
 
 

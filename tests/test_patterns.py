@@ -101,7 +101,7 @@ def test_pattern_rows_on_masks_copied_across_depth():
     # random across windows, the same active sets in every layer: token/hot at chance, depth at 1
     d, k = 512, 128
     layer_masks = random_sets((8, 128, d), k, seed=7)
-    sites = [Site("mlp_in", "gate_proj", d, {layer: k for layer in range(3)})]
+    sites = [Site("mlp_in", "gate", d, {layer: k for layer in range(3)})]
     rows = pattern_rows({"mlp_in": {layer: layer_masks for layer in range(3)}}, sites, max_distance=5)
     by_stat = {}
     for row in rows:

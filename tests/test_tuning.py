@@ -7,9 +7,10 @@ import torch
 
 from acttail_export.allocation import BUDGET_TOLERANCE, allocate
 from acttail_export.checkpoint import sparsity_block
-from acttail_export.evaluate import calibration_windows, load_model, perplexity
+from acttail_export.calibration import calibration_ids
+from acttail_export.evaluate import load_in_process, load_model, perplexity
 from acttail_export.spectra import alphas_from_spectra, compute_spectra
-from acttail_export.tuning import COARSE_EPSILONS, REFINE_STEP, load_for_tuning, tune_block
+from acttail_export.tuning import COARSE_EPSILONS, REFINE_STEP, tune_block
 from acttail_export.weights import resolve_model
 from conftest import make_tiny_model, read_block, run_cli
 
@@ -18,8 +19,8 @@ SEQLEN = 48
 
 @pytest.fixture(scope="module")
 def tuned(smollm2, wiki_text):
-    model, tokenizer = load_for_tuning(smollm2)
-    windows = calibration_windows(tokenizer, wiki_text, SEQLEN, 1)
+    model = load_in_process(smollm2)
+    windows = calibration_ids(smollm2, wiki_text, 1, SEQLEN)
     spectra = compute_spectra(smollm2, progress=False)
     lines = []
     block = tune_block(model, smollm2.projections, spectra, 0.5, windows, estimators=("mid", "peak"),
@@ -71,15 +72,8 @@ def test_tuner_records_its_search_and_meets_the_budget(smollm2, tuned):
 
 def test_trials_the_clip_bounds_cannot_meet_are_skipped(tmp_path):
     # With s_max = target, epsilon 1 gives the highest-score projection sparsity s_min = 0 and no eta can make up for it.
-    from transformers import AutoModelForCausalLM
-
-    from acttail_export.checkpoint import write_checkpoint
-
     source = resolve_model(str(make_tiny_model("llama", tmp_path / "tiny")))
-    dense = allocate(source.projections, {p.name: 0.0 for p in source.projections}, 0.0, "uniform")
-    folder = write_checkpoint(source, tmp_path / "ckpt", sparsity_block(dense, 0.0, "uniform", "mid", 0.0, "heavy-tail"),
-                              {"README.md": b""})
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    model = load_in_process(source)
     windows = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(0))
     lines = []
     block = tune_block(model, source.projections, compute_spectra(source, progress=False), 0.5, windows,
