@@ -206,17 +206,23 @@ def time_us(fn, graph: bool) -> float:
 
     if not graph:
         return 1000 * do_bench(fn, warmup=25, rep=100, return_mode="median")
+    replay = captured(fn, calls=20)
+    return 1000 * do_bench(replay, warmup=10, rep=100, return_mode="median") / 20
+
+
+def captured(fn, calls: int = 1):
+    """``calls`` calls of fn captured as one CUDA graph (after warm-up calls on a side stream); returns its replay."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(3):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(20):
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
             fn()
-    return 1000 * do_bench(g.replay, warmup=10, rep=100, return_mode="median") / 20
+    return graph.replay
 
 
 def bench_kernels(report: Report, kernels, device: str) -> None:
@@ -333,18 +339,7 @@ def decode_rate(model, batch: int, graph: bool, steps: int, prompt: int = 32) ->
             token.copy_(out[:, -1:].argmax(-1))
             position.add_(1)
 
-        run = step
-        if graph:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    step()
-            torch.cuda.current_stream().wait_stream(stream)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                step()
-            run = g.replay
+        run = captured(step) if graph else step
         position.fill_(prompt)
         run()  # warm
         synchronize(device)
