@@ -443,8 +443,8 @@ def patterns(model, text_file, sparsity, windows, seqlen, max_distance, out) -> 
     check_seqlen(folder, seqlen)
     name = Path(model or default_gguf()).name.removesuffix(".gguf")
     out = Path(out or f"patterns-{name}")
-    out.mkdir(parents=True, exist_ok=True)
     loaded, tokenizer = load_model(folder)
+    out.mkdir(parents=True, exist_ok=True)
     ids = tokenize_windows(tokenizer, text, seqlen, windows)
     sites = model_sites(loaded, sparsity)
     rows = pattern_rows(capture_masks(loaded, ids, sites), sites, max_distance)
@@ -521,8 +521,13 @@ def _parse_list(value: str, kind, option: str, valid) -> list:
     return items
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(signum)
+class Killed(BaseException):
+    """SIGTERM or SIGHUP arrived: unwinds like Ctrl-C's KeyboardInterrupt (a BaseException, so cleanup that catches
+    BaseException runs and ``except Exception`` cannot swallow it), but passes click's KeyboardInterrupt handling."""
+
+
+def _killed(signum, frame):
+    raise Killed(signum)
 
 
 def main() -> None:
@@ -535,15 +540,16 @@ def main() -> None:
     if not sys.stderr.isatty():  # transformers' "Loading weights" bar, like ours, only on a terminal
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     handled = (signal.SIGTERM, signal.SIGHUP)
-    previous = {signum: signal.signal(signum, _interrupt) for signum in handled}
+    previous = {signum: signal.signal(signum, _killed) for signum in handled}
     try:
         cli.main(prog_name="acttail-export", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as e:  # no arguments: the usage, as click prints it
         click.echo(e.ctx.get_help())
         sys.exit(e.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt) as e:
-        signum = e.args[0] if isinstance(e, KeyboardInterrupt) and e.args else signal.SIGINT
-        _fail("interrupted" if signum == signal.SIGINT else f"interrupted by {signal.Signals(signum).name}", 128 + signum)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        _fail("interrupted", 128 + signal.SIGINT)
+    except Killed as e:
+        _fail(f"interrupted by {signal.Signals(e.args[0]).name}", 128 + e.args[0])
     except click.ClickException as e:
         _fail(e.format_message(), e.exit_code)
     except BadOption as e:
