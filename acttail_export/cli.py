@@ -239,7 +239,7 @@ def export(ctx, paths, sparsity, allocation, mode, sites, estimator, epsilon, sp
     check_input_code(source.folder)
     check_complete(source)
     if method.needs_calibration or auto:
-        check_seqlen(source.folder, calibration_seqlen)
+        check_seqlen(source.folder, calibration_seqlen, "--calibration-seqlen")
     site_target(source.projections, sparsity, sites, max_sparsity)
     calibration = None
     if method.needs_calibration:

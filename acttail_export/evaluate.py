@@ -45,7 +45,7 @@ def check_block(folder: Path) -> None:
         raise ExportError(f"{folder}/config.json: {e}") from e
 
 
-def check_seqlen(folder: Path, seqlen: int) -> None:
+def check_seqlen(folder: Path, seqlen: int, option: str = "--seqlen") -> None:
     """Refuse windows longer than the model's positions, before it loads (past them a forward pass runs for minutes
     and measures nothing the model was built for)."""
     try:
@@ -53,7 +53,7 @@ def check_seqlen(folder: Path, seqlen: int) -> None:
     except (OSError, ValueError, AttributeError):
         return  # loading reports an unreadable config
     if isinstance(positions, int) and seqlen > positions:
-        raise BadOption(f"--seqlen {seqlen} is more than the {positions} positions of {folder}")
+        raise BadOption(f"{option} {seqlen} is more than the {positions} positions of {folder}")
 
 
 def load_model(model: str | Path | None, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
