@@ -538,7 +538,9 @@ def main() -> None:
     128 + the signal number when interrupted.
     """
     if not sys.stderr.isatty():  # transformers' "Loading weights" bar, like ours, only on a terminal
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()  # transformers copies this setting when it is imported, which happens later
     handled = (signal.SIGTERM, signal.SIGHUP)
     previous = {signum: signal.signal(signum, _killed) for signum in handled}
     try:

@@ -53,7 +53,6 @@ def invoke_cli(*args, env: dict[str, str | None] | None = None) -> CliResult:
     from acttail_export.cli import main
 
     argv = sys.argv
-    env = {"HF_HUB_DISABLE_PROGRESS_BARS": os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"), **(env or {})}
     with CliRunner().isolation(env=env) as (stdout, stderr, _):
         sys.argv = ["acttail-export", *map(str, args)]
         try:

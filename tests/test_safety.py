@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import acttail_export.checkpoint as checkpoint
 from acttail_export.trust import foreign_code
-from conftest import invoke_cli, make_tiny_model
+from conftest import invoke_cli, make_tiny_model, run_cli
 
 
 def assert_fails(result, message: str, code: int) -> None:
@@ -367,3 +367,11 @@ def test_every_option_has_help():
     missing = [f"{name} {p.opts[0]}" for name, command in cli.commands.items() for p in command.params
                if isinstance(p, click.Option) and not p.help]
     assert missing == []
+
+
+def test_no_progress_bars_in_a_pipe(exported, text):
+    """transformers' "Loading weights" bar stays off the stderr of a pipe, like the tool's own bars (a real process:
+    transformers reads the setting when it is imported). The tiny model has no tokenizer: eval fails just after the
+    weights loaded, and that one line is all stderr holds."""
+    result = run_cli("eval", exported, "--seqlen", "16", "--windows", "1", *text, check=False)
+    assert result.stderr.startswith("acttail-export: error: could not load") and len(result.stderr.splitlines()) == 1
