@@ -493,7 +493,6 @@ def compare_command(model, sparsities, methods, prefills, text_file, windows, se
 
     eval_ids = tokenize_windows(AutoTokenizer.from_pretrained(source.folder), text, seqlen, windows)
     out = Path(out or f"compare-{Path(source.origin.split()[0]).name}")
-    out.mkdir(parents=True, exist_ok=True)
     header = (f"token perplexity of {source.origin}: {windows} windows x {seqlen} tokens from the start of "
               f"{text_file or 'the bundled Wikipedia text'}; calibration: {calibration_windows} windows x "
               f"{seqlen} tokens from the end of {calibration_text or 'the bundled Wikipedia text'}. Sparse tokens: "
@@ -504,6 +503,7 @@ def compare_command(model, sparsities, methods, prefills, text_file, windows, se
                           log=click.echo)
     table = format_markdown(results)
     click.echo(table)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a compare that fails leaves no empty folder
     (out / "compare.md").write_text(header + "\n" + table)
     write_compare_csv(results, out / "compare.csv")
     plot_results(results, out / "compare.png", f"{Path(source.origin.split()[0]).name}: perplexity vs sparsity")
