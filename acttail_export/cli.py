@@ -432,7 +432,8 @@ def generate(model, prompt, max_new_tokens, raw, trust_remote_code) -> None:
               help="Largest k for which layer l's active set predicts layer l+k's.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Folder for patterns.csv and patterns.png "
               "[default: patterns-<model name>].")
-def patterns(model, text_file, sparsity, windows, seqlen, max_distance, out) -> None:
+@click.option("--trust-remote-code", is_flag=True, help="Run code shipped with MODEL that is not acttail-export's own.")
+def patterns(model, text_file, sparsity, windows, seqlen, max_distance, out, trust_remote_code) -> None:
     """How predictable the TopK active set of MODEL (or a checkpoint) is, across windows of text and across depth."""
     checkpoint = is_checkpoint(model)
     if checkpoint and sparsity is not None:
@@ -443,7 +444,7 @@ def patterns(model, text_file, sparsity, windows, seqlen, max_distance, out) -> 
     check_seqlen(folder, seqlen)
     name = Path(model or default_gguf()).name.removesuffix(".gguf")
     out = Path(out or f"patterns-{name}")
-    loaded, tokenizer = load_model(folder)
+    loaded, tokenizer = load_model(folder, trust_remote_code=trust_remote_code)
     out.mkdir(parents=True, exist_ok=True)
     ids = tokenize_windows(tokenizer, text, seqlen, windows)
     sites = model_sites(loaded, sparsity)
