@@ -317,10 +317,7 @@ def test_empty_or_binary_text_is_refused_before_loading(command, content, messag
 
 @pytest.mark.parametrize("prompt", ["", "   "])
 @pytest.mark.parametrize("raw", [[], ["--raw"]])
-def test_empty_prompt_is_refused(prompt, raw, tiny, no_loading, monkeypatch):
-    import acttail_export.cli as cli
-
-    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("loaded"))
+def test_empty_prompt_is_refused(prompt, raw, tiny, no_loading):
     result = invoke_cli("generate", tiny, "--prompt", prompt, *raw)
     assert_fails(result, "the prompt is empty", 2)
 
