@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ExportError
+from .errors import BadOption, ExportError
 from .modeling.projections import SITES
 from .weights import Projection
 
@@ -85,9 +85,9 @@ def effective_sparsity(modules: dict[str, ModuleSparsity]) -> float:
 def check_bounds(target: float, s_min: float, s_max: float) -> None:
     """The target and the clip bounds must satisfy 0 <= s_min <= target <= s_max < 1."""
     if not 0.0 <= target < 1.0:
-        raise ExportError(f"sparsity must be in [0, 1), got {target}")
+        raise BadOption(f"sparsity must be in [0, 1), got {target}")
     if not 0.0 <= s_min <= target <= s_max < 1.0:
-        raise ExportError(f"need 0 <= --min-sparsity ({s_min}) <= --sparsity ({target}) <= --max-sparsity ({s_max}) < 1")
+        raise BadOption(f"need 0 <= --min-sparsity ({s_min}) <= --sparsity ({target}) <= --max-sparsity ({s_max}) < 1")
 
 
 def site_projections(projections, sites: str) -> list[Projection]:

@@ -7,9 +7,11 @@ or is interrupted never leaves a folder that looks complete.
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterable
 from importlib import resources
 from pathlib import Path
 
@@ -18,11 +20,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .allocation import ModuleSparsity, effective_sparsity
-from .errors import ExportError
+from .errors import BadOption, ExportError
 from .modeling.activation_sparsity import FORMAT_VERSION, ActivationSparsity, ModuleSpec
 from .weights import SUPPORTED_ARCHITECTURES, SourceModel
 
-__all__ = ["TOKENIZER_FILES", "check_out", "shipped_code_files", "sparsity_block", "write_checkpoint", "replace_card"]
+__all__ = ["TOKENIZER_FILES", "is_export", "check_one_path", "check_out", "remove_stale_partials", "shipped_code_files",
+           "sparsity_block", "write_checkpoint", "replace_card"]
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
@@ -84,17 +87,20 @@ def _checkpoint_config(source: SourceModel, block: dict, dtype: torch.dtype | No
     return config
 
 
-def _copy_weights(source: SourceModel, dest: Path, dtype: torch.dtype | None, link: bool) -> None:
-    """Copy the safetensors files byte for byte (hard-link them if ``link``, where the filesystem allows), or convert
-    floating tensors to ``dtype`` one file at a time."""
+def _copy_weights(source: SourceModel, dest: Path, dtype: torch.dtype | None, link: bool) -> OSError | None:
+    """Copy the safetensors files byte for byte (hard-link them if ``link``), or convert floating tensors to ``dtype``
+    one file at a time. Returns why a hard link failed (the files were copied instead), or None.
+
+    Never a symbolic link: it would break when the input moves or the checkpoint is copied elsewhere."""
     total_bytes = 0
+    link_failure = None
     for file in source.weight_files:
-        if dtype is None and link:
+        if dtype is None and link and link_failure is None:
             try:
                 os.link(file, dest / file.name)
                 continue
-            except OSError:  # another filesystem, or links not supported: copy
-                pass
+            except OSError as e:  # another filesystem, or links not allowed there: copy
+                link_failure = e
         if dtype is None:
             shutil.copyfile(file, dest / file.name)
             continue
@@ -114,15 +120,49 @@ def _copy_weights(source: SourceModel, dest: Path, dtype: torch.dtype | None, li
         data = json.loads(index.read_text())
         data.setdefault("metadata", {})["total_size"] = total_bytes
         (dest / index.name).write_text(json.dumps(data, indent=2))
+    return link_failure
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse an OUT that exists (unless ``overwrite``), is not a folder, or whose parent cannot be written."""
+def is_export(folder: Path) -> bool:
+    """True if ``folder`` is a checkpoint this tool wrote: its config.json has our model_type and a sparsity block."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(config, dict) and str(config.get("model_type")).startswith("acttail_")
+            and isinstance(config.get("activation_sparsity"), dict))
+
+
+def check_one_path(path: Path) -> None:
+    """``export PATH``: PATH is OUT and the default model is read; refuse when PATH looks like a model the user meant to
+    export (it exists and is not one of our checkpoints), so that forgetting MODEL never touches it."""
+    if Path(path).exists() and not is_export(path):
+        raise BadOption(f"{path} exists and is not an acttail-export checkpoint; with one path, export takes it as OUT "
+                        f"and reads the default model. To export it: acttail-export export {path} OUT --sparsity S")
+
+
+def check_out(out: Path, overwrite: bool, inputs: Iterable[Path] = ()) -> None:
+    """Refuse an OUT that exists (unless ``overwrite`` and it is a previous export), is, holds or lies inside an input,
+    is not a folder, or whose parent cannot be written.
+
+    :param inputs: the input model's paths (what the user named, and the folder read): never replaced or written into
+    """
     out = Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} already exists; pass --overwrite to replace it")
+    for path in inputs:
+        src, real = Path(path).resolve(), out.resolve()
+        if src == real or src.is_relative_to(real):
+            raise ExportError(f"{out} is or holds the input model {path}; choose another OUT")
+        if real.is_relative_to(src):
+            raise ExportError(f"{out} lies inside the input model {path}; choose another OUT")
+    if out.is_symlink():
+        raise ExportError(f"{out} is a symbolic link; choose another OUT")
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder")
+    if out.exists() and not is_export(out):
+        raise ExportError(f"{out} exists and is not an acttail-export checkpoint (--overwrite replaces only those); "
+                          "choose another OUT")
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} already exists; pass --overwrite to replace it")
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
@@ -132,23 +172,57 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise ExportError(f"cannot write {out}: no permission to write in {parent}")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Remove the temporary folders ``.OUT.partial-PID`` that a killed export (SIGKILL, power loss) left beside OUT;
+    those of a running process are kept. Returns the removed folders."""
+    out = Path(out).absolute()
+    removed = []
+    for tmp in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and tmp.is_dir() and not tmp.is_symlink() and not _alive(int(pid)):
+            shutil.rmtree(tmp)
+            removed.append(tmp)
+    return removed
+
+
+def _input_paths(source: SourceModel) -> list[Path]:
+    named = Path(source.origin).expanduser()
+    return [source.folder] + ([named] if named.exists() else [])
+
+
 def write_checkpoint(source: SourceModel, out: Path, block: dict, card: dict[str, bytes], overwrite: bool = False,
-                     dtype: torch.dtype | None = None, link_weights: bool = False) -> Path:
+                     dtype: torch.dtype | None = None, link_weights: bool = False,
+                     log: Callable[[str], None] = lambda line: None) -> Path:
     """Write the checkpoint folder ``out`` atomically and return it.
 
     :param block: the ``activation_sparsity`` block (see :func:`sparsity_block`)
     :param card: the model card's files (README.md, figures) keyed by path inside the checkpoint (see ``card.card_files``)
     :param dtype: convert floating weights to this dtype; None keeps the files byte-identical
     :param link_weights: hard-link unconverted weight files instead of copying them (the checkpoint then shares them with
-        the input: neither may be modified in place)
+        the input: neither may be modified in place); where they cannot be linked they are copied, and ``log`` says so
+    :param log: called with a line worth telling the user
     """
     out = Path(out).absolute()
-    check_out(out, overwrite)
+    check_out(out, overwrite, _input_paths(source))
+    remove_stale_partials(out)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     try:
         tmp.mkdir(parents=True)
-        _copy_weights(source, tmp, dtype, link_weights)
+        link_failure = _copy_weights(source, tmp, dtype, link_weights)
+        if link_failure is not None:
+            log(f"--link-weights: cannot hard-link {source.folder} into {out.parent} ({link_failure.strerror}); "
+                "copied the weights instead")
         config = _checkpoint_config(source, block, dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for name in TOKENIZER_FILES:

@@ -15,8 +15,10 @@ Examples::
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shlex
+import signal
 import sys
 import time
 from collections import defaultdict
@@ -32,9 +34,10 @@ from .compare import METHODS as COMPARE_METHODS
 from .compare import compare as run_compare
 from .compare import format_markdown, plot_results
 from .compare import write_csv as write_compare_csv
-from .checkpoint import check_out, replace_card, write_checkpoint
-from .errors import ExportError
-from .evaluate import (dense_block, is_checkpoint, load_in_process, load_model, load_tokenizer, perplexity,
+from .checkpoint import check_one_path, check_out, replace_card, write_checkpoint
+from .errors import BadOption, ExportError
+from .evaluate import (check_seqlen, dense_block, is_checkpoint, load_in_process, load_model,
+                       load_tokenizer, model_folder, perplexity,
                        tokenize_windows)
 from .greedy import DEFAULT_STEP
 from .hub import check_push_target, push_checkpoint
@@ -52,14 +55,25 @@ from .spectra import (
     spectra_dtype,
 )
 from .text import read_text
+from .trust import check_input_code, foreign_code
 from .tuning import tune_block
-from .weights import default_gguf, resolve_model
+from .weights import check_complete, default_gguf, resolve_model
 
 DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_MODEL_LICENSE = "apache-2.0"
 # --eval: the eval command's default windows, so the card's number is the one `acttail-export eval` reproduces
 EVAL_WINDOWS, EVAL_SEQLEN = 8, 512
+
+
+class Number(click.FloatRange):
+    """click.FloatRange that also refuses NaN (every comparison with NaN is false, so the range lets it through)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{value!r} is not a number.", param, ctx)
+        return number
 
 
 def _torch_dtype(name: str | None):
@@ -90,6 +104,7 @@ def _parse_epsilon(value) -> float | str:
 
 def _split_model_out(paths: tuple[str, ...]) -> tuple[str | None, Path]:
     if len(paths) == 1:
+        check_one_path(Path(paths[0]))
         return None, Path(paths[0])
     if len(paths) == 2:
         return paths[0], Path(paths[1])
@@ -135,7 +150,7 @@ def push(checkpoint, repo_id, private, revision, commit_message, endpoint) -> No
 
 @cli.command()
 @click.argument("paths", nargs=-1, metavar="[MODEL] OUT")
-@click.option("--sparsity", type=click.FloatRange(0, 1, max_open=True), required=True,
+@click.option("--sparsity", type=Number(0, 1, max_open=True), required=True,
               help="Target sparsity S: mean over all projection parameters, in [0, 1).")
 @click.option("--allocation", type=click.Choice(ALLOCATIONS), default="acttail", show_default=True,
               help="acttail: per-projection alpha; block: per-block mean alpha; uniform: S everywhere; teal-greedy: "
@@ -153,8 +168,10 @@ def push(checkpoint, repo_id, private, revision, commit_message, endpoint) -> No
                    "--sparser restricts the search).")
 @click.option("--sparser", type=click.Choice(DIRECTIONS), default=DEFAULT_SPARSER, show_default=True,
               help="Which projections get more sparsity: small alpha (heavy-tail) or large alpha (light-tail).")
-@click.option("--min-sparsity", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
-@click.option("--max-sparsity", type=click.FloatRange(0, 1, max_open=True), default=0.99, show_default=True)
+@click.option("--min-sparsity", type=Number(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Lower clip bound of every projection's sparsity.")
+@click.option("--max-sparsity", type=Number(0, 1, max_open=True), default=0.99, show_default=True,
+              help="Upper clip bound of every projection's sparsity.")
 @click.option("--prefill", default="sparse", show_default=True, callback=lambda ctx, p, v: _parse_prefill(v),
               help="Which prompt tokens are sparse: sparse (all), dense (none), or a fraction f (the last f).")
 @click.option("--calibration-text", type=click.Path(), default=None,
@@ -164,7 +181,7 @@ def push(checkpoint, repo_id, private, revision, commit_message, endpoint) -> No
               help="Calibration windows (TEAL used 10 x 2048 tokens; the default is sized for a CPU).")
 @click.option("--calibration-seqlen", type=click.IntRange(2), default=DEFAULT_SEQLEN, show_default=True,
               help="Tokens per calibration window.")
-@click.option("--greedy-step", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=DEFAULT_STEP,
+@click.option("--greedy-step", type=Number(0, 1, min_open=True, max_open=True), default=DEFAULT_STEP,
               show_default=True, help="teal-greedy: block sparsity added per accepted raise; blocks land within half "
                                       "of it of the target (TEAL's granularity is about 0.005, twice the search time).")
 @click.option("--greedy-windows", type=click.IntRange(1), default=DEFAULT_GREEDY_WINDOWS, show_default=True,
@@ -181,10 +198,12 @@ def push(checkpoint, repo_id, private, revision, commit_message, endpoint) -> No
               help=f"Measure dense and sparse perplexity ({EVAL_WINDOWS} x {EVAL_SEQLEN} tokens of the bundled text) "
                    "and put them in the model card.")
 @click.option("--link-weights", is_flag=True,
-              help="Hard-link the weight files instead of copying them (same filesystem; seconds instead of minutes "
-                   "at 7B). The checkpoint then shares them with MODEL: modify neither in place.")
+              help="Hard-link the weight files instead of copying them (seconds instead of minutes at 7B; on another "
+                   "filesystem they are copied, and a line says so). The checkpoint then shares them with MODEL: modify "
+                   "neither in place.")
 @click.option("--base-model", default=None, help="Hub id of MODEL for the card's metadata (default: MODEL if a Hub id).")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUT if it is a previous acttail-export checkpoint (nothing else is ever replaced).")
 @click.option("--verbose", is_flag=True, help="Print one line per projection.")
 @click.option("--push-to-hub", metavar="ORG/NAME", default=None, help="After writing OUT, push it to this Hub repo.")
 @_hub_options
@@ -193,10 +212,14 @@ def export(ctx, paths, sparsity, allocation, mode, sites, estimator, epsilon, sp
            calibration_text, calibration_windows, calibration_seqlen, greedy_step, greedy_windows, dtype, gguf_file,
            device, spectra_dtype_name, spectra_cache, run_eval, link_weights, base_model, overwrite, verbose,
            push_to_hub, private, revision, commit_message, endpoint) -> None:
-    """Export MODEL (folder, Hub id or GGUF; default: SmolLM2-135M-Instruct) to the ActTail checkpoint folder OUT."""
+    """Export MODEL (folder, Hub id or GGUF) to the ActTail checkpoint folder OUT.
+
+    With one path, it is OUT and MODEL is the embedded SmolLM2-135M-Instruct; a path that exists must then be a previous
+    export (so forgetting MODEL never touches a model folder).
+    """
     model, out = _split_model_out(paths)
     # Everything that can be checked before the spectra and the calibration is checked here, so bad input fails at once.
-    check_out(out, overwrite)
+    check_out(out, overwrite, [Path(model)] if model and Path(model).exists() else [])
     check_bounds(sparsity, min_sparsity, max_sparsity)
     _check_device(device)
     if push_to_hub:
@@ -213,6 +236,11 @@ def export(ctx, paths, sparsity, allocation, mode, sites, estimator, epsilon, sp
     start = time.perf_counter()
     is_gguf = model is None or gguf_file is not None or model.endswith(".gguf")
     source = resolve_model(model, gguf_file, _torch_dtype(dtype) if is_gguf else None)
+    click.echo(f"model: {source.origin}" + (" (no MODEL given: the default)" if model is None else ""))
+    check_input_code(source.folder)
+    check_complete(source)
+    if method.needs_calibration or auto:
+        check_seqlen(source.folder, calibration_seqlen, "--calibration-seqlen")
     site_target(source.projections, sparsity, sites, max_sparsity)
     calibration = None
     if method.needs_calibration:
@@ -240,7 +268,7 @@ def export(ctx, paths, sparsity, allocation, mode, sites, estimator, epsilon, sp
         repo_id=push_to_hub,
     )
     write_checkpoint(source, out, block, card_files(facts, block, modules), overwrite,
-                     None if is_gguf else _torch_dtype(dtype), link_weights)
+                     None if is_gguf else _torch_dtype(dtype), link_weights, log=click.echo)
     _print_summary(modules, verbose)
     click.echo(f"effective sparsity {block['effective_sparsity']:.4f} (target {sparsity}); "
                f"wrote {out} in {time.perf_counter() - start:.1f} s")
@@ -315,7 +343,8 @@ def _print_summary(modules, verbose: bool) -> None:
 @cli.command()
 @click.argument("model", required=False)
 @click.option("--gguf-file", default=None, help="GGUF file name inside MODEL (a folder or Hub repo).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Device for the spectra.")
 def analyze(model, gguf_file, device) -> None:
     """Print the Hill alpha of every projection of MODEL under each estimator (writes nothing)."""
     _check_device(device)
@@ -332,17 +361,23 @@ def analyze(model, gguf_file, device) -> None:
 @click.argument("model", required=False)
 @click.option("--text", "text_file", type=click.Path(), default=None,
               help="UTF-8 text file (default: the bundled English Wikipedia articles).")
-@click.option("--seqlen", type=click.IntRange(2), default=512, show_default=True)
-@click.option("--windows", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--seqlen", type=click.IntRange(2), default=512, show_default=True,
+              help="Tokens per window (at most the model's positions).")
+@click.option("--windows", type=click.IntRange(1), default=8, show_default=True,
+              help="Non-overlapping windows from the start of the text.")
 @click.option("--dense-baseline", is_flag=True, help="For a checkpoint: also evaluate it with sparsity switched off.")
-@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
+              help="Precision the model is loaded in.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Device the model runs on.")
 @click.option("--trust-remote-code", is_flag=True, help="Run code shipped with MODEL that is not acttail-export's own.")
 def evaluate(model, text_file, seqlen, windows, dense_baseline, dtype, device, trust_remote_code) -> None:
     """Token perplexity of MODEL or an exported checkpoint on non-overlapping windows (Wanda convention)."""
     _check_device(device)
     text = read_text(text_file)
-    loaded, tokenizer = load_model(model, _torch_dtype(dtype), trust_remote_code)
+    folder = model_folder(model)
+    check_seqlen(folder, seqlen)
+    loaded, tokenizer = load_model(folder, _torch_dtype(dtype), trust_remote_code)
     loaded.to(device)
     ids = tokenize_windows(tokenizer, text, seqlen, windows)
     block = getattr(loaded.config, "activation_sparsity", None)
@@ -364,18 +399,24 @@ def evaluate(model, text_file, seqlen, windows, dense_baseline, dtype, device, t
 
 @cli.command()
 @click.argument("model", required=False)
-@click.option("--prompt", default="Explain in two sentences what a printing press does.", show_default=True)
-@click.option("--max-new-tokens", type=click.IntRange(1), default=60, show_default=True)
+@click.option("--prompt", default="Explain in two sentences what a printing press does.", show_default=True,
+              help="What to answer (or, with --raw, continue); not empty.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=60, show_default=True,
+              help="Most tokens to generate.")
 @click.option("--raw", is_flag=True, help="Continue PROMPT as plain text instead of through the chat template.")
 @click.option("--trust-remote-code", is_flag=True, help="Run code shipped with MODEL that is not acttail-export's own.")
 def generate(model, prompt, max_new_tokens, raw, trust_remote_code) -> None:
     """Greedy-decode an answer to PROMPT (chat template when the tokenizer has one) with MODEL or a checkpoint."""
+    if not prompt.strip():
+        raise click.BadParameter("the prompt is empty", param_hint="'--prompt'")
     loaded, tokenizer = load_model(model, trust_remote_code=trust_remote_code)
     if raw or not tokenizer.chat_template:
         inputs = tokenizer(prompt, return_tensors="pt")
     else:
         messages = [{"role": "user", "content": prompt}]
         inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    if inputs["input_ids"].shape[1] == 0:
+        raise ExportError(f"the tokenizer turns the prompt {prompt!r} into no tokens")
     output = loaded.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     click.echo(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
 
@@ -384,7 +425,7 @@ def generate(model, prompt, max_new_tokens, raw, trust_remote_code) -> None:
 @click.argument("model", required=False)
 @click.option("--text", "text_file", type=click.Path(), default=None,
               help="UTF-8 text file (default: the bundled English Wikipedia articles).")
-@click.option("--sparsity", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+@click.option("--sparsity", type=Number(0, 1, min_open=True, max_open=True), default=None,
               help="TopK sparsity S of every site of a dense model [default: 0.5]; a checkpoint uses its own keep counts.")
 @click.option("--windows", type=click.IntRange(2), default=8, show_default=True, help="Consecutive windows (passages) from the start of the text.")
 @click.option("--seqlen", type=click.IntRange(2), default=256, show_default=True, help="Tokens per window.")
@@ -392,18 +433,24 @@ def generate(model, prompt, max_new_tokens, raw, trust_remote_code) -> None:
               help="Largest k for which layer l's active set predicts layer l+k's.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Folder for patterns.csv and patterns.png "
               "[default: patterns-<model name>].")
-def patterns(model, text_file, sparsity, windows, seqlen, max_distance, out) -> None:
+@click.option("--trust-remote-code", is_flag=True, help="Run code shipped with MODEL that is not acttail-export's own.")
+def patterns(model, text_file, sparsity, windows, seqlen, max_distance, out, trust_remote_code) -> None:
     """How predictable the TopK active set of MODEL (or a checkpoint) is, across windows of text and across depth."""
     checkpoint = is_checkpoint(model)
     if checkpoint and sparsity is not None:
-        raise ExportError(f"{model} is a checkpoint: its keep counts set the active sets; --sparsity is for dense models")
+        raise BadOption(f"{model} is a checkpoint: its keep counts set the active sets; --sparsity is for dense models")
     sparsity = sparsity or DEFAULT_PATTERN_SPARSITY
     text = read_text(text_file)
+    folder = model_folder(model)
+    check_seqlen(folder, seqlen)
     name = Path(model or default_gguf()).name.removesuffix(".gguf")
     out = Path(out or f"patterns-{name}")
+    if foreign_code(folder) is not None:  # not our runtime: only with --trust-remote-code, and then run as written
+        loaded, tokenizer = load_model(folder, trust_remote_code=trust_remote_code)
+    else:  # our runtime, built here: a checkpoint as it is, a dense model as plain Linears until the sites apply
+        source = model if checkpoint else resolve_model(model)
+        loaded, tokenizer = load_in_process(source), load_tokenizer(Path(model) if checkpoint else source.folder)
     out.mkdir(parents=True, exist_ok=True)
-    source = model if checkpoint else resolve_model(model)  # a checkpoint is read as it is, through our runtime
-    loaded, tokenizer = load_in_process(source), load_tokenizer(Path(model) if checkpoint else source.folder)
     ids = tokenize_windows(tokenizer, text, seqlen, windows)
     sites = model_sites(loaded, sparsity)
     rows = pattern_rows(capture_masks(loaded, ids, sites), sites, max_distance)
@@ -426,12 +473,15 @@ def patterns(model, text_file, sparsity, windows, seqlen, max_distance, out) -> 
               help="Comma-separated prefill policies, each sparse, dense or a fraction (the last f of each window).")
 @click.option("--text", "text_file", type=click.Path(), default=None,
               help="Evaluation text (default: the bundled English Wikipedia articles; windows from its start).")
-@click.option("--windows", type=click.IntRange(1), default=6, show_default=True)
-@click.option("--seqlen", type=click.IntRange(2), default=512, show_default=True)
+@click.option("--windows", type=click.IntRange(1), default=6, show_default=True,
+              help="Evaluation windows from the start of the text.")
+@click.option("--seqlen", type=click.IntRange(2), default=512, show_default=True,
+              help="Tokens per window, evaluation and calibration (at most the model's positions).")
 @click.option("--calibration-text", type=click.Path(), default=None,
               help="Calibration text for thresholds, the greedy search and auto (default: the bundled text; windows "
                    "from its end, disjoint from the evaluation windows).")
-@click.option("--calibration-windows", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--calibration-windows", type=click.IntRange(1), default=4, show_default=True,
+              help="Calibration windows from the end of the calibration text.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Folder for compare.csv, compare.md and compare.png (default: compare-<model name>).")
 def compare_command(model, sparsities, methods, prefills, text_file, windows, seqlen, calibration_text,
@@ -443,11 +493,12 @@ def compare_command(model, sparsities, methods, prefills, text_file, windows, se
     text = read_text(text_file)
     calibration = read_text(calibration_text)
     source = resolve_model(model)
+    check_input_code(source.folder)
+    check_seqlen(source.folder, seqlen)
     from transformers import AutoTokenizer
 
     eval_ids = tokenize_windows(AutoTokenizer.from_pretrained(source.folder), text, seqlen, windows)
     out = Path(out or f"compare-{Path(source.origin.split()[0]).name}")
-    out.mkdir(parents=True, exist_ok=True)
     header = (f"token perplexity of {source.origin}: {windows} windows x {seqlen} tokens from the start of "
               f"{text_file or 'the bundled Wikipedia text'}; calibration: {calibration_windows} windows x "
               f"{seqlen} tokens from the end of {calibration_text or 'the bundled Wikipedia text'}. Sparse tokens: "
@@ -458,6 +509,7 @@ def compare_command(model, sparsities, methods, prefills, text_file, windows, se
                           log=click.echo)
     table = format_markdown(results)
     click.echo(table)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a compare that fails leaves no empty folder
     (out / "compare.md").write_text(header + "\n" + table)
     write_compare_csv(results, out / "compare.csv")
     plot_results(results, out / "compare.png", f"{Path(source.origin.split()[0]).name}: perplexity vs sparsity")
@@ -475,14 +527,41 @@ def _parse_list(value: str, kind, option: str, valid) -> list:
     return items
 
 
+class Killed(BaseException):
+    """SIGTERM or SIGHUP arrived: unwinds like Ctrl-C's KeyboardInterrupt (a BaseException, so cleanup that catches
+    BaseException runs and ``except Exception`` cannot swallow it), but passes click's KeyboardInterrupt handling."""
+
+
+def _killed(signum, frame):
+    raise Killed(signum)
+
+
 def main() -> None:
-    """Console entry point: every failure is one line on stderr and a non-zero exit, never a traceback."""
+    """Console entry point: every failure is one line on stderr and a non-zero exit, never a traceback.
+
+    SIGTERM and SIGHUP (kill, a closed terminal) unwind like Ctrl-C, so an export cleans up its temporary folder and
+    keeps the checkpoint it was replacing. Exit codes follow click: 2 for a usage error, 1 for a failure while running,
+    128 + the signal number when interrupted.
+    """
+    if not sys.stderr.isatty():  # transformers' "Loading weights" bar, like ours, only on a terminal
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()  # transformers copies this setting when it is imported, which happens later
+    handled = (signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, _killed) for signum in handled}
     try:
         cli.main(prog_name="acttail-export", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as e:  # no arguments: the usage, as click prints it
+        click.echo(e.ctx.get_help())
+        sys.exit(e.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):
-        _fail("interrupted", 130)
+        _fail("interrupted", 128 + signal.SIGINT)
+    except Killed as e:
+        _fail(f"interrupted by {signal.Signals(e.args[0]).name}", 128 + e.args[0])
     except click.ClickException as e:
         _fail(e.format_message(), e.exit_code)
+    except BadOption as e:
+        _fail(str(e), 2)
     except ExportError as e:
         _fail(str(e), 1)
     except OSError as e:
@@ -491,6 +570,9 @@ def main() -> None:
         if os.environ.get("ACTTAIL_DEBUG"):
             raise
         _fail(f"unexpected {type(e).__name__}: {e} (set ACTTAIL_DEBUG=1 for the traceback)", 1)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _fail(message: str, code: int) -> None:

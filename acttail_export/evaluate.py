@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import shipped_code_files
-from .errors import ExportError
+from .errors import BadOption, ExportError
 from .modeling.activation_sparsity import ActivationSparsity
+from .trust import code_trust
 from .weights import SUPPORTED_ARCHITECTURES, SourceModel, resolve_model
 
-__all__ = ["is_checkpoint", "load_model", "load_in_process", "load_tokenizer", "dense_block", "perplexity",
-           "measured_sparsity", "tokenize_windows", "calibration_windows"]
+__all__ = ["is_checkpoint", "model_folder", "check_block", "check_seqlen", "load_model", "load_in_process",
+           "load_tokenizer", "dense_block", "perplexity", "measured_sparsity", "tokenize_windows", "calibration_windows"]
 
 
 def is_checkpoint(path: str | None) -> bool:
@@ -29,28 +29,48 @@ def is_checkpoint(path: str | None) -> bool:
         return False
 
 
-def _ships_our_code(folder: Path) -> bool:
-    return all((folder / f.name).is_file() and (folder / f.name).read_bytes() == f.read_bytes() for f in shipped_code_files())
+def model_folder(model: str | None) -> Path:
+    """The local folder of ``model``: a checkpoint as it is, anything else resolved (Hub download, GGUF conversion)."""
+    return Path(model) if is_checkpoint(model) else resolve_model(model).folder
 
 
-def load_model(model: str | None, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+def check_block(folder: Path) -> None:
+    """Check a checkpoint's ``activation_sparsity`` block before anything is imported or loaded from ``folder``."""
+    block = json.loads((Path(folder) / "config.json").read_text()).get("activation_sparsity")
+    try:
+        if not isinstance(block, dict):
+            raise ValueError(f"activation_sparsity must be a JSON object, got {block!r}")
+        ActivationSparsity.from_dict(block)
+    except ValueError as e:
+        raise ExportError(f"{folder}/config.json: {e}") from e
+
+
+def check_seqlen(folder: Path, seqlen: int, option: str = "--seqlen") -> None:
+    """Refuse windows longer than the model's positions, before it loads (past them a forward pass runs for minutes
+    and measures nothing the model was built for)."""
+    try:
+        positions = json.loads((Path(folder) / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return  # loading reports an unreadable config
+    if isinstance(positions, int) and seqlen > positions:
+        raise BadOption(f"{option} {seqlen} is more than the {positions} positions of {folder}")
+
+
+def load_model(model: str | Path | None, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """(model, tokenizer) for an exported checkpoint, a Hugging Face model folder / Hub id / GGUF, or None (default model).
 
-    A checkpoint whose shipped code is byte-identical to this package's modeling/ and kernels/ is loaded with
-    ``trust_remote_code=True``; any other code only runs when ``trust_remote_code`` is given.
+    Code the folder names in an ``auto_map`` runs only if it is acttail-export's own, byte for byte, or when
+    ``trust_remote_code`` is given (see :mod:`acttail_export.trust`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if is_checkpoint(model):
-        folder = Path(model)
-        trust_remote_code = trust_remote_code or _ships_our_code(folder)
-        if not trust_remote_code:
-            raise ExportError(f"{folder} ships code that differs from acttail-export's; pass --trust-remote-code to run it")
-    else:
-        folder = resolve_model(model).folder
+    folder = model_folder(None if model is None else str(model))
+    if is_checkpoint(str(folder)):
+        check_block(folder)
+    trust = code_trust(folder, trust_remote_code)
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
     except (OSError, ValueError) as e:
         raise ExportError(f"could not load {folder}: {e}") from e
     return loaded.eval(), tokenizer

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from .errors import ExportError
+from .errors import BadOption, ExportError
 from .evaluate import is_checkpoint
 
 __all__ = ["DEFAULT_COMMIT_MESSAGE", "check_push_target", "push_checkpoint"]
@@ -38,9 +38,9 @@ def check_push_target(repo_id: str, endpoint: str | None = None, token: str | No
             raise HFValidationError("expected ORG/NAME")
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise ExportError(f"bad Hub repo id {repo_id!r}: {str(e).splitlines()[0]}") from None
+        raise BadOption(f"bad Hub repo id {repo_id!r}: {str(e).splitlines()[0]}") from None
     if endpoint is not None and not endpoint.startswith(("http://", "https://")):
-        raise ExportError(f"--endpoint must be an http:// or https:// URL, got {endpoint!r}")
+        raise BadOption(f"--endpoint must be an http:// or https:// URL, got {endpoint!r}")
     if token is None and get_token() is None:
         raise ExportError("no Hugging Face token found: log in with `hf auth login` or set HF_TOKEN")
 

@@ -66,10 +66,16 @@ def wikipedia_text() -> str:
 
 
 def read_text(path: str | None) -> str:
-    """The text of ``path`` (UTF-8), or the bundled Wikipedia text when ``path`` is None."""
+    """The text of ``path`` (UTF-8, not empty, no NUL bytes), or the bundled Wikipedia text when ``path`` is None."""
     if path is None:
         return wikipedia_text()
     try:
-        return Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ExportError(f"cannot read text file {path}: {e}") from e
+    # checked here, before any model loads, rather than as "0 tokens" after it
+    if not text.strip():
+        raise ExportError(f"text file {path} is empty")
+    if "\x00" in text:
+        raise ExportError(f"{path} is not a text file: it holds NUL bytes")
+    return text

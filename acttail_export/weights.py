@@ -23,6 +23,7 @@ __all__ = [
     "SourceModel",
     "default_gguf",
     "resolve_model",
+    "check_complete",
     "iter_projection_weights",
 ]
 
@@ -219,6 +220,40 @@ def find_projections(config: dict, weight_files: tuple[Path, ...]) -> tuple[Proj
         raise ExportError(f"expected {expected} projection weights (7 per layer), found {len(projections)}")
     order = {kind: i for i, kind in enumerate(PROJECTION_KINDS)}
     return tuple(sorted(projections, key=lambda p: (p.layer, order[p.kind])))
+
+
+def _stored_shapes(weight_files: tuple[Path, ...]) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for file in weight_files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ExportError(f"{file} is not a readable safetensors file: {e}") from e
+    return shapes
+
+
+def check_complete(source: SourceModel) -> None:
+    """Every parameter the architecture needs is stored, with the shape the config implies; checked against the model
+    built on the meta device (no memory, no weights read), so a checkpoint missing e.g. ``model.norm.weight`` is refused
+    here instead of loading with random values. Tied weights are stored once and counted once."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = {k: v for k, v in source.config.items() if k != "model_type"}
+    try:
+        config = AutoConfig.for_model(source.model_type, **settings)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # transformers' config checks raise several types; all mean a config it cannot build
+        raise ExportError(f"{source.folder}/config.json does not describe a {source.model_type} model that transformers "
+                          f"can build: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    stored = _stored_shapes(source.weight_files)
+    for name, parameter in model.named_parameters():
+        if name not in stored:
+            raise ExportError(f"{source.folder} lacks the tensor {name} that {source.model_type} needs")
+        if stored[name] != tuple(parameter.shape):
+            raise ExportError(f"{source.folder}: tensor {name} has shape {list(stored[name])}, the config needs "
+                              f"{list(parameter.shape)}")
 
 
 def iter_projection_weights(source: SourceModel) -> Iterator[tuple[Projection, torch.Tensor]]:

@@ -51,7 +51,7 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"device: CPU, {torch.get_num_threads()} threads, fp32, batch 1, torch {torch.__version__}")
     times = cpu_times
-    print(f"| shape (d_in x d_out) | sparsity | k | dense us | select us | select+GEMV us | speed-up | ideal |")
+    print("| shape (d_in x d_out) | sparsity | k | dense us | select us | select+GEMV us | speed-up | ideal |")
     print("|---|---|---|---|---|---|---|---|")
     for name, (d_in, d_out) in SHAPES.items():
         for sparsity in SPARSITIES:

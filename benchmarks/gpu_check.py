@@ -26,7 +26,6 @@ import datetime
 import json
 import math
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -269,8 +268,6 @@ def bench_kernels(report: Report, kernels, device: str) -> None:
                     report.data["kernels"].append(row)
                 print(f"  {d_in}x{d_out} s={s} graph={graph}: dense {dense:.1f} us, " + ", ".join(
                     f"{name} {us:.1f}" for name, us in timings.items()), flush=True)
-        del weights, weights_t
-        torch.cuda.empty_cache()
 
 
 def uniform_block(model, sparsity: float, thresholds: dict[str, float] | None = None) -> dict:
@@ -398,7 +395,7 @@ def bench_decode(report: Report, modeling, device: str, smoke: bool, deadline: f
         for attempt in ("compile", "timed"):
             synchronize(device)
             start = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False,
+            model.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False,
                                  cache_implementation="static")
             synchronize(device)
         rates[sparsity] = 64 / (time.perf_counter() - start)

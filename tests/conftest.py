@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,33 @@ def run_cli(*args, check=True, env=None) -> subprocess.CompletedProcess:
     if check and result.returncode != 0:
         raise AssertionError(f"acttail-export {' '.join(map(str, args))} failed:\n{result.stderr[-3000:]}")
     return result
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def invoke_cli(*args, env: dict[str, str | None] | None = None) -> CliResult:
+    """Run the console entry point in this process (what ``acttail-export ARGS`` runs, its error handling included,
+    without a new interpreter's start-up); the environment is restored afterwards."""
+    from click.testing import CliRunner
+
+    from acttail_export.cli import main
+
+    argv = sys.argv
+    with CliRunner().isolation(env=env) as (stdout, stderr, _):
+        sys.argv = ["acttail-export", *map(str, args)]
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        finally:
+            sys.argv = argv
+        return CliResult(code, stdout.getvalue().decode(), stderr.getvalue().decode())
 
 
 def run_fresh_python(code: str, tmp_path: Path, env: dict[str, str] | None = None) -> str:

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from conftest import TINY_ARCHITECTURES, make_tiny_model, read_block, run_cli, run_fresh_python
+from test_cli_errors import assert_one_line_failure
 
 CHECK = """
     import torch, transformers
@@ -73,11 +74,12 @@ def test_input_model_code_is_never_run(tiny_models, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config["auto_map"] = {"AutoConfig": "evil.Config", "AutoModelForCausalLM": "evil.Model"}
     (folder / "config.json").write_text(json.dumps(config))
-    run_cli("export", folder, tmp_path / "out", "--sparsity", "0.5")
-    run_cli("analyze", folder)
+    # export refuses it (a checkpoint on the stock architecture would silently differ from what that code defines)
+    result = run_cli("export", folder, tmp_path / "out", "--sparsity", "0.5", check=False)
+    assert_one_line_failure(result, "config.json auto_map AutoConfig names 'evil.Config': the model ships its own code")
+    assert not (tmp_path / "out").exists()
+    run_cli("analyze", folder)  # reads the weights only
     assert not marker.exists()
-    assert not (tmp_path / "out" / "evil.py").exists()
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["auto_map"]["AutoConfig"].startswith("configuration_acttail.")
 
 
 @pytest.mark.parametrize("prefill", ["dense", "0.5"])

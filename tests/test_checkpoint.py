@@ -47,8 +47,9 @@ def test_failed_write_leaves_nothing_and_keeps_the_old_checkpoint(tiny_models, t
         write_checkpoint(broken, out, {}, {"README.md": b"card"})
     assert not out.exists()
     out.mkdir()
-    (out / "config.json").write_text("old")
+    old = '{"model_type": "acttail_llama", "activation_sparsity": {"format_version": 1}}'  # a previous export
+    (out / "config.json").write_text(old)
     with pytest.raises(FileNotFoundError):
         write_checkpoint(broken, out, {}, {"README.md": b"card"}, overwrite=True)
-    assert (out / "config.json").read_text() == "old"
+    assert (out / "config.json").read_text() == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

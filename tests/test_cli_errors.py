@@ -103,7 +103,8 @@ CASES = {
     "missing calibration text": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--mode", "threshold",
                                                           "--calibration-text", "/nonexistent/calibration.txt"],
                                  "cannot read text file"),
-    "calibration without tokenizer": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--allocation", "teal-greedy"],
+    "calibration without tokenizer": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--allocation", "teal-greedy",
+                                                                  "--calibration-seqlen", "64"],
                                       "calibration needs the model's tokenizer"),
     "greedy step 0": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--greedy-step", "0"], "--greedy-step"),
     "epsilon not a number": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--epsilon", "wide"], "must be auto or a number"),
@@ -127,15 +128,20 @@ def test_bad_export_input(case, tiny_models, tmp_path):
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
-def test_existing_out_needs_overwrite(tiny_models, tmp_path):
+def test_existing_out_is_never_replaced_unless_a_previous_export(tiny_models, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep-me").write_text("user data")
+    for overwrite in ([], ["--overwrite"]):
+        result = run_cli("export", tiny_models["llama"], out, "--sparsity", "0.5", *overwrite, check=False)
+        assert_one_line_failure(result, "is not an acttail-export checkpoint (--overwrite replaces only those)")
+        assert (out / "keep-me").read_text() == "user data"
+    shutil.rmtree(out)
+    run_cli("export", tiny_models["llama"], out, "--sparsity", "0.5")
     result = run_cli("export", tiny_models["llama"], out, "--sparsity", "0.5", check=False)
     assert_one_line_failure(result, "already exists; pass --overwrite")
-    assert (out / "keep-me").read_text() == "user data"
-    run_cli("export", tiny_models["llama"], out, "--sparsity", "0.5", "--overwrite")
-    assert (out / "config.json").is_file() and not (out / "keep-me").exists()
+    run_cli("export", tiny_models["llama"], out, "--sparsity", "0.3", "--overwrite")
+    assert json.loads((out / "config.json").read_text())["activation_sparsity"]["target_sparsity"] == 0.3
 
 
 def test_failed_overwrite_keeps_the_old_checkpoint(tiny_models, tmp_path):
@@ -153,6 +159,13 @@ def test_unwritable_out_parent(tiny_models, tmp_path):
     blocker.write_text("")
     result = run_cli("export", tiny_models["llama"], blocker / "out", "--sparsity", "0.5", check=False)
     assert_one_line_failure(result, "a-file")
+
+
+def test_calibration_windows_beyond_the_positions(tiny_models, tmp_path):
+    result = run_cli("export", tiny_models["llama"], tmp_path / "out", "--sparsity", "0.5", "--mode", "threshold",
+                     check=False)
+    assert_one_line_failure(result, "--calibration-seqlen 512 is more than the 128 positions")
+    assert result.returncode == 2
 
 
 def test_eval_of_missing_text_file(tiny_models, tmp_path):

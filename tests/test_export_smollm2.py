@@ -4,7 +4,6 @@ import hashlib
 import json
 import re
 
-import pytest
 
 from acttail_export.allocation import BUDGET_TOLERANCE
 from conftest import read_block, run_cli, run_fresh_python

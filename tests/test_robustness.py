@@ -111,6 +111,7 @@ def test_ctrl_c_during_spectra(smollm2, tmp_path):
     process = subprocess.Popen([CLI, "export", smollm2.folder, out, "--sparsity", "0.5", "--spectra-dtype", "float64"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                stdin=subprocess.DEVNULL, preexec_fn=default_sigint)
+    assert process.stdout.readline() == f"model: {smollm2.folder}\n"
     first_line = process.stdout.readline()
     assert first_line.startswith("spectra: 210 projections"), first_line
     time.sleep(1.0)  # inside the eigenvalue loop (210 projections in float64 take well over a second)
