@@ -14,7 +14,6 @@ Examples::
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import shlex
@@ -27,43 +26,29 @@ from pathlib import Path
 import click
 import torch
 
-from .allocation import ALLOCATIONS, DEFAULT_EPSILON, DEFAULT_SPARSER, DIRECTIONS, SITES, check_bounds, site_target
-from .calibration import DEFAULT_GREEDY_WINDOWS, DEFAULT_SEQLEN, DEFAULT_WINDOWS, Calibration, calibration_ids
-from .card import CardFacts, card_files, inherited_license
+from .allocation import ALLOCATIONS, DEFAULT_EPSILON, DEFAULT_SPARSER, DIRECTIONS, SITES
+from .calibration import DEFAULT_GREEDY_WINDOWS, DEFAULT_SEQLEN, DEFAULT_WINDOWS
 from .compare import METHODS as COMPARE_METHODS
 from .compare import compare as run_compare
 from .compare import format_markdown, plot_results
 from .compare import write_csv as write_compare_csv
-from .checkpoint import check_one_path, check_out, replace_card, write_checkpoint
+from .checkpoint import check_one_path
 from .errors import BadOption, ExportError
-from .evaluate import (check_seqlen, dense_block, is_checkpoint, load_in_process, load_model,
-                       load_tokenizer, model_folder, perplexity,
-                       tokenize_windows)
+from .evaluate import (check_seqlen, dense_block, is_checkpoint, load_in_process, load_model, load_tokenizer,
+                       model_folder, perplexity, tokenize_windows)
 from .greedy import DEFAULT_STEP
-from .hub import check_push_target, push_checkpoint
-from .methods import Method, build_block
+from .hub import push_checkpoint
 from .modeling.activation_sparsity import MODES, PREFILL_MODES, validate_prefill
 from .patterns import (DEFAULT_PATTERN_SPARSITY, capture_masks, format_table, model_sites, pattern_rows, plot_patterns,
                        write_csv)
-from .spectra import (
-    DEFAULT_ESTIMATOR,
-    ESTIMATORS,
-    SPECTRA_DTYPES,
-    alphas_from_spectra,
-    compute_spectra,
-    spectra_cache_file,
-    spectra_dtype,
-)
+from .pipeline import EVAL_SEQLEN, EVAL_WINDOWS, ExportOptions, add_perplexity, check_device
+from .pipeline import export as export_model
+from .spectra import DEFAULT_ESTIMATOR, ESTIMATORS, SPECTRA_DTYPES, estimator_alphas, spectra_dtype
 from .text import read_text
 from .trust import check_input_code, foreign_code
-from .tuning import tune_block
-from .weights import check_complete, default_gguf, resolve_model
+from .weights import default_gguf, resolve_model
 
 DTYPES = ("float32", "float16", "bfloat16")
-DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-DEFAULT_MODEL_LICENSE = "apache-2.0"
-# --eval: the eval command's default windows, so the card's number is the one `acttail-export eval` reproduces
-EVAL_WINDOWS, EVAL_SEQLEN = 8, 512
 
 
 class Number(click.FloatRange):
@@ -218,114 +203,31 @@ def export(ctx, paths, sparsity, allocation, mode, sites, estimator, epsilon, sp
     export (so forgetting MODEL never touches a model folder).
     """
     model, out = _split_model_out(paths)
-    # Everything that can be checked before the spectra and the calibration is checked here, so bad input fails at once.
-    check_out(out, overwrite, [Path(model)] if model and Path(model).exists() else [])
-    check_bounds(sparsity, min_sparsity, max_sparsity)
-    _check_device(device)
-    if push_to_hub:
-        check_push_target(push_to_hub, endpoint)
-    elif private or revision or commit_message or endpoint:
+    if not push_to_hub and (private or revision or commit_message or endpoint):
         raise click.UsageError("--private, --revision, --commit-message and --endpoint go with --push-to-hub")
-    auto = epsilon == "auto"
-    if auto and (allocation, mode) != ("acttail", "topk"):
-        raise click.BadParameter(f"auto needs --allocation acttail --mode topk, got {allocation} / {mode}",
-                                 param_hint="'--epsilon'")
-    method = Method(allocation, mode, sites, estimator, 0.0 if auto else epsilon, sparser, min_sparsity, max_sparsity,
-                    prefill, greedy_step)
-    text = read_text(calibration_text) if method.needs_calibration or auto else None
+
+    def named(name: str):  # None when left at its default: --epsilon auto then searches every value
+        return ctx.params[name] if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT else None
+
+    options = ExportOptions(
+        sparsity=sparsity, allocation=allocation, mode=mode, sites=sites, estimator=named("estimator"), epsilon=epsilon,
+        sparser=named("sparser"), min_sparsity=min_sparsity, max_sparsity=max_sparsity, prefill=prefill,
+        calibration_text=calibration_text, calibration_windows=calibration_windows,
+        calibration_seqlen=calibration_seqlen, greedy_step=greedy_step, greedy_windows=greedy_windows, dtype=dtype,
+        gguf_file=gguf_file, device=device, spectra_dtype=spectra_dtype_name, spectra_cache=spectra_cache,
+        link_weights=link_weights, base_model=base_model, overwrite=overwrite, push_to_hub=push_to_hub,
+        endpoint=endpoint)
     start = time.perf_counter()
-    is_gguf = model is None or gguf_file is not None or model.endswith(".gguf")
-    source = resolve_model(model, gguf_file, _torch_dtype(dtype) if is_gguf else None)
-    click.echo(f"model: {source.origin}" + (" (no MODEL given: the default)" if model is None else ""))
-    check_input_code(source.folder)
-    check_complete(source)
-    if method.needs_calibration or auto:
-        check_seqlen(source.folder, calibration_seqlen, "--calibration-seqlen")
-    site_target(source.projections, sparsity, sites, max_sparsity)
-    calibration = None
-    if method.needs_calibration:
-        ids = calibration_ids(source, text, calibration_windows, calibration_seqlen)
-        calibration = Calibration(source, ids, calibration_text or "bundled Wikipedia text", greedy_windows)
-    tuning = None
-    if auto:
-        # every estimator is exact on float64 spectra; the search needs them all
-        spectra = _spectra(source, device, torch.float64, spectra_cache)
-        tuned = _tune(ctx, source, spectra, text)
-        method = dataclasses.replace(method, estimator=tuned["estimator"], epsilon=tuned["epsilon"],
-                                     sparser=tuned["sparser"])
-        tuning = tuned["tuning"]
-    else:
-        spectra = _spectra(source, device, spectra_dtype(spectra_dtype_name, estimator), spectra_cache)
-    alphas = alphas_from_spectra(spectra, method.estimator)
-    block, modules = build_block(source, sparsity, method, alphas, calibration)
-    if tuning is not None:
-        block["tuning"] = tuning
-    facts = CardFacts(
-        origin=source.origin,
-        command="acttail-export " + shlex.join(sys.argv[1:]),
-        base_model=base_model or (DEFAULT_MODEL_ID if model is None else source.hub_id),
-        license=DEFAULT_MODEL_LICENSE if model is None else inherited_license(source.folder),
-        repo_id=push_to_hub,
-    )
-    write_checkpoint(source, out, block, card_files(facts, block, modules), overwrite,
-                     None if is_gguf else _torch_dtype(dtype), link_weights, log=click.echo)
-    _print_summary(modules, verbose)
-    click.echo(f"effective sparsity {block['effective_sparsity']:.4f} (target {sparsity}); "
+    result = export_model(model, out, options, command="acttail-export " + shlex.join(sys.argv[1:]), log=click.echo)
+    _print_summary(result.modules, verbose)
+    click.echo(f"effective sparsity {result.block['effective_sparsity']:.4f} (target {sparsity}); "
                f"wrote {out} in {time.perf_counter() - start:.1f} s")
     if run_eval:
-        facts = dataclasses.replace(facts, perplexity=_measure_perplexity(out))
-        replace_card(out, card_files(facts, block, modules))
-        click.echo(f"token perplexity: dense {facts.perplexity['dense']:.3f}, sparse {facts.perplexity['sparse']:.3f} "
+        measured = add_perplexity(result)
+        click.echo(f"token perplexity: dense {measured['dense']:.3f}, sparse {measured['sparse']:.3f} "
                    "(in the model card)")
     if push_to_hub:  # last: the pushed card carries the perplexity
         _push(out, push_to_hub, private, revision, commit_message, endpoint)
-
-
-def _spectra(source, device: str, dtype: torch.dtype, use_cache: bool):
-    cache_file = spectra_cache_file(source, dtype) if use_cache else None
-    if cache_file is not None and cache_file.is_file():
-        click.echo(f"spectra: reusing {cache_file}")
-    else:
-        click.echo(f"spectra: {len(source.projections)} projections on {device} "
-                   f"({str(dtype).removeprefix('torch.')} Gram + eigvalsh)")
-    start = time.perf_counter()
-    spectra = compute_spectra(source, device, dtype, cache_file)
-    click.echo(f"spectra: done in {time.perf_counter() - start:.1f} s")
-    return spectra
-
-
-def _measure_perplexity(out: Path) -> dict:
-    loaded, tokenizer = load_model(str(out))
-    ids = tokenize_windows(tokenizer, read_text(None), EVAL_SEQLEN, EVAL_WINDOWS)
-    block = loaded.config.activation_sparsity
-    sparse = perplexity(loaded, ids, desc="eval sparse")
-    loaded.set_activation_sparsity(dense_block(block))
-    dense = perplexity(loaded, ids, desc="eval dense")
-    return {"dense": dense, "sparse": sparse, "windows": EVAL_WINDOWS, "seqlen": EVAL_SEQLEN,
-            "text": "the bundled English Wikipedia articles (gensim test data)"}
-
-
-def _tune(ctx: click.Context, source, spectra: dict, text: str) -> dict:
-    """The block ``--epsilon auto`` chooses, for the export options in ``ctx``."""
-    options = ctx.params
-    model = load_in_process(source)
-    windows = calibration_ids(source, text, options["calibration_windows"], options["calibration_seqlen"])
-
-    def narrowed(name: str, default: tuple[str, ...]) -> tuple[str, ...]:  # only an option the user named narrows it
-        explicit = ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
-        return (options[name],) if explicit else default
-
-    block = tune_block(model.to(options["device"]), source.projections, spectra, options["sparsity"], windows,
-                       estimators=narrowed("estimator", ESTIMATORS), sparsers=narrowed("sparser", DIRECTIONS),
-                       s_min=options["min_sparsity"], s_max=options["max_sparsity"],
-                       text=options["calibration_text"] or "the bundled Wikipedia text",
-                       log=click.echo)
-    return block
-
-
-def _check_device(device: str) -> None:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ExportError("--device cuda asked for, but torch sees no CUDA device")
 
 
 def _print_summary(modules, verbose: bool) -> None:
@@ -345,12 +247,16 @@ def _print_summary(modules, verbose: bool) -> None:
 @click.option("--gguf-file", default=None, help="GGUF file name inside MODEL (a folder or Hub repo).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Device for the spectra.")
-def analyze(model, gguf_file, device) -> None:
-    """Print the Hill alpha of every projection of MODEL under each estimator (writes nothing)."""
-    _check_device(device)
+@click.option("--spectra-dtype", "spectra_dtype_name", type=click.Choice(SPECTRA_DTYPES), default="auto", show_default=True,
+              help="Precision of the Gram matrices and eigenvalues, as for export; auto: float64 for peak, else float32.")
+def analyze(model, gguf_file, device, spectra_dtype_name) -> None:
+    """Print the Hill alpha of every projection of MODEL under each estimator: the alphas `export` writes with that
+    estimator and --spectra-dtype (writes nothing but the spectra cache)."""
+    check_device(device)
     source = resolve_model(model, gguf_file)
-    spectra = compute_spectra(source, device)
-    alphas = {estimator: alphas_from_spectra(spectra, estimator) for estimator in ESTIMATORS}
+    alphas = estimator_alphas(source, ESTIMATORS, spectra_dtype_name, device)
+    precision = ", ".join(f"{e} from {str(spectra_dtype(spectra_dtype_name, e)).removeprefix('torch.')}" for e in ESTIMATORS)
+    click.echo(f"Hill alpha as export writes it with each estimator ({precision} spectra)")
     click.echo(f"{'projection':45s} {'shape':>11s} " + " ".join(f"{e:>7s}" for e in ESTIMATORS))
     for p in source.projections:
         shape = f"{p.out_features}x{p.in_features}"
@@ -373,7 +279,7 @@ def analyze(model, gguf_file, device) -> None:
 @click.option("--trust-remote-code", is_flag=True, help="Run code shipped with MODEL that is not acttail-export's own.")
 def evaluate(model, text_file, seqlen, windows, dense_baseline, dtype, device, trust_remote_code) -> None:
     """Token perplexity of MODEL or an exported checkpoint on non-overlapping windows (Wanda convention)."""
-    _check_device(device)
+    check_device(device)
     text = read_text(text_file)
     folder = model_folder(model)
     check_seqlen(folder, seqlen)

@@ -17,7 +17,7 @@ from .calibration import Calibration, calibration_ids
 from .errors import ExportError
 from .evaluate import dense_block, load_in_process, perplexity
 from .methods import Method, build_block
-from .spectra import ESTIMATORS, alphas_from_spectra, compute_spectra, spectra_cache_file, spectra_dtype
+from .spectra import ESTIMATORS, estimator_alphas
 from .tuning import tune_block
 from .weights import SourceModel
 
@@ -54,12 +54,7 @@ def compare(source: SourceModel, sparsities: list[float], methods: list[str], pr
     if unknown:
         raise ExportError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
     model = load_in_process(source)
-    spectra = {}
-    for estimator in ESTIMATORS:  # one spectra computation per precision the estimators need (cached on disk)
-        dtype = spectra_dtype("auto", estimator)
-        if dtype not in spectra:
-            spectra[dtype] = compute_spectra(source, dtype=dtype, cache_file=spectra_cache_file(source, dtype))
-    alphas = {e: alphas_from_spectra(spectra[spectra_dtype("auto", e)], e) for e in ESTIMATORS}
+    alphas = estimator_alphas(source, ESTIMATORS)  # each estimator's alphas as export writes them
     calibration_ids_ = calibration_ids(source, calibration_text, calibration_windows, calibration_seqlen)
     calibration = None
     if any(isinstance(METHODS[m], Method) and METHODS[m].needs_calibration for m in methods):
@@ -82,8 +77,7 @@ def compare(source: SourceModel, sparsities: list[float], methods: list[str], pr
                 measure(name, 0.0, dense_block(block))
                 break
             if method == "auto":
-                block = tune_block(model, source.projections, spectra[spectra_dtype("auto", "mid")], target,
-                                   calibration_ids_, text="calibration text")
+                block = tune_block(model, source.projections, alphas, target, calibration_ids_, text="calibration text")
             else:
                 block, _ = build_block(source, target, method, alphas[method.estimator], calibration)
             measure(name, target, block)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ __all__ = [
     "spectra_cache_file",
     "compute_spectra",
     "alphas_from_spectra",
+    "estimator_alphas",
 ]
 
 ESTIMATORS = ("mid", "peak", "ks")
@@ -35,6 +38,9 @@ _RELATIVE_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6}
 
 def spectra_dtype(name: str, estimator: str) -> torch.dtype:
     """The dtype of the Gram matrix and its eigenvalues; ``auto`` is float64 for ``peak`` only.
+
+    The one precision rule: export, ``--epsilon auto`` (each trial's estimator), analyze, compare and the sweep script all
+    take an estimator's alphas from the spectra this gives (see :func:`estimator_alphas`).
 
     On SmolLM2-135M, float32 moves ``mid`` alphas by at most 1% and ``ks`` alphas by 1e-4 while costing a quarter of
     float64's time (a 4096 x 11008 matrix: 4.6 s vs 18 s on 2 cores), but moves 41 of 210 ``peak`` alphas by more than
@@ -189,3 +195,31 @@ def alphas_from_spectra(spectra: dict[str, np.ndarray], estimator: str = DEFAULT
         raise ExportError(f"alpha could not be fitted for {len(bad)} projections (degenerate spectrum), e.g. {bad[0]}")
     return alphas
 
+
+
+def estimator_alphas(source: SourceModel, estimators: Sequence[str], dtype_name: str = "auto", device: str = "cpu",
+                     use_cache: bool = True, log: Callable[[str], None] | None = None) -> dict[str, dict[str, float]]:
+    """Hill alpha of every projection under each estimator, each from the spectra ``spectra_dtype(dtype_name,
+    estimator)`` gives: the alphas an export with that estimator writes. Spectra are computed once per precision.
+
+    :param dtype_name: ``auto``, ``float32`` or ``float64`` (see :func:`spectra_dtype`)
+    :param use_cache: read and store the spectra in the cache folder (see :func:`spectra_cache_file`)
+    :param log: called with the ``spectra: ...`` lines (what is computed or reused, and the time); None: silent
+    """
+    log = log or (lambda line: None)
+    spectra: dict[torch.dtype, dict[str, np.ndarray]] = {}
+    alphas = {}
+    for estimator in estimators:
+        dtype = spectra_dtype(dtype_name, estimator)
+        if dtype not in spectra:
+            cache_file = spectra_cache_file(source, dtype) if use_cache else None
+            if cache_file is not None and cache_file.is_file():
+                log(f"spectra: reusing {cache_file}")
+            else:
+                log(f"spectra: {len(source.projections)} projections on {device} "
+                    f"({str(dtype).removeprefix('torch.')} Gram + eigvalsh)")
+            start = time.perf_counter()
+            spectra[dtype] = compute_spectra(source, device, dtype, cache_file)
+            log(f"spectra: done in {time.perf_counter() - start:.1f} s")
+        alphas[estimator] = alphas_from_spectra(spectra[dtype], estimator)
+    return alphas

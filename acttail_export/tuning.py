@@ -1,9 +1,10 @@
 """Auto-tuned ActTail (``--epsilon auto``): choose estimator, direction and epsilon by perplexity on calibration windows.
 
-The search scores each candidate allocation with ``set_activation_sparsity`` on a model loaded once, with the spectra
-computed once: first uniform (epsilon 0) and a coarse grid of every estimator x direction x :data:`COARSE_EPSILONS`, then
-epsilon refined by :data:`REFINE_STEP` on both sides of the best. Every calibration token is sparse, whatever prefill the
-export asks for (a dense prefill would make every trial score the dense model). The windows should come from
+The search scores each candidate allocation with ``set_activation_sparsity`` on a model loaded once, each estimator's
+alphas taken once from the spectra an export with that estimator uses: first uniform (epsilon 0) and a coarse grid of
+every estimator x direction x :data:`COARSE_EPSILONS`, then epsilon refined by :data:`REFINE_STEP` on both sides of the
+best. Every calibration token is sparse, whatever prefill the export asks for (a dense prefill would make every trial
+score the dense model). The windows should come from
 :func:`acttail_export.evaluate.calibration_windows`, disjoint from the evaluation windows, so that a tuned checkpoint is
 not chosen on its own test tokens.
 """
@@ -12,17 +13,15 @@ from __future__ import annotations
 
 import itertools
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 
 from .allocation import DIRECTIONS, allocate
 from .checkpoint import sparsity_block
 from .errors import ExportError
 from .evaluate import perplexity
-from .spectra import ESTIMATORS, alphas_from_spectra
 from .weights import Projection
 
 __all__ = ["COARSE_EPSILONS", "REFINE_STEP", "Trial", "tune_block"]
@@ -45,25 +44,25 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def tune_block(model, projections: Sequence[Projection], spectra: dict[str, np.ndarray], target: float,
-               windows: torch.Tensor, *, estimators: Sequence[str] = ESTIMATORS, sparsers: Sequence[str] = DIRECTIONS,
-               epsilons: Sequence[float] = COARSE_EPSILONS, s_min: float = 0.0, s_max: float = 0.99,
+def tune_block(model, projections: Sequence[Projection], alphas: Mapping[str, dict[str, float]], target: float,
+               windows: torch.Tensor, *, sparsers: Sequence[str] = DIRECTIONS, epsilons: Sequence[float] = COARSE_EPSILONS, s_min: float = 0.0, s_max: float = 0.99,
                prefill: str | float = "sparse", text: str = "calibration text", log: Callable[[str], None] = _stderr) -> dict:
     """The ``activation_sparsity`` block of the setting with the lowest calibration perplexity, with a ``tuning`` record.
 
     Leaves ``model`` with the last trial's block applied.
 
     :param model: an ActTail model (``set_activation_sparsity``), e.g. from :func:`acttail_export.evaluate.load_in_process`
-    :param spectra: ESD per projection name, from :func:`acttail_export.spectra.compute_spectra`
+    :param alphas: estimator -> alpha per projection name, for each estimator searched, from
+        :func:`acttail_export.spectra.estimator_alphas` (each estimator's alphas from its own precision's spectra, as an
+        export with that estimator writes them)
     :param windows: ``[N, seqlen]`` calibration token ids
-    :param estimators: the estimators searched (default all)
     :param sparsers: the directions searched (default both)
     :param epsilons: the coarse epsilon grid; the best is then refined by +-:data:`REFINE_STEP`
     :param prefill: prefill policy written into the returned block (trials always sparsify every token)
     :param text: where the calibration windows came from, for the record
     :param log: called with one line per trial
     """
-    alphas = {e: alphas_from_spectra(spectra, e) for e in estimators}
+    estimators = list(alphas)
     trials: dict[tuple[str, str, float], Trial | None] = {}
 
     def run(estimator: str, sparser: str, epsilon: float) -> None:

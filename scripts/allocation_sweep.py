@@ -1,7 +1,8 @@
 """Perplexity of SmolLM2-135M under dense, uniform, block and ActTail allocations (estimators x directions x epsilons).
 
-Computes the spectra once, loads the model once through the shipped code (trust_remote_code, from a temporary checkpoint),
-and for each variant applies that variant's activation_sparsity block with ``set_activation_sparsity``: every row runs the
+Takes each estimator's alphas from the spectra an export with that estimator uses (``spectra.estimator_alphas``: float32
+for mid and ks, float64 for peak), builds the model once in this process with the runtime every checkpoint ships, and for
+each variant applies that variant's activation_sparsity block with ``set_activation_sparsity``: every row runs the
 same modeling code a user would, on the same windows. Prints a Markdown table (used for docs/RESULTS.md).
 
     .venv/bin/python scripts/allocation_sweep.py --windows 6 --seqlen 512 > /tmp/sweep.md
@@ -24,7 +25,7 @@ import numpy as np
 from acttail_export.allocation import DEFAULT_EPSILON, DEFAULT_SPARSER, DIRECTIONS, allocate
 from acttail_export.checkpoint import sparsity_block
 from acttail_export.evaluate import calibration_windows, dense_block, load_in_process, load_tokenizer, perplexity, tokenize_windows
-from acttail_export.spectra import DEFAULT_ESTIMATOR, ESTIMATORS, alphas_from_spectra, compute_spectra
+from acttail_export.spectra import DEFAULT_ESTIMATOR, ESTIMATORS, estimator_alphas
 from acttail_export.text import read_text
 from acttail_export.tuning import tune_block
 from acttail_export.weights import resolve_model
@@ -73,8 +74,7 @@ def main() -> None:
     split = lambda value, cast=str: [cast(v) for v in value.split(",")]  # noqa: E731
 
     source = resolve_model(None)
-    spectra = compute_spectra(source, progress=False)
-    alphas = {e: alphas_from_spectra(spectra, e) for e in ESTIMATORS}
+    alphas = estimator_alphas(source, ESTIMATORS)
     model, tokenizer = load_in_process(source), load_tokenizer(source.folder)
     text = read_text(None)
     ids = tokenize_windows(tokenizer, text, args.seqlen, args.windows)
@@ -91,7 +91,7 @@ def main() -> None:
 
     def auto(target) -> tuple[float, str]:
         windows = calibration_windows(tokenizer, text, args.seqlen, args.calibration_windows)
-        block = tune_block(model, source.projections, spectra, target, windows)
+        block = tune_block(model, source.projections, alphas, target, windows)
         chosen = block["tuning"]["chosen"]
         return measure(block), f"{chosen['estimator']}/{chosen['sparser']}/{chosen['epsilon']}"
 

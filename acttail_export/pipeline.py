@@ -1,0 +1,205 @@
+"""The export pipeline, the one path every ActTail checkpoint is written by: checks -> input -> alphas -> block -> folder.
+
+    from acttail_export import ExportOptions, export
+    result = export("./my-llama", "out/my-llama-50", ExportOptions(sparsity=0.5))
+
+``acttail-export export`` parses its options into :class:`ExportOptions` and calls :func:`export`; ``--eval`` is
+:func:`add_perplexity` on the result, ``--push-to-hub`` is :func:`acttail_export.hub.push_checkpoint` after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .allocation import DEFAULT_EPSILON, DEFAULT_SPARSER, DIRECTIONS, ModuleSparsity, check_bounds, site_target
+from .calibration import DEFAULT_GREEDY_WINDOWS, DEFAULT_SEQLEN, DEFAULT_WINDOWS, Calibration, calibration_ids
+from .card import CardFacts, card_files, inherited_license
+from .checkpoint import check_out, replace_card, write_checkpoint
+from .errors import BadOption, ExportError
+from .evaluate import check_seqlen, dense_block, load_in_process, load_model, perplexity, tokenize_windows
+from .greedy import DEFAULT_STEP
+from .hub import check_push_target
+from .methods import Method, build_block
+from .spectra import DEFAULT_ESTIMATOR, ESTIMATORS, estimator_alphas
+from .text import read_text
+from .trust import check_input_code
+from .tuning import tune_block
+from .weights import SourceModel, check_complete, resolve_model
+
+__all__ = ["DEFAULT_MODEL_ID", "EVAL_WINDOWS", "EVAL_SEQLEN", "ExportOptions", "ExportResult", "check_device", "export",
+           "add_perplexity"]
+
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_MODEL_LICENSE = "apache-2.0"
+# add_perplexity: the eval command's default windows, so the card's number is the one `acttail-export eval` reproduces
+EVAL_WINDOWS, EVAL_SEQLEN = 8, 512
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Every option of an export, named and defaulted as ``acttail-export export`` names them.
+
+    :param sparsity: target S, the parameter-weighted mean sparsity of all projections, in [0, 1)
+    :param estimator: xmin rule of the Hill alpha; None: not named, i.e. ``mid``, or every estimator for ``auto``
+    :param epsilon: spread in [0, 1], or ``"auto"`` to choose estimator, sparser and epsilon by calibration perplexity
+    :param sparser: ``heavy-tail`` or ``light-tail``; None: not named, i.e. ``heavy-tail``, or both for ``auto``
+    :param calibration_text: path of a UTF-8 text for threshold mode, teal-greedy and ``auto``; None: the bundled text
+    :param dtype: ``float32``, ``float16`` or ``bfloat16`` to convert the weights; None keeps the files byte-identical
+    :param device: where the spectra and the ``auto`` trials run
+    :param spectra_dtype: ``auto`` (float64 for ``peak``, else float32), ``float32`` or ``float64``
+    :param spectra_cache: reuse (or store) the spectra in the cache folder
+    :param link_weights: hard-link the weight files instead of copying them
+    :param base_model: Hub id of the input for the card's metadata (default: the input if it is a Hub id)
+    :param overwrite: replace ``out`` if it is a previous export (nothing else is ever replaced)
+    :param push_to_hub: the Hub repo the checkpoint is meant for: checked (id, endpoint, token) before any work and named
+        in the card; :func:`export` does not push (see :func:`acttail_export.hub.push_checkpoint`)
+    :param endpoint: the Hub URL of ``push_to_hub``
+    """
+
+    sparsity: float
+    allocation: str = "acttail"
+    mode: str = "topk"
+    sites: str = "all"
+    estimator: str | None = None
+    epsilon: float | str = DEFAULT_EPSILON
+    sparser: str | None = None
+    min_sparsity: float = 0.0
+    max_sparsity: float = 0.99
+    prefill: str | float = "sparse"
+    calibration_text: str | None = None
+    calibration_windows: int = DEFAULT_WINDOWS
+    calibration_seqlen: int = DEFAULT_SEQLEN
+    greedy_step: float = DEFAULT_STEP
+    greedy_windows: int = DEFAULT_GREEDY_WINDOWS
+    dtype: str | None = None
+    gguf_file: str | None = None
+    device: str = "cpu"
+    spectra_dtype: str = "auto"
+    spectra_cache: bool = True
+    link_weights: bool = False
+    base_model: str | None = None
+    overwrite: bool = False
+    push_to_hub: str | None = None
+    endpoint: str | None = None
+
+    @property
+    def auto(self) -> bool:
+        return self.epsilon == "auto"
+
+    def method(self) -> Method:
+        """The method these options name (for ``auto``: epsilon 0 until the search chooses)."""
+        return Method(self.allocation, self.mode, self.sites, self.estimator or DEFAULT_ESTIMATOR,
+                      0.0 if self.auto else self.epsilon, self.sparser or DEFAULT_SPARSER, self.min_sparsity,
+                      self.max_sparsity, self.prefill, self.greedy_step)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export` wrote: the checkpoint folder, its block, the allocation behind it, and the card's facts."""
+
+    out: Path
+    source: SourceModel
+    block: dict
+    modules: dict[str, ModuleSparsity]
+    facts: CardFacts
+
+
+def check_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ExportError("--device cuda asked for, but torch sees no CUDA device")
+
+
+def _check(model: str | None, out: Path, options: ExportOptions) -> None:
+    """Everything that can be checked before the input is read: bad options fail at once."""
+    check_out(out, options.overwrite, [Path(model)] if model and Path(model).exists() else [])
+    check_bounds(options.sparsity, options.min_sparsity, options.max_sparsity)
+    check_device(options.device)
+    if options.push_to_hub:
+        check_push_target(options.push_to_hub, options.endpoint)
+    if options.estimator not in (None, *ESTIMATORS) or options.sparser not in (None, *DIRECTIONS):
+        raise BadOption(f"unknown estimator {options.estimator!r} or sparser {options.sparser!r}; choose from "
+                        f"{', '.join(ESTIMATORS)} and {', '.join(DIRECTIONS)}")
+    if options.auto and (options.allocation, options.mode) != ("acttail", "topk"):
+        raise BadOption(f"--epsilon auto needs --allocation acttail --mode topk, got {options.allocation} / "
+                        f"{options.mode}")
+
+
+def _tune(source: SourceModel, alphas: dict[str, dict[str, float]], text: str, options: ExportOptions,
+          log: Callable[[str], None]) -> tuple[Method, dict]:
+    """``auto``: the method with the estimator, sparser and epsilon of the lowest calibration perplexity, and the record."""
+    model = load_in_process(source).to(options.device)
+    windows = calibration_ids(source, text, options.calibration_windows, options.calibration_seqlen)
+    block = tune_block(model, source.projections, alphas, options.sparsity, windows,
+                       sparsers=(options.sparser,) if options.sparser else DIRECTIONS,
+                       s_min=options.min_sparsity, s_max=options.max_sparsity,
+                       text=options.calibration_text or "the bundled Wikipedia text", log=log)
+    method = dataclasses.replace(options.method(), estimator=block["estimator"], epsilon=block["epsilon"],
+                                 sparser=block["sparser"])
+    return method, block["tuning"]
+
+
+def export(model: str | None, out: str | Path, options: ExportOptions, *, command: str | None = None,
+           log: Callable[[str], None] = print) -> ExportResult:
+    """Export ``model`` to the ActTail checkpoint folder ``out`` (written atomically) and return what was written.
+
+    :param model: a model folder, Hub id or ``.gguf`` file; None: the embedded SmolLM2-135M-Instruct
+    :param command: how the export was asked for, quoted in the model card (default: this call)
+    :param log: called with each line worth telling the user (the input, the spectra, the ``auto`` trials)
+    """
+    out = Path(out)
+    _check(model, out, options)
+    method = options.method()
+    calibrates = method.needs_calibration or options.auto
+    text = read_text(options.calibration_text) if calibrates else None
+    is_gguf = model is None or options.gguf_file is not None or model.endswith(".gguf")
+    dtype = getattr(torch, options.dtype) if options.dtype else None
+    source = resolve_model(model, options.gguf_file, dtype if is_gguf else None)
+    log(f"model: {source.origin}" + (" (no MODEL given: the default)" if model is None else ""))
+    check_input_code(source.folder)
+    check_complete(source)
+    if calibrates:
+        check_seqlen(source.folder, options.calibration_seqlen, "--calibration-seqlen")
+    site_target(source.projections, options.sparsity, options.sites, options.max_sparsity)
+    calibration = None
+    if method.needs_calibration:
+        ids = calibration_ids(source, text, options.calibration_windows, options.calibration_seqlen)
+        calibration = Calibration(source, ids, options.calibration_text or "bundled Wikipedia text",
+                                  options.greedy_windows)
+    estimators = (method.estimator,) if not options.auto or options.estimator else ESTIMATORS
+    alphas = estimator_alphas(source, estimators, options.spectra_dtype, options.device, options.spectra_cache, log)
+    tuning = None
+    if options.auto:
+        method, tuning = _tune(source, alphas, text, options, log)
+    block, modules = build_block(source, options.sparsity, method, alphas[method.estimator], calibration)
+    if tuning is not None:
+        block["tuning"] = tuning
+    facts = CardFacts(
+        origin=source.origin,
+        command=command or f"acttail_export.export({model!r}, {str(out)!r}, {options!r})",
+        base_model=options.base_model or (DEFAULT_MODEL_ID if model is None else source.hub_id),
+        license=DEFAULT_MODEL_LICENSE if model is None else inherited_license(source.folder),
+        repo_id=options.push_to_hub,
+    )
+    write_checkpoint(source, out, block, card_files(facts, block, modules), options.overwrite,
+                     None if is_gguf else dtype, options.link_weights, log=log)
+    return ExportResult(out, source, block, modules, facts)
+
+
+def add_perplexity(result: ExportResult, windows: int = EVAL_WINDOWS, seqlen: int = EVAL_SEQLEN) -> dict:
+    """Measure the written checkpoint's sparse and dense token perplexity on the bundled text (what ``acttail-export eval``
+    reports for these windows) and put both into its model card; return them."""
+    loaded, tokenizer = load_model(str(result.out))
+    ids = tokenize_windows(tokenizer, read_text(None), seqlen, windows)
+    sparse = perplexity(loaded, ids, desc="eval sparse")
+    loaded.set_activation_sparsity(dense_block(loaded.config.activation_sparsity))
+    dense = perplexity(loaded, ids, desc="eval dense")
+    measured = {"dense": dense, "sparse": sparse, "windows": windows, "seqlen": seqlen,
+                "text": "the bundled English Wikipedia articles (gensim test data)"}
+    facts = dataclasses.replace(result.facts, perplexity=measured)
+    replace_card(result.out, card_files(facts, result.block, result.modules))
+    return measured
