@@ -257,10 +257,10 @@ def analyze(model, gguf_file, device, spectra_dtype_name) -> None:
     alphas = estimator_alphas(source, ESTIMATORS, spectra_dtype_name, device)
     precision = ", ".join(f"{e} from {str(spectra_dtype(spectra_dtype_name, e)).removeprefix('torch.')}" for e in ESTIMATORS)
     click.echo(f"Hill alpha as export writes it with each estimator ({precision} spectra)")
-    click.echo(f"{'projection':45s} {'shape':>11s} " + " ".join(f"{e:>7s}" for e in ESTIMATORS))
+    click.echo(f"{'projection':45s} {'shape':>11s} " + " ".join(f"{e:>8s}" for e in ESTIMATORS))
     for p in source.projections:
         shape = f"{p.out_features}x{p.in_features}"
-        click.echo(f"{p.name:45s} {shape:>11s} " + " ".join(f"{alphas[e][p.name]:7.3f}" for e in ESTIMATORS))
+        click.echo(f"{p.name:45s} {shape:>11s} " + " ".join(f"{alphas[e][p.name]:8.4f}" for e in ESTIMATORS))
 
 
 @cli.command(name="eval")

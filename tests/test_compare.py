@@ -2,35 +2,45 @@
 
 import csv
 
-from conftest import run_cli
+import pytest
+
+from acttail_export import ExportOptions, export
+from conftest import invoke_cli, run_cli
 from test_cli_errors import assert_one_line_failure
 
 WINDOWS = ("--windows", "2", "--seqlen", "128")
+CALIBRATION_WINDOWS = 1
 
 
 def eval_perplexities(checkpoint) -> dict[str, float]:
     """`acttail-export eval CHECKPOINT --dense-baseline` on the compare windows: {"dense": ..., "sparse": ...}."""
-    lines = run_cli("eval", checkpoint, "--dense-baseline", *WINDOWS).stdout.strip().splitlines()[1:]
-    dense, sparse = (float(line.split()[-1]) for line in lines)
+    result = invoke_cli("eval", checkpoint, "--dense-baseline", *WINDOWS)
+    assert result.exit_code == 0, result.stderr
+    dense, sparse = (float(line.split()[-1]) for line in result.stdout.strip().splitlines()[1:])
     return {"dense": dense, "sparse": sparse}
 
 
 def test_compare_rows_match_exported_checkpoints(smollm2, smollm2_50, tmp_path):
     out = tmp_path / "compare"
-    result = run_cli("compare", smollm2.folder, "--sparsity", "0.5", "--methods", "dense,uniform,acttail",
-                     "--prefill", "sparse,0.5", *WINDOWS, "--out", out)
+    result = run_cli("compare", smollm2.folder, "--sparsity", "0.5", "--methods", "dense,uniform,acttail,auto",
+                     "--prefill", "sparse,0.5", *WINDOWS, "--calibration-windows", CALIBRATION_WINDOWS, "--out", out)
     assert "prefill sparse = every token of every window" in result.stdout
     with open(out / "compare.csv") as f:
         rows = {(r["method"], r["prefill"]): r for r in csv.DictReader(f)}
-    assert set(rows) == {(m, p) for m in ("dense", "uniform", "acttail") for p in ("sparse", "0.5")}
+    assert set(rows) == {(m, p) for m in ("dense", "uniform", "acttail", "auto") for p in ("sparse", "0.5")}
     ppl = {key: float(r["perplexity"]) for key, r in rows.items()}
 
-    # the acttail row is the default export at 50%, evaluated through the shipped modeling code on the same windows
-    checkpoint = eval_perplexities(smollm2_50)
-    assert abs(ppl["acttail", "sparse"] - checkpoint["sparse"]) <= 1e-3 * checkpoint["sparse"]
-    assert abs(ppl["dense", "sparse"] - checkpoint["dense"]) <= 1e-3 * checkpoint["dense"]
+    # the acttail row is the default export at 50%, the auto row `export --epsilon auto` on the same calibration
+    # windows, each evaluated through the shipped modeling code on the same windows
+    auto = export(str(smollm2.folder), tmp_path / "auto", ExportOptions(
+        sparsity=0.5, epsilon="auto", calibration_windows=CALIBRATION_WINDOWS, calibration_seqlen=128,
+        link_weights=True))
+    for method, checkpoint in (("acttail", smollm2_50), ("auto", auto.out)):
+        measured = eval_perplexities(checkpoint)
+        assert ppl[method, "sparse"] == pytest.approx(measured["sparse"], rel=1e-6), method
+        assert ppl["dense", "sparse"] == pytest.approx(measured["dense"], rel=1e-6)
     assert ppl["dense", "sparse"] == ppl["dense", "0.5"]
-    for method in ("uniform", "acttail"):
+    for method in ("uniform", "acttail", "auto"):
         assert abs(float(rows[method, "sparse"]["effective_sparsity"]) - 0.5) <= 0.002
         # sparsity costs perplexity, and keeping the first half of each window dense costs less
         assert ppl["dense", "sparse"] < ppl[method, "0.5"] < ppl[method, "sparse"]

@@ -9,7 +9,7 @@ from acttail_export.allocation import BUDGET_TOLERANCE, allocate
 from acttail_export.checkpoint import sparsity_block
 from acttail_export.calibration import calibration_ids
 from acttail_export.evaluate import load_in_process, load_model, perplexity
-from acttail_export.spectra import alphas_from_spectra, compute_spectra
+from acttail_export.spectra import estimator_alphas
 from acttail_export.tuning import COARSE_EPSILONS, REFINE_STEP, tune_block
 from acttail_export.weights import resolve_model
 from conftest import make_tiny_model, read_block, run_cli
@@ -21,23 +21,21 @@ SEQLEN = 48
 def tuned(smollm2, wiki_text):
     model = load_in_process(smollm2)
     windows = calibration_ids(smollm2, wiki_text, 1, SEQLEN)
-    spectra = compute_spectra(smollm2, progress=False)
+    alphas = estimator_alphas(smollm2, ("mid", "peak"))
     lines = []
-    block = tune_block(model, smollm2.projections, spectra, 0.5, windows, estimators=("mid", "peak"),
-                       text="wiki", log=lines.append)
-    return model, windows, spectra, block, lines
+    block = tune_block(model, smollm2.projections, alphas, 0.5, windows, text="wiki", log=lines.append)
+    return model, windows, alphas, block, lines
 
 
-def direct_perplexity(model, projections, spectra, windows, trial) -> float:
-    alphas = alphas_from_spectra(spectra, trial["estimator"])
-    modules = allocate(projections, alphas, 0.5, "acttail", trial["epsilon"], trial["sparser"])
+def direct_perplexity(model, projections, alphas, windows, trial) -> float:
+    modules = allocate(projections, alphas[trial["estimator"]], 0.5, "acttail", trial["epsilon"], trial["sparser"])
     model.set_activation_sparsity(sparsity_block(modules, 0.5, "acttail", trial["estimator"], trial["epsilon"],
                                                  trial["sparser"]))
     return perplexity(model, windows, progress=False)
 
 
 def test_tuner_chooses_the_lowest_calibration_perplexity(smollm2, tuned):
-    model, windows, spectra, block, lines = tuned
+    model, windows, alphas, block, lines = tuned
     trials = block["tuning"]["trials"]
     chosen = min(trials, key=lambda t: t["perplexity"])
     assert block["tuning"]["chosen"] == chosen
@@ -47,12 +45,12 @@ def test_tuner_chooses_the_lowest_calibration_perplexity(smollm2, tuned):
     worst = max(trials, key=lambda t: t["perplexity"])
     assert worst["perplexity"] > chosen["perplexity"]
     for trial in (chosen, worst):
-        assert direct_perplexity(model, smollm2.projections, spectra, windows, trial) == pytest.approx(
+        assert direct_perplexity(model, smollm2.projections, alphas, windows, trial) == pytest.approx(
             trial["perplexity"], rel=1e-6)
 
 
 def test_tuner_records_its_search_and_meets_the_budget(smollm2, tuned):
-    _, _, spectra, block, lines = tuned
+    _, _, alphas, block, lines = tuned
     tuning = block["tuning"]
     assert (tuning["windows"], tuning["seqlen"], tuning["text"]) == (1, SEQLEN, "wiki")
     tried = {(t["estimator"], t["sparser"], t["epsilon"]) for t in tuning["trials"]}
@@ -65,8 +63,7 @@ def test_tuner_records_its_search_and_meets_the_budget(smollm2, tuned):
         eps for eps in refined if 0 < eps <= 1}
     assert len(lines) == len(tuning["trials"]) and all("calibration ppl" in line for line in lines)
     assert abs(block["effective_sparsity"] - 0.5) <= BUDGET_TOLERANCE
-    alphas = alphas_from_spectra(spectra, block["estimator"])
-    expected = allocate(smollm2.projections, alphas, 0.5, "acttail", block["epsilon"], block["sparser"])
+    expected = allocate(smollm2.projections, alphas[block["estimator"]], 0.5, "acttail", block["epsilon"], block["sparser"])
     assert {name: spec["keep"] for name, spec in block["modules"].items()} == {n: m.keep for n, m in expected.items()}
 
 
@@ -76,8 +73,8 @@ def test_trials_the_clip_bounds_cannot_meet_are_skipped(tmp_path):
     model = load_in_process(source)
     windows = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(0))
     lines = []
-    block = tune_block(model, source.projections, compute_spectra(source, progress=False), 0.5, windows,
-                       estimators=("mid",), sparsers=("heavy-tail",), epsilons=(0.5, 1.0), s_max=0.5, log=lines.append)
+    block = tune_block(model, source.projections, estimator_alphas(source, ("mid",), use_cache=False), 0.5, windows,
+                       sparsers=("heavy-tail",), epsilons=(0.5, 1.0), s_max=0.5, log=lines.append)
     assert 1.0 not in {t["epsilon"] for t in block["tuning"]["trials"]}
     assert any("epsilon 1.000: skipped" in line for line in lines)
     assert abs(block["effective_sparsity"] - 0.5) <= BUDGET_TOLERANCE
@@ -95,6 +92,9 @@ def test_cli_epsilon_auto_writes_the_chosen_setting_and_its_search(smollm2, tmp_
     assert (block["estimator"], block["sparser"], block["epsilon"]) == tuple(tuning["chosen"][k] for k in
                                                                                ("estimator", "sparser", "epsilon"))
     assert result.stdout.count("tune: ") == len(tuning["trials"])
+    # the alphas are the chosen estimator's, from the spectra an export naming that estimator uses (one precision rule)
+    alphas = estimator_alphas(smollm2, (block["estimator"],))[block["estimator"]]
+    assert {name: m["alpha"] for name, m in block["modules"].items()} == {n: round(a, 4) for n, a in alphas.items()}
     assert "## Auto-tuning" in (out / "README.md").read_text()
     assert abs(block["effective_sparsity"] - 0.5) <= BUDGET_TOLERANCE
     loaded, _ = load_model(str(out))
