@@ -45,8 +45,10 @@ def _stderr(line: str) -> None:
 
 
 def tune_block(model, projections: Sequence[Projection], alphas: Mapping[str, dict[str, float]], target: float,
-               windows: torch.Tensor, *, sparsers: Sequence[str] = DIRECTIONS, epsilons: Sequence[float] = COARSE_EPSILONS, s_min: float = 0.0, s_max: float = 0.99,
-               prefill: str | float = "sparse", text: str = "calibration text", log: Callable[[str], None] = _stderr) -> dict:
+               windows: torch.Tensor, *, sparsers: Sequence[str] = DIRECTIONS,
+               epsilons: Sequence[float] = COARSE_EPSILONS, s_min: float = 0.0, s_max: float = 0.99,
+               prefill: str | float = "sparse", text: str = "calibration text",
+               log: Callable[[str], None] = _stderr) -> dict:
     """The ``activation_sparsity`` block of the setting with the lowest calibration perplexity, with a ``tuning`` record.
 
     Leaves ``model`` with the last trial's block applied.
