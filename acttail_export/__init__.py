@@ -4,6 +4,14 @@
     export("./my-llama", "out/my-llama-50", ExportOptions(sparsity=0.5))
 """
 
-from .pipeline import ExportOptions, ExportResult, add_perplexity, export
-
 __all__ = ["ExportOptions", "ExportResult", "export", "add_perplexity"]
+
+
+def __getattr__(name: str):
+    # On first use only: the runtime (acttail_export.modeling), imported in-process by the studies and user code, needs
+    # none of the exporter's imports (matplotlib, the Hub client, calibration).
+    if name in __all__:
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

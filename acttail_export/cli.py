@@ -41,14 +41,13 @@ from .hub import push_checkpoint
 from .modeling.activation_sparsity import MODES, PREFILL_MODES, validate_prefill
 from .patterns import (DEFAULT_PATTERN_SPARSITY, capture_masks, format_table, model_sites, pattern_rows, plot_patterns,
                        write_csv)
-from .pipeline import EVAL_SEQLEN, EVAL_WINDOWS, ExportOptions, add_perplexity, check_device
+from .pipeline import DTYPES, EVAL_SEQLEN, EVAL_WINDOWS, ExportOptions, add_perplexity, check_device
 from .pipeline import export as export_model
 from .spectra import DEFAULT_ESTIMATOR, ESTIMATORS, SPECTRA_DTYPES, estimator_alphas, spectra_dtype
 from .text import read_text
 from .trust import check_input_code, foreign_code
 from .weights import default_gguf, resolve_model
 
-DTYPES = ("float32", "float16", "bfloat16")
 
 
 class Number(click.FloatRange):

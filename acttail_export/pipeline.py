@@ -31,9 +31,10 @@ from .trust import check_input_code
 from .tuning import tune_block
 from .weights import SourceModel, check_complete, resolve_model
 
-__all__ = ["DEFAULT_MODEL_ID", "EVAL_WINDOWS", "EVAL_SEQLEN", "ExportOptions", "ExportResult", "check_device", "export",
-           "add_perplexity"]
+__all__ = ["DTYPES", "DEFAULT_MODEL_ID", "EVAL_WINDOWS", "EVAL_SEQLEN", "ExportOptions", "ExportResult", "check_device",
+           "export", "add_perplexity"]
 
+DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_MODEL_LICENSE = "apache-2.0"
 # add_perplexity: the eval command's default windows, so the card's number is the one `acttail-export eval` reproduces
@@ -110,6 +111,7 @@ class ExportResult:
 
 
 def check_device(device: str) -> None:
+    """``cuda`` only where torch sees a CUDA device."""
     if device == "cuda" and not torch.cuda.is_available():
         raise ExportError("--device cuda asked for, but torch sees no CUDA device")
 
@@ -121,9 +123,10 @@ def _check(model: str | None, out: Path, options: ExportOptions) -> None:
     check_device(options.device)
     if options.push_to_hub:
         check_push_target(options.push_to_hub, options.endpoint)
-    if options.estimator not in (None, *ESTIMATORS) or options.sparser not in (None, *DIRECTIONS):
-        raise BadOption(f"unknown estimator {options.estimator!r} or sparser {options.sparser!r}; choose from "
-                        f"{', '.join(ESTIMATORS)} and {', '.join(DIRECTIONS)}")
+    for name, value, allowed in (("estimator", options.estimator, ESTIMATORS), ("sparser", options.sparser, DIRECTIONS),
+                                 ("dtype", options.dtype, DTYPES)):
+        if value is not None and value not in allowed:
+            raise BadOption(f"unknown {name} {value!r}; choose from {', '.join(allowed)}")
     if options.auto and (options.allocation, options.mode) != ("acttail", "topk"):
         raise BadOption(f"--epsilon auto needs --allocation acttail --mode topk, got {options.allocation} / "
                         f"{options.mode}")

@@ -45,7 +45,8 @@ def test_library_export_writes_what_the_cli_writes(args, options, tiny_models, t
 @pytest.mark.parametrize("options, message", [
     ({"epsilon": "auto", "allocation": "uniform"}, "--epsilon auto needs --allocation acttail --mode topk"),
     ({"min_sparsity": 0.7}, "--min-sparsity"),
-    ({"estimator": "median"}, "unknown estimator 'median'"),
+    ({"estimator": "median"}, "unknown estimator 'median'; choose from mid, peak, ks"),
+    ({"dtype": "int8"}, "unknown dtype 'int8'"),
 ])
 def test_bad_options_are_refused_before_the_input_is_read(options, message, tmp_path):
     lines = []
