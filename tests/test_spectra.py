@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from acttail_export.spectra import ESTIMATORS, alphas_from_spectra, compute_spectra, esd, hill_alpha
+from acttail_export.spectra import ESTIMATORS, alphas_from_spectra, compute_spectra, esd, hill_alpha, spectra_cache_file
 
 
 def pareto_sample(exponent: float, n: int, seed: int) -> np.ndarray:
@@ -52,7 +52,9 @@ def test_unknown_estimator_is_refused():
 
 
 def test_smollm2_alphas_are_finite_and_heavy_tailed(smollm2):
-    spectra = compute_spectra(smollm2, progress=False)
+    # float64, through the spectra cache that --epsilon auto, peak exports and the tuning tests share
+    spectra = compute_spectra(smollm2, dtype=torch.float64, cache_file=spectra_cache_file(smollm2, torch.float64),
+                              progress=False)
     assert len(spectra) == 210
     for estimator in ESTIMATORS:
         alphas = np.array(list(alphas_from_spectra(spectra, estimator).values()))
