@@ -65,6 +65,34 @@ def invoke_cli(*args, env: dict[str, str | None] | None = None) -> CliResult:
         return CliResult(code, stdout.getvalue().decode(), stderr.getvalue().decode())
 
 
+# Prepended after _NO_ACTTAIL: the script records plain values with report(name=value); at exit (after a failure too)
+# the last stdout line is the report as JSON, so a test asserts on values and pytest shows them when a check fails.
+_REPORT = textwrap.dedent("""
+    import atexit, json
+    _report = {}
+    def report(**fields):
+        _report.update(fields)
+    atexit.register(lambda: print(json.dumps(_report)))
+""")
+
+
+def run_fresh_json(code: str, tmp_path: Path, env: dict[str, str] | None = None) -> dict:
+    """Run ``code`` in a new Python with fresh HF caches and no acttail_export; return what it passed to ``report``.
+
+    :param env: variables set on top of the defaults (e.g. ``{"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": url}`` to go online)
+    """
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_MODULES_CACHE": str(tmp_path / "hf_modules"),
+           "HF_HUB_OFFLINE": "1", **(env or {})}
+    result = subprocess.run([sys.executable, "-c", _NO_ACTTAIL + _REPORT + textwrap.dedent(code)], capture_output=True,
+                            text=True, env=env, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    lines = result.stdout.splitlines()
+    if result.returncode != 0:
+        # the partial report says how far the script got
+        raise AssertionError(f"fresh process failed; report so far: {lines[-1] if lines else None}\n"
+                             f"{result.stderr[-4000:]}")
+    return json.loads(lines[-1])
+
+
 def run_fresh_python(code: str, tmp_path: Path, env: dict[str, str] | None = None) -> str:
     """Run ``code`` in a new Python with fresh HF caches and no acttail_export; return its stdout.
 

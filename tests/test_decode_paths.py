@@ -4,7 +4,7 @@ switches work; torch.compile captures a decode step without graph breaks."""
 
 import pytest
 
-from conftest import run_cli, run_fresh_python
+from conftest import run_cli, run_fresh_json
 
 PATHS = """
     import os, torch
@@ -32,7 +32,7 @@ def tiny_qwen2_50(tiny_models, tmp_path_factory):
 
 
 def test_triton_cpu_and_reference_paths_agree(tiny_qwen2_50, tmp_path):
-    out = run_fresh_python(PATHS.format(path=str(tiny_qwen2_50)) + """
+    report = run_fresh_json(PATHS.format(path=str(tiny_qwen2_50)) + """
     tokens, steps, calls = {}, {}, {}
     for backend in ("reference", "cpu", "triton"):
         model = load(backend)
@@ -44,54 +44,56 @@ def test_triton_cpu_and_reference_paths_agree(tiny_qwen2_50, tmp_path):
         modeling.SparseGroup.__call__ = counted
         steps[backend] = decode_step(model)
         modeling.SparseGroup.__call__ = real_call
-        print("GROUP_CALLS", backend, calls.get(backend, 0))
         tokens[backend] = model.generate(ids, max_new_tokens=6, do_sample=False)
-    for backend in ("cpu", "triton"):
-        print("TOKENS", backend, torch.equal(tokens[backend], tokens["reference"]))
-        print("STEP", backend, (steps[backend] - steps["reference"]).abs().max().item())
+    report(group_calls={b: calls.get(b, 0) for b in tokens},
+           tokens={b: torch.equal(tokens[b], tokens["reference"]) for b in ("cpu", "triton")},
+           step={b: (steps[b] - steps["reference"]).abs().max().item() for b in ("cpu", "triton")})
     """, tmp_path)
     # 2 layers x (q/k/v, o, gate/up, down): four group calls per layer, not seven; none on the reference path
-    assert "GROUP_CALLS reference 0" in out and "GROUP_CALLS cpu 8" in out and "GROUP_CALLS triton 8" in out
+    assert report["group_calls"] == {"reference": 0, "cpu": 8, "triton": 8}
     for backend in ("cpu", "triton"):
-        assert f"TOKENS {backend} True" in out
-        assert float(out.split(f"STEP {backend} ")[1].split()[0]) < 1e-5
+        assert report["tokens"][backend] is True
+        assert report["step"][backend] < 1e-5
 
 
 def test_triton_group_shares_one_weight_and_batches_fall_back_to_dense(tiny_qwen2_50, tmp_path):
-    out = run_fresh_python(PATHS.format(path=str(tiny_qwen2_50)) + """
+    report = run_fresh_json(PATHS.format(path=str(tiny_qwen2_50)) + """
     model = load("triton")
     attention = model.model.layers[0].self_attn
     before = {name: getattr(attention, name).weight.detach().clone() for name in ("q_proj", "k_proj", "v_proj")}
     model.prepare_sparse_decode()
     group = attention.q_proj.group
-    print("ONE_GROUP", group is attention.k_proj.group is attention.v_proj.group, group.widths)
-    print("VIEWS", all(getattr(attention, n).weight.untyped_storage().data_ptr() == group.weight_t.untyped_storage().data_ptr()
-                       for n in before), all(torch.equal(getattr(attention, n).weight, w) for n, w in before.items()))
-    # rows x kept fraction >= 1: the rows together would read more than one dense pass
-    print("WINS", group.wins(torch.zeros(1, 1, 64)), group.wins(torch.zeros(2, 1, 64)), group.wins(torch.zeros(1, 5, 64)))
+    report(one_group=group is attention.k_proj.group is attention.v_proj.group, widths=list(group.widths),
+           views=all(getattr(attention, n).weight.untyped_storage().data_ptr() == group.weight_t.untyped_storage().data_ptr()
+                     for n in before),
+           unchanged=all(torch.equal(getattr(attention, n).weight, w) for n, w in before.items()),
+           # rows x kept fraction >= 1: the rows together would read more than one dense pass
+           wins=[group.wins(torch.zeros(1, 1, 64)), group.wins(torch.zeros(2, 1, 64)), group.wins(torch.zeros(1, 5, 64))])
     model.to(torch.float64)
-    print("MOVED", attention.q_proj.group)
+    report(moved_group=repr(attention.q_proj.group))
     """, tmp_path)
-    assert "ONE_GROUP True [64, 32, 32]" in out
-    assert "VIEWS True True" in out
-    assert "WINS True False False" in out
-    assert "MOVED None" in out
+    assert report["one_group"] is True and report["widths"] == [64, 32, 32]
+    assert report["views"] is True and report["unchanged"] is True
+    assert report["wins"] == [True, False, False]
+    assert report["moved_group"] == "None"
 
 
 def test_explicit_backend_wins_over_the_environment_which_auto_reads(tiny_qwen2_50, tmp_path):
-    out = run_fresh_python(PATHS.format(path=str(tiny_qwen2_50)) + """
+    report = run_fresh_json(PATHS.format(path=str(tiny_qwen2_50)) + """
     os.environ["ACTTAIL_SPARSE_BACKEND"] = "reference"
+    paths = {}
     for backend in ("auto", "cpu"):
         model = load(backend)
         model.prepare_sparse_decode()
-        print("PATHS", backend, sorted({m.group.path if m.group else "reference" for m in model.topk_modules().values()}))
+        paths[backend] = sorted({m.group.path if m.group else "reference" for m in model.topk_modules().values()})
+    report(paths=paths)
     """, tmp_path)
-    assert "PATHS auto ['reference']" in out
-    assert "PATHS cpu ['cpu']" in out
+    assert report["paths"]["auto"] == ["reference"]
+    assert report["paths"]["cpu"] == ["cpu"]
 
 
 def test_unavailable_backend_warns_once_and_runs_the_reference_path(tiny_qwen2_50, tmp_path):
-    out = run_fresh_python(PATHS.format(path=str(tiny_qwen2_50)) + """
+    report = run_fresh_json(PATHS.format(path=str(tiny_qwen2_50)) + """
     import logging
     warnings = []
     catcher = logging.Handler()
@@ -101,41 +103,42 @@ def test_unavailable_backend_warns_once_and_runs_the_reference_path(tiny_qwen2_5
     model.prepare_sparse_decode()
     model.set_sparse_backend("cpu")
     model.prepare_sparse_decode()
-    print("PATHS", sorted({m.group.path if m.group else "reference" for m in model.topk_modules().values()}))
-    print("WARNINGS", [w for w in warnings if "sparse_backend" in w])
+    report(paths=sorted({m.group.path if m.group else "reference" for m in model.topk_modules().values()}),
+           warnings=[w for w in warnings if "sparse_backend" in w])
     """, tmp_path)
-    assert "PATHS ['reference']" in out
-    assert "WARNINGS [\"sparse_backend='cpu' cannot run here (cpu torch.bfloat16): decode steps use the reference path\"]" in out
+    assert report["paths"] == ["reference"]
+    assert report["warnings"] == ["sparse_backend='cpu' cannot run here (cpu torch.bfloat16): decode steps use the reference path"]
 
 
 def test_layout_changes_only_in_prepare_never_in_forward(tiny_qwen2_50, tmp_path):
-    out = run_fresh_python(PATHS.format(path=str(tiny_qwen2_50)) + """
+    report = run_fresh_json(PATHS.format(path=str(tiny_qwen2_50)) + """
     model = load("cpu")
     decode_step(model)
     up = model.model.layers[0].mlp.up_proj
-    print("UNPLANNED", up.group, up.weight.stride())
+    report(group=repr(up.group), stride=list(up.weight.stride()))
     """, tmp_path)
-    assert "UNPLANNED None (64, 1)" in out
+    assert report["group"] == "None"
+    assert report["stride"] == [64, 1]
 
 
 def test_bad_backend_is_refused(tiny_qwen2_50, tmp_path):
-    out = run_fresh_python(PATHS.format(path=str(tiny_qwen2_50)) + """
+    report = run_fresh_json(PATHS.format(path=str(tiny_qwen2_50)) + """
     try:
         load("cuda-magic")
     except ValueError as error:
-        print("REFUSED", error)
+        report(refused=str(error))
     """, tmp_path)
-    assert "REFUSED sparse_backend must be one of" in out
+    assert "sparse_backend must be one of" in report["refused"]
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_compiled_decode_step_has_no_graph_break(backend, tiny_qwen2_50, tmp_path):
-    out = run_fresh_python(PATHS.format(path=str(tiny_qwen2_50)) + f"""
+    report = run_fresh_json(PATHS.format(path=str(tiny_qwen2_50)) + f"""
     from transformers import StaticCache
     model = load({backend!r})
     model.prepare_sparse_decode()
     eager = decode_step(model)
-    print("PLANNED", sorted({{m.group.path for m in model.topk_modules().values() if m.group}}))
+    report(planned=sorted({{m.group.path for m in model.topk_modules().values() if m.group}}))
     cache = StaticCache(config=model.config, max_cache_len=16)
     def step(tokens, position):
         return model(tokens, past_key_values=cache, cache_position=position, use_cache=True).logits
@@ -143,7 +146,7 @@ def test_compiled_decode_step_has_no_graph_break(backend, tiny_qwen2_50, tmp_pat
     with torch.inference_mode():
         step(ids[:, :-1], torch.arange(11))
         logits = compiled(ids[:, -1:], torch.tensor([11]))
-    print("COMPILED_VS_EAGER", (logits - eager).abs().max().item())
+    report(compiled_vs_eager=(logits - eager).abs().max().item())
     """, tmp_path)
-    assert f"PLANNED ['{backend}']" in out
-    assert float(out.split("COMPILED_VS_EAGER ")[1].split()[0]) < 1e-5
+    assert report["planned"] == [backend]
+    assert report["compiled_vs_eager"] < 1e-5
