@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import TINY_ARCHITECTURES, make_tiny_model, read_block, run_cli, run_fresh_python
+from conftest import TINY_ARCHITECTURES, make_tiny_model, read_block, run_cli, run_fresh_json
 from test_cli_errors import assert_one_line_failure
 
 CHECK = """
@@ -15,14 +15,13 @@ CHECK = """
     sparse = AutoModelForCausalLM.from_pretrained({sparse!r}, trust_remote_code=True).eval()
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        print("DENSE_EQUAL", torch.equal(base(ids).logits, dense(ids).logits))
-        print("SPARSE_DIFFERS", not torch.allclose(base(ids).logits, sparse(ids).logits))
+        report(dense_equal=torch.equal(base(ids).logits, dense(ids).logits),
+               sparse_differs=not torch.allclose(base(ids).logits, sparse(ids).logits))
         cached = sparse.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True)
         uncached = sparse.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False)
-    print("CACHE_EQUAL", torch.equal(cached, uncached))
-    kinds = {{type(m).__name__ for n, m in sparse.named_modules() if n.endswith("_proj")}}
-    print("KINDS", sorted(kinds))
-    print("QKV_BIAS", sparse.model.layers[0].self_attn.q_proj.bias is not None)
+    report(cache_equal=torch.equal(cached, uncached),
+           kinds=sorted({{type(m).__name__ for n, m in sparse.named_modules() if n.endswith("_proj")}}),
+           qkv_bias=sparse.model.layers[0].self_attn.q_proj.bias is not None)
 """
 
 
@@ -34,13 +33,13 @@ def test_tiny_architecture_round_trip(arch, tiny_models, tmp_path):
     config = json.loads((sparse / "config.json").read_text())
     assert config["model_type"] == f"acttail_{arch}"
     assert len(read_block(sparse)["modules"]) == 14
-    out = run_fresh_python(CHECK.format(base_class=TINY_ARCHITECTURES[arch][1], base=str(tiny_models[arch]),
-                                        dense=str(dense), sparse=str(sparse)), tmp_path)
-    assert "DENSE_EQUAL True" in out
-    assert "SPARSE_DIFFERS True" in out
-    assert "CACHE_EQUAL True" in out
-    assert "KINDS ['TopKLinear']" in out
-    assert f"QKV_BIAS {arch == 'qwen2'}" in out
+    report = run_fresh_json(CHECK.format(base_class=TINY_ARCHITECTURES[arch][1], base=str(tiny_models[arch]),
+                                         dense=str(dense), sparse=str(sparse)), tmp_path)
+    assert report["dense_equal"] is True
+    assert report["sparse_differs"] is True
+    assert report["cache_equal"] is True
+    assert report["kinds"] == ["TopKLinear"]
+    assert report["qkv_bias"] is (arch == "qwen2")
 
 
 def test_sharded_bf16_input_and_dtype_conversion(tmp_path):
@@ -56,12 +55,12 @@ def test_sharded_bf16_input_and_dtype_conversion(tmp_path):
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {p.name for p in out.glob("model-*.safetensors")}
-    result = run_fresh_python(f"""
+    report = run_fresh_json(f"""
         from transformers import AutoModelForCausalLM
         m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
-        print("DTYPE", m.model.layers[1].mlp.down_proj.weight.dtype)
+        report(dtype=str(m.model.layers[1].mlp.down_proj.weight.dtype))
     """, tmp_path)
-    assert "DTYPE torch.float16" in result
+    assert report["dtype"] == "torch.float16"
 
 
 def test_input_model_code_is_never_run(tiny_models, tmp_path):
@@ -87,7 +86,7 @@ def test_prefill_policy_sparsifies_the_right_tokens(prefill, tiny_models, tmp_pa
     out = tmp_path / "out"
     run_cli("export", tiny_models["llama"], out, "--sparsity", "0.5", "--prefill", prefill)
     assert read_block(out)["prefill"] == (prefill if prefill == "dense" else 0.5)
-    result = run_fresh_python(f"""
+    report = run_fresh_json(f"""
         import math, torch
         import torch.nn.functional as F
         from transformers import AutoModelForCausalLM
@@ -101,9 +100,8 @@ def test_prefill_policy_sparsifies_the_right_tokens(prefill, tiny_models, tmp_pa
             model(ids[:, :1])
             (x, y), (x1, y1) = seen
             dense_rows = (F.linear(x, proj.weight) - y).abs().amax(-1)[0] < 1e-6
-            print("DENSE_ROWS", dense_rows.tolist())
-            print("DECODE_SPARSE", bool((F.linear(x1, proj.weight) - y1).abs().max() > 1e-4))
+            report(dense_rows=dense_rows.tolist(), decode_sparse=bool((F.linear(x1, proj.weight) - y1).abs().max() > 1e-4))
     """, tmp_path)
     expected = [True] * 9 if prefill == "dense" else [True] * 4 + [False] * 5  # last ceil(0.5 * 9) = 5 tokens sparse
-    assert f"DENSE_ROWS {expected}" in result
-    assert "DECODE_SPARSE True" in result
+    assert report["dense_rows"] == expected
+    assert report["decode_sparse"] is True
