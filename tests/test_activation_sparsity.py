@@ -18,7 +18,7 @@ from acttail_export.modeling.activation_sparsity import ActivationSparsity, vali
 from acttail_export.modeling.projections import (INPUTS, PROJECTION_KINDS, SHARED_INPUTS, parse_projection,
                                                  projection_name)
 from acttail_export.weights import resolve_model
-from conftest import make_tiny_model, read_block, run_cli, run_fresh_python
+from conftest import make_tiny_model, read_block, run_cli, run_fresh_json
 
 Q0 = "model.layers.0.self_attn.q_proj"
 DOWN1 = "model.layers.1.mlp.down_proj"
@@ -206,18 +206,20 @@ def test_checkpoint_with_a_bad_block_is_refused_at_load_in_process(bad_checkpoin
 def test_checkpoint_with_a_bad_block_is_refused_by_its_shipped_code(bad_checkpoints, tmp_path):
     # the user's path: transformers runs the flat copy of the runtime shipped in the checkpoint
     folders = {what: str(folder) for what, folder in bad_checkpoints.items()}
-    result = run_fresh_python(f"""
+    report = run_fresh_json(f"""
         from transformers import AutoModelForCausalLM
+        errors = {{}}  # None: it loaded
         for what, folder in {folders!r}.items():
             try:
                 AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
-                print(what, "| LOADED")
+                errors[what] = None
             except ValueError as e:
-                print(what, "|", repr(str(e)))
+                errors[what] = str(e)
+        report(errors=errors)
     """, tmp_path)
-    lines = dict(line.split(" | ", 1) for line in result.splitlines() if " | " in line)
     for what, (_, message) in BAD_CHECKPOINTS.items():
-        assert message in lines[what] and "\\n" not in lines[what], lines[what]
+        error = report["errors"][what]
+        assert error is not None and message in error and "\n" not in error, (what, error)
 
 
 # --------------------------------------------------------------------------------------------------- what keeps loading
