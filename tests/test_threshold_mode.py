@@ -7,7 +7,7 @@ import math
 import pytest
 
 from acttail_export.modeling.activation_sparsity import validate_activation_sparsity
-from conftest import read_block, run_cli, run_fresh_python
+from conftest import read_block, run_cli, run_fresh_json
 from test_cli_errors import assert_one_line_failure
 
 TARGET = 0.5
@@ -87,7 +87,7 @@ def test_measured_sparsity_on_held_out_text_meets_the_target(smollm2_threshold, 
 
 
 def test_fresh_process_zeroes_exactly_the_entries_at_or_below_the_threshold(smollm2_threshold, tmp_path):
-    out = run_fresh_python(f"""
+    report = run_fresh_json(f"""
         import json, torch
         import torch.nn.functional as F
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -109,21 +109,21 @@ def test_fresh_process_zeroes_exactly_the_entries_at_or_below_the_threshold(smol
         ids = tok("The Eiffel Tower is a wrought-iron lattice tower in Paris, France.", return_tensors="pt")
         with torch.inference_mode():
             model.generate(**ids, max_new_tokens=3, do_sample=False)
-        print("CHECKED", checked["prefill"], checked["decode"])
-        # Decode steps in threshold mode read only the kept weight rows (the CPU path, planned by generate).
-        print("PLANNED", sorted({{m.group.path if m.group else "reference" for m in model.topk_modules().values()}}))
+        report(checked=checked,
+               planned=sorted({{m.group.path if m.group else "reference" for m in model.topk_modules().values()}}))
         for h in handles:
             h.remove()
         # The mode switches both ways on the loaded model.
         model.set_activation_sparsity({{**block, "mode": "topk"}})
         up = model.model.layers[3].mlp.up_proj
         x = torch.randn(5, 576)
-        print("TOPK", up.threshold, int((up.sparsify(x) != 0).sum(-1).unique().item()), up.keep)
+        report(topk_threshold=up.threshold, topk_kept=int((up.sparsify(x) != 0).sum(-1).unique().item()), topk_keep=up.keep)
         model.set_activation_sparsity(block)
-        print("THRESHOLD", up.threshold == block["modules"]["model.layers.3.mlp.up_proj"]["threshold"])
+        report(threshold_back=up.threshold == block["modules"]["model.layers.3.mlp.up_proj"]["threshold"])
     """, tmp_path)
     # prefill: 210 projections; then 2 decode steps x 210 (the third token needs no forward)
-    assert "CHECKED 210 420" in out
-    assert "PLANNED ['cpu']" in out
-    assert "TOPK None 288 288" in out
-    assert "THRESHOLD True" in out
+    assert report["checked"] == {"prefill": 210, "decode": 420}
+    # Decode steps in threshold mode read only the kept weight rows (the CPU path, planned by generate).
+    assert report["planned"] == ["cpu"]
+    assert report["topk_threshold"] is None and report["topk_kept"] == 288 and report["topk_keep"] == 288
+    assert report["threshold_back"] is True
