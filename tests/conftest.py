@@ -71,8 +71,10 @@ _REPORT = textwrap.dedent("""
     import atexit, json
     _report = {}
     def report(**fields):
+        json.dumps(fields)  # a value JSON cannot hold fails here, on the line that reported it, not at exit
         _report.update(fields)
-    atexit.register(lambda: print(json.dumps(_report)))
+    # on a line of its own: a prompt such as transformers' "run the custom code? [y/N] " ends without a newline
+    atexit.register(lambda: print("\\n" + json.dumps(_report)))
 """)
 
 

@@ -6,7 +6,7 @@ import re
 
 
 from acttail_export.allocation import BUDGET_TOLERANCE
-from conftest import read_block, run_cli, run_fresh_python
+from conftest import read_block, run_cli, run_fresh_json
 
 
 def sha256(path) -> str:
@@ -51,7 +51,7 @@ def test_model_card_metadata_figures_and_table(smollm2_50):
 
 
 def test_fresh_process_loads_generates_and_keeps_exactly_k(smollm2_50, tmp_path):
-    out = run_fresh_python(f"""
+    report = run_fresh_json(f"""
         import json, torch
         import torch.nn.functional as F
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -79,43 +79,43 @@ def test_fresh_process_loads_generates_and_keeps_exactly_k(smollm2_50, tmp_path)
         ids = tok("The Eiffel Tower is a wrought-iron lattice tower in Paris, France.", return_tensors="pt")
         with torch.inference_mode():
             model(**ids)
-        print("checked", len(checked), type(model).__name__)
+        report(checked=len(checked), model_class=type(model).__name__)
         for h in [m for m in model.modules()]:
             h._forward_hooks.clear()
         msgs = [{{"role": "user", "content": "What is the capital of France?"}}]
         inputs = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         gen = model.generate(**inputs, max_new_tokens=12, do_sample=False)
-        print("ANSWER:", tok.decode(gen[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+        report(answer=tok.decode(gen[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
     """, tmp_path)
-    assert "checked 210 ActTailLlamaForCausalLM" in out
-    assert "Paris" in out.split("ANSWER:")[1]
+    assert report["checked"] == 210 and report["model_class"] == "ActTailLlamaForCausalLM"
+    assert "Paris" in report["answer"]
 
 
 def test_loading_without_trust_remote_code_fails_clearly(smollm2_50, tmp_path):
-    out = run_fresh_python(f"""
+    report = run_fresh_json(f"""
         from transformers import AutoModelForCausalLM
         try:
             AutoModelForCausalLM.from_pretrained({str(smollm2_50)!r})
         except Exception as e:
-            print("REFUSED:", e)
+            report(refused=str(e))
     """, tmp_path)
-    assert "REFUSED:" in out and "trust_remote_code=True" in out
+    assert "trust_remote_code=True" in report["refused"]
 
 
 def test_all_ratios_zero_gives_the_base_logits_exactly(smollm2, tmp_path):
     out = tmp_path / "dense"
     run_cli("export", smollm2.folder, out, "--sparsity", "0", "--allocation", "uniform")
     assert all(m["keep"] == m["in_features"] for m in read_block(out)["modules"].values())
-    result = run_fresh_python(f"""
+    report = run_fresh_json(f"""
         import torch
         from transformers import AutoModelForCausalLM, LlamaForCausalLM
         ids = torch.tensor([[1, 504, 3458, 282, 253, 2562, 314, 5646, 30]])
         with torch.inference_mode():
             base = LlamaForCausalLM.from_pretrained({str(smollm2.folder)!r}).eval()(ids).logits
             ours = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()(ids).logits
-        print("EQUAL", torch.equal(base, ours))
+        report(equal=torch.equal(base, ours))
     """, tmp_path)
-    assert "EQUAL True" in result
+    assert report["equal"] is True
 
 
 def test_eval_reports_the_perplexity_the_card_states(smollm2_50):
@@ -151,7 +151,7 @@ def test_sparse_decode_path_equals_the_reference_path(smollm2_50, wiki_text, tmp
     In float64: TopK is discontinuous, so in float32 a 1e-6 difference of summation order occasionally moves an entry
     across the k-th magnitude, and the two paths' texts can part after a few tokens although every projection agrees.
     """
-    out = run_fresh_python(f"""
+    report = run_fresh_json(f"""
         import torch
         import torch.nn.functional as F
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -171,14 +171,15 @@ def test_sparse_decode_path_equals_the_reference_path(smollm2_50, wiki_text, tmp
             fast = model.generate(ids, max_new_tokens=24, do_sample=False)
             for h in handles:
                 h.remove()
-            print("PLANNED", {{m.group.path if m.group else "reference" for m in model.topk_modules().values() if m.sparse}})
+            report(planned=sorted({{m.group.path if m.group else "reference" for m in model.topk_modules().values() if m.sparse}}))
             model.set_sparse_backend("reference")
             ref = model.generate(ids, max_new_tokens=24, do_sample=False)
-        print("AFTER", {{m.group for m in model.topk_modules().values()}}, model.config.sparse_backend)
-        print("CHECKED", len(worst), "WORST", max(worst))
-        print("SAME_TOKENS", torch.equal(fast, ref))
+        report(groups_after=sorted({{repr(m.group) for m in model.topk_modules().values()}}),
+               backend_after=model.config.sparse_backend, checked=len(worst), worst=max(worst),
+               same_tokens=torch.equal(fast, ref))
     """, tmp_path)
-    assert "PLANNED {'cpu'}" in out and "AFTER {None} reference" in out
-    assert "CHECKED 4830 " in out  # 23 decode steps x 210 projections
-    assert float(out.split("WORST ")[1].split()[0]) < 1e-12
-    assert "SAME_TOKENS True" in out
+    assert report["planned"] == ["cpu"]
+    assert report["groups_after"] == ["None"] and report["backend_after"] == "reference"
+    assert report["checked"] == 4830  # 23 decode steps x 210 projections
+    assert report["worst"] < 1e-12
+    assert report["same_tokens"] is True
