@@ -24,6 +24,7 @@ loop, which grows exponentially (``tests/test_kernel_compile.py``). Shipped flat
 path.
 """
 
+import functools
 import hashlib
 import math
 import os
@@ -174,6 +175,9 @@ def _sparse_gemv_kernel(
         tl.store(out_ptr + row * stride_out + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
+TILES = ((32, 8), (64, 8), (64, 16), (128, 16))  # (BLOCK_K, num_warps)
+
+
 def _tile_configs() -> list:
     """Tile shapes the autotuner tries per shape (one in the interpreter, which cannot time). Every one compiles for
     sm_90 without spilling at rows of up to 16384 entries held in registers (tests/test_kernel_compile.py); 4 warps
@@ -183,7 +187,6 @@ def _tile_configs() -> list:
     return [triton.Config({"BLOCK_K": block_k}, num_warps=warps) for block_k, warps in TILES]
 
 
-TILES = ((32, 8), (64, 8), (64, 16), (128, 16))  # (BLOCK_K, num_warps)
 _sparse_gemv_tuned = triton.autotune(
     configs=_tile_configs(), key=["D", "N", "rows_per_split", "FIND_CUT", "ATOMIC", "BLOCK_N"],
     reset_to_zero=["out_ptr"],  # atomic adds need a zeroed buffer on every timed try (harmless for plain stores)
@@ -197,7 +200,8 @@ def _programs_wanted(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def gemv_blocks(widths: list[int], d: int, rows: int, device: torch.device) -> tuple[int, int, int]:
+@functools.lru_cache(maxsize=256)  # every eager decode step asks again, for the same few shapes
+def gemv_blocks(widths: tuple[int, ...], d: int, rows: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_N, splits, rows_per_split) for a group GEMV: BLOCK_N divides every member boundary; splits of the input
     rows fill the GPU when the output columns alone do not."""
     boundary = math.gcd(*(sum(widths[:i + 1]) for i in range(len(widths) - 1))) if len(widths) > 1 else 0
@@ -243,6 +247,7 @@ def _topk_cut_impl(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
 def threshold_cut(thresholds: list[float], dtype: torch.dtype, device) -> torch.Tensor:
     """The cut of a threshold per member, for every row: int32 ``[1, M, 2]``; keeps |x| > t (t rounded to dtype as the
     torch reference compares it) and NaN."""
+    # imported here, not above: tests/sm90_report.py loads this file alone, without its package
     from .topk import magnitude_keys
 
     keys = magnitude_keys(torch.tensor(thresholds, dtype=dtype)).to(torch.int32)
@@ -272,7 +277,7 @@ def _sparse_gemv_impl(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tenso
         assert len(ks) == len(widths) and all(1 <= k <= d for k in ks), f"bad ks {ks} for d={d}"
     else:
         assert cut.dtype == torch.int32 and cut.shape[1:] == (len(widths), 2) and cut.shape[0] in (1, rows)
-    block_n, splits, rows_per_split = gemv_blocks(widths, d, rows, x.device)
+    block_n, splits, rows_per_split = gemv_blocks(tuple(widths), d, rows, x.device)
     atomic = splits > 1
     out = torch.zeros(rows, n, dtype=torch.float32, device=x.device) if atomic else \
         torch.empty(rows, n, dtype=x.dtype, device=x.device)

@@ -125,10 +125,10 @@ def test_threshold_gemv_matches_float64(rows, d_in, widths, sparsities, dtype, p
 
 
 def test_gemv_splits_and_blocks_fit_member_boundaries():
-    block_n, splits, rows_per_split = gemv_blocks([576, 192, 192], 576, 1, torch.device("cpu"))
+    block_n, splits, rows_per_split = gemv_blocks((576, 192, 192), 576, 1, torch.device("cpu"))
     assert block_n == 64 and (576 % block_n, 768 % block_n) == (0, 0)
     assert splits * rows_per_split >= 576 and rows_per_split % 128 == 0
-    assert gemv_blocks([4096, 1024, 1024], 4096, 1, torch.device("cpu"))[0] == 128
+    assert gemv_blocks((4096, 1024, 1024), 4096, 1, torch.device("cpu"))[0] == 128
 
 
 def test_triton_nan_input_gives_nan_output_in_its_row_only(poisoned_empty):
