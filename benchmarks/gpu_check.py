@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 KERNEL_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)]  # (d_in, d_out)
 SPARSITIES = (0.5, 0.7, 0.8, 0.9)
+PROGRAMS_SHAPES = [(4096, 4096), (4096, 14336)]  # where 2 and 4 programs per SM are timed too
 CHECKS = ("kept_sets_exact", "within_bound", "given_within_bound")  # a correctness row passes when all are true
 
 
@@ -106,29 +107,35 @@ def poisoned_outputs():
 
 
 @contextlib.contextmanager
-def one_tile(kernels, block_k: int, num_warps: int):
-    """The GEMV with one tile, not autotuned: correctness needs every shape, not the fastest tile of each."""
+def one_tile(kernels, pick: int):
+    """The GEMV with one tile per element size (``TILES[size][pick]``), not autotuned: correctness needs every shape,
+    not the fastest tile of each."""
     import triton
 
-    tuner = kernels._sparse_gemv_tuned
-    saved = tuner.configs
-    tuner.configs = saved if kernels.INTERPRET else [triton.Config({"BLOCK_K": block_k}, num_warps=num_warps)]
+    tuners = kernels._sparse_gemv_tuned
+    saved = {size: tuner.configs for size, tuner in tuners.items()}
+    if not kernels.INTERPRET:
+        for size, tuner in tuners.items():
+            block_k, num_warps = kernels.TILES[size][pick]
+            tuner.configs = [triton.Config({"BLOCK_K": block_k}, num_warps=num_warps)]
     try:
         yield
     finally:
-        tuner.configs = saved
+        for size, tuner in tuners.items():
+            tuner.configs = saved[size]
 
 
 def check_kernels(report: Report, topk, kernels, device: str, smoke: bool) -> None:
-    """Exact kept sets and float64-close outputs for every dtype, length, batch, k, group and special value (the
-    largest tile), and every tile on bf16 rows of 4096."""
-    for block_k, num_warps in kernels.TILES[:-1]:
-        with one_tile(kernels, block_k, num_warps):
-            check_cases(report, topk, kernels, device, [torch.bfloat16], [97 if smoke else 4096], [1], f"{block_k}x{num_warps}")
-    with one_tile(kernels, *kernels.TILES[-1]):
+    """Exact kept sets and float64-close outputs for every dtype, length, batch, k, group and special value (each
+    dtype's largest tile), and every other tile on bf16 rows of 4096."""
+    bf16_tiles = kernels.TILES[2]
+    for pick in range(len(bf16_tiles) - 1):
+        with one_tile(kernels, pick):
+            check_cases(report, topk, kernels, device, [torch.bfloat16], [97 if smoke else 4096], [1],
+                        "x".join(map(str, bf16_tiles[pick])))
+    with one_tile(kernels, -1):
         check_cases(report, topk, kernels, device, [torch.bfloat16, torch.float16, torch.float32],
-                    (97, 576) if smoke else (576, 4096, 11008, 14336), (1, 3) if smoke else (1, 3, 8),
-                    "x".join(map(str, kernels.TILES[-1])))
+                    (97, 576) if smoke else (576, 4096, 11008, 14336), (1, 3) if smoke else (1, 3, 8), "largest")
 
 
 def check_cases(report: Report, topk, kernels, device: str, dtypes, lengths, batches, tile: str) -> None:
@@ -200,9 +207,14 @@ def gemv_within_bound(x, weight_t, bias, widths, masks, y, eps) -> bool:
 
 
 def time_us(fn, graph: bool) -> float:
-    """Median microseconds of fn: do_bench (events), or the replay of a CUDA graph of 20 calls, divided by 20."""
+    """Median microseconds of fn: do_bench (events), or the replay of a CUDA graph of 20 calls, divided by 20. Without
+    CUDA (the smoke run) one call's wall time, which only shows that the code runs."""
     from triton.testing import do_bench
 
+    if not torch.cuda.is_available():
+        start = time.perf_counter()
+        fn()
+        return 1e6 * (time.perf_counter() - start)
     if not graph:
         return 1000 * do_bench(fn, warmup=25, rep=100, return_mode="median")
     replay = captured(fn, calls=20)
@@ -224,11 +236,13 @@ def captured(fn, calls: int = 1):
     return graph.replay
 
 
-def bench_kernels(report: Report, kernels, device: str) -> None:
-    """Dense F.linear against the sparse kernels at 7B / 8B shapes, bf16, batch 1."""
+def bench_kernels(report: Report, kernels, device: str, smoke: bool) -> None:
+    """Dense F.linear against the sparse kernels at 7B / 8B shapes, bf16, batch 1; then, at two shapes, the GEMV with
+    2 and 4 programs per SM (more programs hide more memory latency, but each finds its row's cut again)."""
     dtype = torch.bfloat16
-    l2 = torch.cuda.get_device_properties(device).L2_cache_size
-    for d_in, d_out in KERNEL_SHAPES:
+    shapes, programs_shapes = ([(128, 96), (96, 128)], [(128, 96)]) if smoke else (KERNEL_SHAPES, PROGRAMS_SHAPES)
+    l2 = 0 if smoke else torch.cuda.get_device_properties(device).L2_cache_size
+    for d_in, d_out in shapes:
         nbytes = d_in * d_out * 2
         copies = max(2, math.ceil(3 * l2 / nbytes))  # rotate so that no call finds its weight in L2
         weights = [torch.randn(d_out, d_in, device=device, dtype=dtype) for _ in range(copies)]
@@ -242,13 +256,23 @@ def bench_kernels(report: Report, kernels, device: str) -> None:
                 return fn(i)
             return call
 
-        for graph in (False, True):
+        def add_row(mode, s, graph, dense, sparse_us, **extra):
+            kept = max(1, round((1 - s) * d_in)) / d_in
+            report.data["kernels"].append({
+                "shape": [d_in, d_out], "dtype": "bfloat16", "mode": mode, "sparsity": s, "graph": graph,
+                "programs_per_sm": kernels.PROGRAMS_PER_SM, "dense_us": dense, "sparse_us": sparse_us,
+                "speedup": dense / sparse_us, "ideal": 1 / kept, "dense_gbs": nbytes / dense / 1e3,
+                "sparse_gbs": kept * nbytes / sparse_us / 1e3, **extra})
+
+        def threshold_of(s):
+            return kernels.threshold_cut([float(torch.quantile(xs[0].float().abs().flatten().cpu(), s))], dtype, device)
+
+        for graph in (False,) if smoke else (False, True):
             dense = time_us(rotating(lambda i: F.linear(xs[i], weights[i])), graph)
             for s in SPARSITIES:
                 k = max(1, round((1 - s) * d_in))
                 cuts = [kernels.topk_cut(x, [k]) for x in xs]
-                t = float(torch.quantile(xs[0].float().abs().flatten().cpu(), s))
-                threshold = kernels.threshold_cut([t], dtype, device)
+                threshold = threshold_of(s)
                 timings = {
                     "topk": time_us(rotating(lambda i: kernels.sparse_gemv(xs[i], weights_t[i], None, [d_out], [k], None)), graph),
                     "topk_two_launch": time_us(rotating(lambda i: kernels.sparse_gemv(
@@ -257,17 +281,30 @@ def bench_kernels(report: Report, kernels, device: str) -> None:
                     "gemv": time_us(rotating(lambda i: kernels.sparse_gemv(xs[i], weights_t[i], None, [d_out], [], cuts[i])), graph),
                     "threshold": time_us(rotating(lambda i: kernels.sparse_gemv(xs[i], weights_t[i], None, [d_out], [], threshold)), graph),
                 }
-                kept = k / d_in
                 for mode in ("topk", "topk_two_launch", "threshold"):
-                    row = {"shape": [d_in, d_out], "dtype": "bfloat16", "mode": mode, "sparsity": s,
-                           "graph": graph, "dense_us": dense, "sparse_us": timings[mode],
-                           "speedup": dense / timings[mode], "ideal": 1 / kept,
-                           "dense_gbs": nbytes / dense / 1e3, "sparse_gbs": kept * nbytes / timings[mode] / 1e3}
-                    if mode == "topk_two_launch":
-                        row.update(selection_us=timings["selection"], gemv_us=timings["gemv"])
-                    report.data["kernels"].append(row)
+                    extra = {"selection_us": timings["selection"], "gemv_us": timings["gemv"]} if mode == "topk_two_launch" else {}
+                    add_row(mode, s, graph, dense, timings[mode], **extra)
                 print(f"  {d_in}x{d_out} s={s} graph={graph}: dense {dense:.1f} us, " + ", ".join(
                     f"{name} {us:.1f}" for name, us in timings.items()), flush=True)
+        if (d_in, d_out) not in programs_shapes:
+            continue
+        try:
+            for programs in (2, 4):
+                kernels.PROGRAMS_PER_SM = programs
+                for s in (0.5, 0.8):
+                    k = max(1, round((1 - s) * d_in))
+                    threshold = threshold_of(s)
+                    for mode, fn in (("topk", lambda i: kernels.sparse_gemv(xs[i], weights_t[i], None, [d_out], [k], None)),
+                                     ("threshold", lambda i: kernels.sparse_gemv(xs[i], weights_t[i], None, [d_out], [], threshold))):
+                        sparse_us = time_us(rotating(fn), graph=not smoke)
+                        add_row(mode, s, not smoke, dense, sparse_us)
+                        print(f"  {d_in}x{d_out} s={s} {mode} {kernels.PROGRAMS_PER_SM} programs/SM: {sparse_us:.1f} us "
+                              f"(dense {dense:.1f})", flush=True)
+        finally:
+            kernels.PROGRAMS_PER_SM = 1
+    # which tile the autotuner chose for each shape: the next tuning starts from these
+    report.data["tuned"] = [{"key": [str(part) for part in key], "config": str(config)}
+                            for tuner in kernels._sparse_gemv_tuned.values() for key, config in tuner.cache.items()]
 
 
 def uniform_block(model, sparsity: float, thresholds: dict[str, float] | None = None) -> dict:
@@ -354,7 +391,7 @@ def synchronize(device) -> None:
 
 def bench_decode(report: Report, modeling, device: str, smoke: bool, deadline: float) -> None:
     model = build_model(modeling, device, smoke)
-    steps = 8 if smoke else 64
+    steps = 2 if smoke else 64
     calibration = torch.randint(0, model.config.vocab_size, (1, 64), device=device)
     graphs = (False,) if smoke else (False, True)
     for batch in (1, 4):
@@ -412,12 +449,12 @@ def markdown(data: dict) -> str:
     failed = [row for row in checks if not all(row.get(k, True) for k in CHECKS)]
     lines += [f"Correctness: {len(checks) - len(failed)} of {len(checks)} cases pass.", ""]
     if data["kernels"]:
-        lines += ["| shape (in x out) | mode | s | timing | dense us | sparse us | speed-up | ideal | sparse GB/s |",
-                  "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+        lines += ["| shape (in x out) | mode | s | timing | programs/SM | dense us | sparse us | speed-up | ideal | "
+                  "sparse GB/s |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
         for row in data["kernels"]:
             lines.append(f"| {row['shape'][0]}x{row['shape'][1]} | {row['mode']} | {row['sparsity']} | "
-                         f"{'graph' if row['graph'] else 'do_bench'} | {row['dense_us']:.1f} | {row['sparse_us']:.1f} | "
-                         f"{row['speedup']:.2f}x | {row['ideal']:.1f}x | {row['sparse_gbs']:.0f} |")
+                         f"{'graph' if row['graph'] else 'do_bench'} | {row['programs_per_sm']} | {row['dense_us']:.1f} | "
+                         f"{row['sparse_us']:.1f} | {row['speedup']:.2f}x | {row['ideal']:.1f}x | {row['sparse_gbs']:.0f} |")
         lines.append("")
     if data["decode"]:
         lines += ["| decode | s | batch | how | tokens/s | dense tokens/s | speed-up |", "|---|---:|---:|---|---:|---:|---:|"]
@@ -448,9 +485,9 @@ def main() -> None:
         if "correctness" in sections:
             with report.section("correctness"):
                 check_kernels(report, topk, kernels, device, args.smoke)
-        if "kernels" in sections and not args.smoke:
+        if "kernels" in sections:
             with report.section("kernels"):
-                bench_kernels(report, kernels, device)
+                bench_kernels(report, kernels, device, args.smoke)
         if "decode" in sections:
             with report.section("decode"):
                 bench_decode(report, modeling, device, args.smoke, deadline)

@@ -154,13 +154,13 @@ def _sparse_gemv_kernel(
     offs_n = n_start + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-    k_start = split * rows_per_split
-    k_end = tl.minimum(k_start + rows_per_split, D)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        v = tl.load(x_row_ptr + offs_k, mask=offs_k < k_end, other=0)
+    split_start = split * rows_per_split
+    split_end = tl.minimum(split_start + rows_per_split, D)
+    for tile_start in range(split_start, split_end, BLOCK_K):
+        offs_k = tile_start + tl.arange(0, BLOCK_K)
+        v = tl.load(x_row_ptr + offs_k, mask=offs_k < split_end, other=0)
         key = _magnitude_keys(v, KEY_BITS)
-        keep = (offs_k < k_end) & ((key > kth) | ((key == kth) & (offs_k <= cutoff)))
+        keep = (offs_k < split_end) & ((key > kth) | ((key == kth) & (offs_k <= cutoff)))
         # Masked-off rows issue no memory traffic: only the kept rows of wt are read.
         w = tl.load(wt_ptr + offs_k[:, None] * stride_wt + offs_n[None, :], mask=keep[:, None] & n_mask[None, :],
                     other=0.0)
@@ -175,42 +175,42 @@ def _sparse_gemv_kernel(
         tl.store(out_ptr + row * stride_out + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
-TILES = ((32, 8), (64, 8), (64, 16), (128, 16))  # (BLOCK_K, num_warps)
+# (BLOCK_K, num_warps) the autotuner tries, by element size. A tile of weights holds at most 32 KB (BLOCK_N = 128):
+# a 64 KB fp32 tile spills in Triton 3.6 (the GPU image's), and 4 warps spill with rows of 16384 entries held in
+# registers (tests/test_kernel_compile.py).
+TILES = {2: ((32, 8), (64, 8), (64, 16), (128, 16)), 4: ((32, 8), (64, 8), (64, 16))}
+PROGRAMS_PER_SM = 1  # every program finds its row's cut, so a second program on an SM doubles that work
 
 
-def _tile_configs() -> list:
-    """Tile shapes the autotuner tries per shape (one in the interpreter, which cannot time). Every one compiles for
-    sm_90 without spilling at rows of up to 16384 entries held in registers (tests/test_kernel_compile.py); 4 warps
-    would spill there."""
-    if INTERPRET:
+def _tile_configs(tiles) -> list:
+    if INTERPRET:  # the interpreter cannot time: one tile
         return [triton.Config({"BLOCK_K": 32}, num_warps=4)]
-    return [triton.Config({"BLOCK_K": block_k}, num_warps=warps) for block_k, warps in TILES]
+    return [triton.Config({"BLOCK_K": block_k}, num_warps=warps) for block_k, warps in tiles]
 
 
-_sparse_gemv_tuned = triton.autotune(
-    configs=_tile_configs(), key=["D", "N", "rows_per_split", "FIND_CUT", "ATOMIC", "BLOCK_N"],
-    reset_to_zero=["out_ptr"],  # atomic adds need a zeroed buffer on every timed try (harmless for plain stores)
-)(_sparse_gemv_kernel)
-
-
-def _programs_wanted(device: torch.device) -> int:
-    """One program per SM: every program finds its row's cut, so a second program on an SM doubles that work."""
-    if device.type != "cuda":
-        return 8  # the interpreter: few programs, quick tests
-    return torch.cuda.get_device_properties(device).multi_processor_count
+_sparse_gemv_tuned = {  # by element size
+    size: triton.autotune(
+        configs=_tile_configs(tiles), key=["D", "N", "rows_per_split", "FIND_CUT", "ATOMIC", "BLOCK_N"],
+        reset_to_zero=["out_ptr"],  # atomic adds need a zeroed buffer on every timed try (harmless for plain stores)
+    )(_sparse_gemv_kernel)
+    for size, tiles in TILES.items()
+}
 
 
 @functools.lru_cache(maxsize=256)  # every eager decode step asks again, for the same few shapes
-def gemv_blocks(widths: tuple[int, ...], d: int, rows: int, device: torch.device) -> tuple[int, int, int]:
+def gemv_blocks(widths: tuple[int, ...], d: int, rows: int, device: torch.device,
+                programs_per_sm: int = 1) -> tuple[int, int, int]:
     """(BLOCK_N, splits, rows_per_split) for a group GEMV: BLOCK_N divides every member boundary; splits of the input
-    rows fill the GPU when the output columns alone do not."""
+    rows fill the GPU (``programs_per_sm`` programs on each SM) when the output columns alone do not."""
     boundary = math.gcd(*(sum(widths[:i + 1]) for i in range(len(widths) - 1))) if len(widths) > 1 else 0
     block_n = 128
     while boundary % block_n:
         block_n //= 2
     n_blocks = triton.cdiv(sum(widths), block_n)
+    # the interpreter: few programs, quick tests
+    programs = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
     # rows_per_split is a multiple of 128, the largest BLOCK_K, so every tile lies inside one split
-    splits = max(1, min(round(_programs_wanted(device) / (n_blocks * rows)), triton.cdiv(d, 128)))
+    splits = max(1, min(round(programs * programs_per_sm / (n_blocks * rows)), triton.cdiv(d, 128)))
     rows_per_split = triton.cdiv(triton.cdiv(d, splits), 128) * 128
     return block_n, triton.cdiv(d, rows_per_split), rows_per_split
 
@@ -277,12 +277,12 @@ def _sparse_gemv_impl(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tenso
         assert len(ks) == len(widths) and all(1 <= k <= d for k in ks), f"bad ks {ks} for d={d}"
     else:
         assert cut.dtype == torch.int32 and cut.shape[1:] == (len(widths), 2) and cut.shape[0] in (1, rows)
-    block_n, splits, rows_per_split = gemv_blocks(tuple(widths), d, rows, x.device)
+    block_n, splits, rows_per_split = gemv_blocks(tuple(widths), d, rows, x.device, PROGRAMS_PER_SM)
     atomic = splits > 1
     out = torch.zeros(rows, n, dtype=torch.float32, device=x.device) if atomic else \
         torch.empty(rows, n, dtype=x.dtype, device=x.device)
     ends = [sum(widths[:i + 1]) for i in range(len(widths))] + [n] * MAX_MEMBERS
-    _launch(_sparse_gemv_tuned)[(triton.cdiv(n, block_n), splits, rows)](
+    _launch(_sparse_gemv_tuned[x.element_size()])[(triton.cdiv(n, block_n), splits, rows)](
         x, weight_t, bias if bias is not None else x, out, x if find_cut else cut,
         d, n, ends[0], ends[1], rows_per_split, x.stride(0), weight_t.stride(0), out.stride(0),
         0 if find_cut or cut.shape[0] == 1 else cut.stride(0), *(list(ks) + [0] * MAX_MEMBERS)[:MAX_MEMBERS],

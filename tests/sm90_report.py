@@ -49,9 +49,10 @@ def compiled_rows() -> list[dict]:
     for d in ROW_LENGTHS:
         for dtype in POINTER:
             for find_cut in (True, False):
-                for block_k, warps in topk_triton.TILES:
-                    if dtype != torch.bfloat16 and (block_k, warps) != topk_triton.TILES[-1]:
-                        continue  # the other dtypes share the bf16 code; their largest tile is the one at risk
+                tiles = topk_triton.TILES[dtype.itemsize]
+                for block_k, warps in tiles:
+                    if dtype == torch.float16 and (block_k, warps) != tiles[-1]:
+                        continue  # fp16 shares bf16's code; its largest tile is the one at risk
                     signature = {"x_ptr": POINTER[dtype], "wt_ptr": POINTER[dtype], "bias_ptr": POINTER[dtype],
                                  "out_ptr": "*fp32", "cut_ptr": "*i32", **{n: "i32" for n in GEMV_INTS},
                                  **{n: "constexpr" for n in GEMV_CONSTEXPRS}}
@@ -79,9 +80,18 @@ class HopperStub:
         return HOPPER
 
 
-def analysis_rows() -> list[dict]:
-    from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
+def written_pointers(kernel, kwargs: dict) -> list[str]:
+    """The arguments torch's analysis finds written: ``identify_accessed_tensors`` in newer torch,
+    ``identify_mutated_tensors`` in torch <= 2.11 (the GPU image's). Both fall back to every tensor on failure."""
+    from torch._higher_order_ops import triton_kernel_wrap
 
+    if hasattr(triton_kernel_wrap, "identify_accessed_tensors"):
+        accesses = triton_kernel_wrap.identify_accessed_tensors(kernel, kwargs, {})
+        return sorted(dep.name for dep in accesses.read_writes.writes)
+    return sorted(triton_kernel_wrap.identify_mutated_tensors(kernel, kwargs, {}))
+
+
+def analysis_rows() -> list[dict]:
     triton.runtime.driver.set_active(HopperStub())
     rows = []
     for dtype in (torch.bfloat16, torch.float32):
@@ -93,16 +103,15 @@ def analysis_rows() -> list[dict]:
                       "stride_cut": 0, "k0": 2048, "k1": 1000, "k2": 3000, "FIND_CUT": find_cut, "HAS_BIAS": True,
                       "ATOMIC": True, "KEY_BITS": topk_triton.KEY_BITS[dtype], "BLOCK_D": 16384, "BLOCK_N": 128}
             start = time.perf_counter()
-            accesses = identify_accessed_tensors(topk_triton._sparse_gemv_tuned, kwargs, {})
+            writes = written_pointers(topk_triton._sparse_gemv_tuned[dtype.itemsize], kwargs)
             rows.append({"kernel": "sparse_gemv", "dtype": str(dtype), "find_cut": find_cut,
-                         "seconds": time.perf_counter() - start,
-                         "writes": sorted(dep.name for dep in accesses.read_writes.writes)})
+                         "seconds": time.perf_counter() - start, "writes": writes})
         kwargs = {"x_ptr": fake(), "cut_ptr": fake(torch.int32), "D": 14336, "stride_x": 14336, "k0": 1, "k1": 2,
                   "k2": 3, "KEY_BITS": topk_triton.KEY_BITS[dtype], "BLOCK_D": 16384}
         start = time.perf_counter()
-        accesses = identify_accessed_tensors(topk_triton._topk_cut_kernel, kwargs, {})
+        writes = written_pointers(topk_triton._topk_cut_kernel, kwargs)
         rows.append({"kernel": "topk_cut", "dtype": str(dtype), "seconds": time.perf_counter() - start,
-                     "writes": sorted(dep.name for dep in accesses.read_writes.writes)})
+                     "writes": writes})
     return rows
 
 
