@@ -107,17 +107,14 @@ def poisoned_outputs():
 
 
 @contextlib.contextmanager
-def one_tile(kernels, pick: int):
-    """The GEMV with one tile per element size (``TILES[size][pick]``), not autotuned: correctness needs every shape,
-    not the fastest tile of each."""
-    import triton
-
+def one_tile(kernels, pick: int, compact: bool):
+    """The GEMV with one tile per element size (``TILES[size][pick]``, masked or compacted), not autotuned:
+    correctness needs every variant, not the fastest of each shape. (The interpreter runs one small tile.)"""
     tuners = kernels._sparse_gemv_tuned
     saved = {size: tuner.configs for size, tuner in tuners.items()}
-    if not kernels.INTERPRET:
-        for size, tuner in tuners.items():
-            block_k, num_warps = kernels.TILES[size][pick]
-            tuner.configs = [triton.Config({"BLOCK_K": block_k}, num_warps=num_warps)]
+    for size, tuner in tuners.items():
+        block_k, num_warps = (32, 4) if kernels.INTERPRET else kernels.TILES[size][pick]
+        tuner.configs = [kernels.tile_config(block_k, num_warps, compact)]
     try:
         yield
     finally:
@@ -127,15 +124,18 @@ def one_tile(kernels, pick: int):
 
 def check_kernels(report: Report, topk, kernels, device: str, smoke: bool) -> None:
     """Exact kept sets and float64-close outputs for every dtype, length, batch, k, group and special value (each
-    dtype's largest tile), and every other tile on bf16 rows of 4096."""
-    bf16_tiles = kernels.TILES[2]
-    for pick in range(len(bf16_tiles) - 1):
-        with one_tile(kernels, pick):
-            check_cases(report, topk, kernels, device, [torch.bfloat16], [97 if smoke else 4096], [1],
-                        "x".join(map(str, bf16_tiles[pick])))
-    with one_tile(kernels, -1):
-        check_cases(report, topk, kernels, device, [torch.bfloat16, torch.float16, torch.float32],
-                    (97, 576) if smoke else (576, 4096, 11008, 14336), (1, 3) if smoke else (1, 3, 8), "largest")
+    dtype's largest tile), and every other tile on bf16 rows of 4096; masked and compacted tiles alike."""
+    for compact in (False, True):
+        variant = "compacted" if compact else "masked"
+        bf16_tiles = kernels.TILES[2]
+        for pick in range(len(bf16_tiles) - 1):
+            with one_tile(kernels, pick, compact):
+                check_cases(report, topk, kernels, device, [torch.bfloat16], [97 if smoke else 4096], [1],
+                            f"{'x'.join(map(str, bf16_tiles[pick]))} {variant}")
+        with one_tile(kernels, -1, compact):
+            check_cases(report, topk, kernels, device, [torch.bfloat16, torch.float16, torch.float32],
+                        (97, 576) if smoke else (576, 4096, 11008, 14336), (1, 3) if smoke else (1, 3, 8),
+                        f"largest {variant}")
 
 
 def check_cases(report: Report, topk, kernels, device: str, dtypes, lengths, batches, tile: str) -> None:
@@ -162,8 +162,8 @@ def check_cases(report: Report, topk, kernels, device: str, dtypes, lengths, bat
                         row = {"dtype": str(dtype), "d": d, "rows": rows, "input": kind, "ks": members, "tile": tile}
                         with poisoned_outputs():
                             cut = kernels.topk_cut(x, members)
-                            fused = kernels.sparse_gemv(x, weight_t, bias, widths, members, None)
-                            given = kernels.sparse_gemv(x, weight_t, bias, widths, [], cut)
+                            fused = kernels.sparse_gemv(x, weight_t, bias, widths, members, None, max(members) / d)
+                            given = kernels.sparse_gemv(x, weight_t, bias, widths, [], cut, max(members) / d)
                         masks = [topk.topk_mask(x, k) for k in members]
                         row["kept_sets_exact"] = all(torch.equal(kept_by_cut(topk, x, cut[:, m:m + 1])[:, 0], masks[m])
                                                      for m in range(len(members)))
@@ -174,7 +174,8 @@ def check_cases(report: Report, topk, kernels, device: str, dtypes, lengths, bat
             x = torch.randn(2, d, generator=generator).to(dtype).to(device)
             thresholds = [float(torch.quantile(x.float().abs().flatten().cpu(), s)) for s in (0.5, 0.8, 0.3)]
             with poisoned_outputs():
-                y = kernels.sparse_gemv(x, weight_t, bias, widths, [], kernels.threshold_cut(thresholds, dtype, device))
+                cut = kernels.threshold_cut(thresholds, dtype, device)
+                y = kernels.sparse_gemv(x, weight_t, bias, widths, [], cut, 0.7)  # the most a member keeps
             masks = [~(x.abs() <= t) for t in thresholds]
             report.data["correctness"].append({
                 "dtype": str(dtype), "d": d, "rows": 2, "input": "threshold", "thresholds": thresholds, "tile": tile,
@@ -274,12 +275,12 @@ def bench_kernels(report: Report, kernels, device: str, smoke: bool) -> None:
                 cuts = [kernels.topk_cut(x, [k]) for x in xs]
                 threshold = threshold_of(s)
                 timings = {
-                    "topk": time_us(rotating(lambda i: kernels.sparse_gemv(xs[i], weights_t[i], None, [d_out], [k], None)), graph),
+                    "topk": time_us(rotating(lambda i: kernels.sparse_gemv(xs[i], weights_t[i], None, [d_out], [k], None, k / d_in)), graph),
                     "topk_two_launch": time_us(rotating(lambda i: kernels.sparse_gemv(
-                        xs[i], weights_t[i], None, [d_out], [], kernels.topk_cut(xs[i], [k]))), graph),
+                        xs[i], weights_t[i], None, [d_out], [], kernels.topk_cut(xs[i], [k]), k / d_in)), graph),
                     "selection": time_us(rotating(lambda i: kernels.topk_cut(xs[i], [k])), graph),
-                    "gemv": time_us(rotating(lambda i: kernels.sparse_gemv(xs[i], weights_t[i], None, [d_out], [], cuts[i])), graph),
-                    "threshold": time_us(rotating(lambda i: kernels.sparse_gemv(xs[i], weights_t[i], None, [d_out], [], threshold)), graph),
+                    "gemv": time_us(rotating(lambda i: kernels.sparse_gemv(xs[i], weights_t[i], None, [d_out], [], cuts[i], k / d_in)), graph),
+                    "threshold": time_us(rotating(lambda i: kernels.sparse_gemv(xs[i], weights_t[i], None, [d_out], [], threshold, 1 - s)), graph),
                 }
                 for mode in ("topk", "topk_two_launch", "threshold"):
                     extra = {"selection_us": timings["selection"], "gemv_us": timings["gemv"]} if mode == "topk_two_launch" else {}
@@ -294,8 +295,8 @@ def bench_kernels(report: Report, kernels, device: str, smoke: bool) -> None:
                 for s in (0.5, 0.8):
                     k = max(1, round((1 - s) * d_in))
                     threshold = threshold_of(s)
-                    for mode, fn in (("topk", lambda i: kernels.sparse_gemv(xs[i], weights_t[i], None, [d_out], [k], None)),
-                                     ("threshold", lambda i: kernels.sparse_gemv(xs[i], weights_t[i], None, [d_out], [], threshold))):
+                    for mode, fn in (("topk", lambda i: kernels.sparse_gemv(xs[i], weights_t[i], None, [d_out], [k], None, k / d_in)),
+                                     ("threshold", lambda i: kernels.sparse_gemv(xs[i], weights_t[i], None, [d_out], [], threshold, 1 - s))):
                         sparse_us = time_us(rotating(fn), graph=not smoke)
                         add_row(mode, s, not smoke, dense, sparse_us)
                         print(f"  {d_in}x{d_out} s={s} {mode} {kernels.PROGRAMS_PER_SM} programs/SM: {sparse_us:.1f} us "

@@ -13,8 +13,11 @@ key of t in x's dtype and cutoff is -1.
 
 ``sparse_gemv`` finds the TopK cut inside every GEMV program (``_topk_cut``: radix passes of 5 bits over the row held in
 registers, with ``tl.histogram``), so selection costs no launch and no serial kernel in front of the GEMV; or it reads a
-given cut (threshold mode, or ``topk_cut``'s output). Programs split the kept rows (split-K) and the output columns; with
-more than one split the fp32 partial sums meet in an fp32 buffer through atomic adds.
+given cut (threshold mode, or ``topk_cut``'s output). Programs split the input rows (split-K) and the output columns; with
+more than one split the fp32 partial sums meet in an fp32 buffer through atomic adds. A program reads its rows either
+in masked tiles (skipped rows cost no bytes, but every tile costs a memory latency) or, compacted, first lists its kept
+rows and then loads tiles of kept rows only (the number of latencies falls with the sparsity); the autotuner picks
+per shape and sparsity.
 
 Both are torch custom ops (``torch.library.triton_op``) so ``torch.compile`` and CUDA graphs capture a decode step. Their
 names carry a hash of this file, so two checkpoints with different kernel files in one process each run their own.
@@ -56,19 +59,20 @@ def _magnitude_keys(v, KEY_BITS: tl.constexpr):
 
 
 @triton.jit
-def _topk_cut(x_row_ptr, D, k, KEY_BITS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _topk_cut(keys, valid, k, KEY_BITS: tl.constexpr, BLOCK_D: tl.constexpr):
     """The cut ``(kth, cutoff)`` that keeps exactly the k largest-magnitude entries of a row (1 <= k <= D).
 
     kth is found digit by digit from the top, 5 bits a pass: a histogram of the next digit over the keys that share the
     digits found so far, and the largest digit whose count, with everything above it, still reaches k.
+
+    Takes the row's keys, loaded by the caller: torch.compile's write analysis counts every pointer passed to a
+    function whose result addresses a store as written, and the compacted GEMV's stores are addressed by the cut.
     """
     # 5 bits a pass: 32 bins, one per lane of a warp (a histogram costs about bins / 32 operations per entry)
     RADIX_BITS: tl.constexpr = 5
     NUM_BINS: tl.constexpr = 32
     NUM_PASSES: tl.constexpr = (KEY_BITS + 4) // 5
     offs = tl.arange(0, BLOCK_D)
-    valid = offs < D
-    keys = _magnitude_keys(tl.load(x_row_ptr + offs, mask=valid, other=0), KEY_BITS)
     bins = tl.arange(0, NUM_BINS)
     kth = 0  # digits found so far, in place
     above = 0  # keys above every key that starts with those digits
@@ -84,7 +88,7 @@ def _topk_cut(x_row_ptr, D, k, KEY_BITS: tl.constexpr, BLOCK_D: tl.constexpr):
     # Keys equal to kth fill the remaining k - above places, lowest index first. Usually all of them fit.
     tied = valid & (keys == kth)
     room = k - above
-    cutoff = D
+    cutoff = tl.full([], BLOCK_D, tl.int32)  # past every index: all ties kept
     if tl.sum(tied.to(tl.int32), 0) > room:
         rank = tl.cumsum(tied.to(tl.int32), 0)
         cutoff = tl.max(tl.where(tied & (rank <= room), offs, -1), 0)
@@ -106,19 +110,22 @@ def _topk_cut_kernel(
     row = tl.program_id(0)
     member = tl.program_id(1)
     k = tl.where(member == 0, k0, tl.where(member == 1, k1, k2))
-    kth, cutoff = _topk_cut(x_ptr + row * stride_x, D, k, KEY_BITS, BLOCK_D)
+    offs = tl.arange(0, BLOCK_D)
+    keys = _magnitude_keys(tl.load(x_ptr + row * stride_x + offs, mask=offs < D, other=0), KEY_BITS)
+    kth, cutoff = _topk_cut(keys, offs < D, k, KEY_BITS, BLOCK_D)
     members = tl.num_programs(1)
     tl.store(cut_ptr + (row * members + member) * 2, kth)
     tl.store(cut_ptr + (row * members + member) * 2 + 1, cutoff)
 
 
-@triton.jit(do_not_specialize=["end0", "end1", "k0", "k1", "k2"])
+@triton.jit(do_not_specialize=["end0", "end1", "k0", "k1", "k2", "density"])
 def _sparse_gemv_kernel(
     x_ptr,  # [B, D] activations
     wt_ptr,  # [D, N] input-major weight of every member, contiguous rows
     bias_ptr,  # [N] bias (read only if HAS_BIAS)
     out_ptr,  # [B, N] out: x's dtype, or a zeroed fp32 buffer if ATOMIC
     cut_ptr,  # [B or 1, M, 2] int32 (kth, cutoff) per row and member (read only if not FIND_CUT)
+    scratch_ptr,  # int32, rows_per_split entries per program: its list of kept rows (COMPACT)
     D,  # input features
     N,  # output features, all members
     end0,  # first column after member 0
@@ -131,6 +138,7 @@ def _sparse_gemv_kernel(
     k0,  # kept count of member 0 (FIND_CUT)
     k1,  # ... member 1
     k2,  # ... member 2
+    density,  # kept eighths of the inputs, unused: a key of the autotuner, whose best tile depends on it
     FIND_CUT: tl.constexpr,  # True: find the TopK cut here; False: read it from cut_ptr
     HAS_BIAS: tl.constexpr,
     ATOMIC: tl.constexpr,  # several splits add into out (fp32)
@@ -138,6 +146,8 @@ def _sparse_gemv_kernel(
     BLOCK_D: tl.constexpr,  # power of two >= D (FIND_CUT)
     BLOCK_N: tl.constexpr,  # output columns per program; divides end0 and end1, so a program serves one member
     BLOCK_K: tl.constexpr,  # input rows per loaded tile
+    COMPACT: tl.constexpr,  # True: list the kept rows first, then load BLOCK_K kept rows a tile; False: masked tiles
+    BLOCK_C: tl.constexpr,  # entries listed at a time (COMPACT), a power of two
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -147,7 +157,9 @@ def _sparse_gemv_kernel(
     x_row_ptr = x_ptr + row * stride_x
     if FIND_CUT:
         k = tl.where(member == 0, k0, tl.where(member == 1, k1, k2))
-        kth, cutoff = _topk_cut(x_row_ptr, D, k, KEY_BITS, BLOCK_D)
+        offs_d = tl.arange(0, BLOCK_D)  # the whole row, in registers
+        keys = _magnitude_keys(tl.load(x_row_ptr + offs_d, mask=offs_d < D, other=0), KEY_BITS)
+        kth, cutoff = _topk_cut(keys, offs_d < D, k, KEY_BITS, BLOCK_D)
     else:
         kth = tl.load(cut_ptr + row * stride_cut + member * 2)
         cutoff = tl.load(cut_ptr + row * stride_cut + member * 2 + 1)
@@ -156,15 +168,36 @@ def _sparse_gemv_kernel(
     acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
     split_start = split * rows_per_split
     split_end = tl.minimum(split_start + rows_per_split, D)
-    for tile_start in range(split_start, split_end, BLOCK_K):
-        offs_k = tile_start + tl.arange(0, BLOCK_K)
-        v = tl.load(x_row_ptr + offs_k, mask=offs_k < split_end, other=0)
-        key = _magnitude_keys(v, KEY_BITS)
-        keep = (offs_k < split_end) & ((key > kth) | ((key == kth) & (offs_k <= cutoff)))
-        # Masked-off rows issue no memory traffic: only the kept rows of wt are read.
-        w = tl.load(wt_ptr + offs_k[:, None] * stride_wt + offs_n[None, :], mask=keep[:, None] & n_mask[None, :],
-                    other=0.0)
-        acc += w.to(tl.float32) * tl.where(keep, v.to(tl.float32), 0.0)[:, None]
+    if COMPACT:
+        # A masked tile waits one memory latency however few of its rows are kept; a tile of kept rows only makes
+        # the number of waits fall with the sparsity. The list lives in this program's part of scratch (L1 / L2).
+        kept_rows_ptr = scratch_ptr + ((row * tl.num_programs(1) + split) * tl.num_programs(0) + pid_n) * rows_per_split
+        count = 0
+        for chunk_start in range(split_start, split_end, BLOCK_C):
+            offs_c = chunk_start + tl.arange(0, BLOCK_C)
+            key = _magnitude_keys(tl.load(x_row_ptr + offs_c, mask=offs_c < split_end, other=0), KEY_BITS)
+            keep = ((offs_c < split_end) & ((key > kth) | ((key == kth) & (offs_c <= cutoff)))).to(tl.int32)
+            tl.store(kept_rows_ptr + count + tl.cumsum(keep, 0) - 1, offs_c, mask=keep != 0)
+            count += tl.sum(keep, 0)
+        tl.debug_barrier()  # every thread wrote part of the list and reads other parts
+        for tile_start in range(0, count, BLOCK_K):
+            slots = tile_start + tl.arange(0, BLOCK_K)
+            listed = slots < count
+            offs_k = tl.load(kept_rows_ptr + slots, mask=listed, other=0)
+            v = tl.load(x_row_ptr + offs_k, mask=listed, other=0)
+            w = tl.load(wt_ptr + offs_k[:, None] * stride_wt + offs_n[None, :], mask=listed[:, None] & n_mask[None, :],
+                        other=0.0)
+            acc += w.to(tl.float32) * v.to(tl.float32)[:, None]
+    else:
+        for tile_start in range(split_start, split_end, BLOCK_K):
+            offs_k = tile_start + tl.arange(0, BLOCK_K)
+            v = tl.load(x_row_ptr + offs_k, mask=offs_k < split_end, other=0)
+            key = _magnitude_keys(v, KEY_BITS)
+            keep = (offs_k < split_end) & ((key > kth) | ((key == kth) & (offs_k <= cutoff)))
+            # Masked-off rows issue no memory traffic: only the kept rows of wt are read.
+            w = tl.load(wt_ptr + offs_k[:, None] * stride_wt + offs_n[None, :], mask=keep[:, None] & n_mask[None, :],
+                        other=0.0)
+            acc += w.to(tl.float32) * tl.where(keep, v.to(tl.float32), 0.0)[:, None]
     y = tl.sum(acc, axis=0)
     if HAS_BIAS:
         if split == 0:
@@ -175,25 +208,31 @@ def _sparse_gemv_kernel(
         tl.store(out_ptr + row * stride_out + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
-# (BLOCK_K, num_warps) the autotuner tries, by element size. A tile of weights holds at most 32 KB (BLOCK_N = 128):
-# a 64 KB fp32 tile spills in Triton 3.6 (the GPU image's), and 4 warps spill with rows of 16384 entries held in
-# registers (tests/test_kernel_compile.py).
+# (BLOCK_K, num_warps) the autotuner tries, by element size, each masked and compacted. A tile of weights holds at
+# most 32 KB (BLOCK_N = 128): a 64 KB fp32 tile spilled 40-48 bytes in Triton 3.6 (the GPU image's), and 4 warps spill
+# with rows of 16384 entries held in registers (tests/test_kernel_compile.py allows ptxas at most 16 bytes of spills).
 TILES = {2: ((32, 8), (64, 8), (64, 16), (128, 16)), 4: ((32, 8), (64, 8), (64, 16))}
 PROGRAMS_PER_SM = 1  # every program finds its row's cut, so a second program on an SM doubles that work
+LIST_CHUNK = 1024  # entries a compacted program lists at a time
 
 
-def _tile_configs(tiles) -> list:
-    if INTERPRET:  # the interpreter cannot time: one tile
-        return [triton.Config({"BLOCK_K": 32}, num_warps=4)]
-    return [triton.Config({"BLOCK_K": block_k}, num_warps=warps) for block_k, warps in tiles]
+def tile_config(block_k: int, num_warps: int, compact: bool):
+    return triton.Config({"BLOCK_K": block_k, "COMPACT": compact}, num_warps=num_warps)
+
+
+def _tile_configs(size: int) -> list:
+    if INTERPRET:  # the interpreter cannot time: one tile (tests choose others)
+        return [tile_config(32, 4, True)]
+    # compacted first: torch.compile analyses which tensors the first config writes, and it writes the most (scratch)
+    return [tile_config(block_k, warps, compact) for compact in (True, False) for block_k, warps in TILES[size]]
 
 
 _sparse_gemv_tuned = {  # by element size
     size: triton.autotune(
-        configs=_tile_configs(tiles), key=["D", "N", "rows_per_split", "FIND_CUT", "ATOMIC", "BLOCK_N"],
+        configs=_tile_configs(size), key=["D", "N", "rows_per_split", "FIND_CUT", "ATOMIC", "BLOCK_N", "density"],
         reset_to_zero=["out_ptr"],  # atomic adds need a zeroed buffer on every timed try (harmless for plain stores)
     )(_sparse_gemv_kernel)
-    for size, tiles in TILES.items()
+    for size in (2, 4)
 }
 
 
@@ -255,7 +294,7 @@ def threshold_cut(thresholds: list[float], dtype: torch.dtype, device) -> torch.
 
 
 def _sparse_gemv_impl(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, widths: list[int],
-                      ks: list[int], cut: torch.Tensor | None) -> torch.Tensor:
+                      ks: list[int], cut: torch.Tensor | None, kept_fraction: float) -> torch.Tensor:
     """``y[b] = x_s[b] @ weight_t + bias`` for every member at once, reading only the kept rows of ``weight_t``.
 
     :param x: ``[B, D]`` activations, contiguous rows
@@ -264,6 +303,8 @@ def _sparse_gemv_impl(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tenso
     :param widths: output columns of each member (1 to 3)
     :param ks: kept count of each member (TopK; the cut is found in the kernel); ignored when ``cut`` is given
     :param cut: int32 ``[B or 1, M, 2]`` given cuts (threshold mode, or :func:`topk_cut`), or None
+    :param kept_fraction: the fraction of inputs a given cut is expected to keep (TopK: ``max(ks) / D`` is used); the
+        autotuner keeps a tile per eighth, as masked or compacted tiles win at different sparsities
     :returns: ``[B, N]`` in x's dtype, accumulated in fp32
     """
     _check_rows(x)
@@ -281,13 +322,16 @@ def _sparse_gemv_impl(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tenso
     atomic = splits > 1
     out = torch.zeros(rows, n, dtype=torch.float32, device=x.device) if atomic else \
         torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n, block_n), splits, rows)
+    scratch = torch.empty(math.prod(grid) * rows_per_split, dtype=torch.int32, device=x.device)  # compacted tiles
+    density = round(8 * (max(ks) / d if find_cut else kept_fraction))
     ends = [sum(widths[:i + 1]) for i in range(len(widths))] + [n] * MAX_MEMBERS
-    _launch(_sparse_gemv_tuned[x.element_size()])[(triton.cdiv(n, block_n), splits, rows)](
-        x, weight_t, bias if bias is not None else x, out, x if find_cut else cut,
+    _launch(_sparse_gemv_tuned[x.element_size()])[grid](
+        x, weight_t, bias if bias is not None else x, out, x if find_cut else cut, scratch,
         d, n, ends[0], ends[1], rows_per_split, x.stride(0), weight_t.stride(0), out.stride(0),
-        0 if find_cut or cut.shape[0] == 1 else cut.stride(0), *(list(ks) + [0] * MAX_MEMBERS)[:MAX_MEMBERS],
+        0 if find_cut or cut.shape[0] == 1 else cut.stride(0), *(list(ks) + [0] * MAX_MEMBERS)[:MAX_MEMBERS], density,
         FIND_CUT=find_cut, HAS_BIAS=bias is not None, ATOMIC=atomic, KEY_BITS=KEY_BITS[x.dtype],
-        BLOCK_D=triton.next_power_of_2(d), BLOCK_N=block_n,
+        BLOCK_D=triton.next_power_of_2(d), BLOCK_N=block_n, BLOCK_C=min(LIST_CHUNK, triton.next_power_of_2(rows_per_split)),
     )
     return out.to(x.dtype) if atomic else out
 
@@ -316,4 +360,4 @@ topk_cut = _register(
 sparse_gemv_eager = _sparse_gemv_impl
 sparse_gemv = _register(
     "sparse_gemv", _sparse_gemv_impl,
-    lambda x, weight_t, bias, widths, ks, cut: x.new_empty(x.shape[0], weight_t.shape[1]))
+    lambda x, weight_t, bias, widths, ks, cut, kept_fraction: x.new_empty(x.shape[0], weight_t.shape[1]))

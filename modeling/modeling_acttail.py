@@ -108,6 +108,17 @@ class SparseGroup:
         """The most rows a decode step may have and still take the sparse path."""
         return math.ceil(BATCH_BREAK_EVEN / self.kept_fraction) - 1
 
+    def typical_step(self, rows: int) -> torch.Tensor:
+        """A random decode step ``[rows, 1, d_in]`` keeping about the planned fraction of inputs, to autotune on: with
+        thresholds, Gaussian entries scaled so that the first member keeps its share (a calibrated threshold is tiny
+        next to unit Gaussians, which would keep nearly all)."""
+        first = self.members[0]
+        x = torch.randn(rows, 1, first.in_features, dtype=torch.float32, device=first.weight.device)
+        if self.by_threshold and first.threshold > 0:
+            kept = torch.tensor(min(first.keep / first.in_features, 0.999), dtype=torch.float64)
+            x *= first.threshold / float(torch.special.ndtri(1 - kept / 2))  # P(|z| > ndtri(1 - p/2)) = p
+        return x.to(first.weight.dtype)
+
     def wins(self, x: torch.Tensor) -> bool:
         """Whether x is a decode step the sparse path serves: ``[B, 1, d]`` with few enough rows to beat dense."""
         return x.dim() == 3 and x.shape[1] == 1 and x.shape[0] <= self.max_rows
@@ -117,7 +128,8 @@ class SparseGroup:
         rows = x.reshape(-1, x.shape[-1]).contiguous()
         if self.path == "triton":
             gemv = sparse_gemv if torch.compiler.is_compiling() else sparse_gemv_eager
-            y = gemv(rows, self.weight_t, self.bias, self.widths, [] if self.by_threshold else self.ks, self.cut)
+            y = gemv(rows, self.weight_t, self.bias, self.widths, [] if self.by_threshold else self.ks, self.cut,
+                     self.kept_fraction)
             return [part.unsqueeze(1) for part in y.split(self.widths, dim=-1)]
         if self.by_threshold:
             return [threshold_linear_cpu(rows, m.threshold, m.weight.t(), m.bias).unsqueeze(1) for m in self.members]
@@ -301,7 +313,7 @@ class ActTailMixin:
                 ]
             if path == "triton" and weight.device.type == "cuda":  # autotune now, for every batch the path serves,
                 for rows in range(1, group.max_rows + 1):  # before any graph capture
-                    group(torch.randn(rows, 1, members[0].in_features, dtype=weight.dtype, device=weight.device))
+                    group(group.typical_step(rows))
 
     def generate(self, *args, **kwargs):
         self.prepare_sparse_decode()

@@ -6,6 +6,7 @@ other. Prints one JSON object: ``compiled``, a row per kernel variant (registers
 and ``analysis``, a row per kernel with the seconds torch's write analysis took and the pointers it found written.
 """
 
+import itertools
 import json
 import os
 import re
@@ -28,8 +29,8 @@ import topk_triton  # noqa: E402
 HOPPER = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
-GEMV_INTS = "D N end0 end1 rows_per_split stride_x stride_wt stride_out stride_cut k0 k1 k2".split()
-GEMV_CONSTEXPRS = "FIND_CUT HAS_BIAS ATOMIC KEY_BITS BLOCK_D BLOCK_N BLOCK_K".split()
+GEMV_INTS = "D N end0 end1 rows_per_split stride_x stride_wt stride_out stride_cut k0 k1 k2 density".split()
+GEMV_CONSTEXPRS = "FIND_CUT HAS_BIAS ATOMIC KEY_BITS BLOCK_D BLOCK_N BLOCK_K COMPACT BLOCK_C".split()
 ROW_LENGTHS = (4096, 11008, 14336)  # Llama-2-7B / Llama-3-8B inputs: hidden, and the two MLP widths
 
 
@@ -48,20 +49,21 @@ def compiled_rows() -> list[dict]:
     rows = []
     for d in ROW_LENGTHS:
         for dtype in POINTER:
-            for find_cut in (True, False):
+            for find_cut, compact in itertools.product((True, False), (True, False)):
                 tiles = topk_triton.TILES[dtype.itemsize]
                 for block_k, warps in tiles:
                     if dtype == torch.float16 and (block_k, warps) != tiles[-1]:
                         continue  # fp16 shares bf16's code; its largest tile is the one at risk
                     signature = {"x_ptr": POINTER[dtype], "wt_ptr": POINTER[dtype], "bias_ptr": POINTER[dtype],
-                                 "out_ptr": "*fp32", "cut_ptr": "*i32", **{n: "i32" for n in GEMV_INTS},
-                                 **{n: "constexpr" for n in GEMV_CONSTEXPRS}}
+                                 "out_ptr": "*fp32", "cut_ptr": "*i32", "scratch_ptr": "*i32",
+                                 **{n: "i32" for n in GEMV_INTS}, **{n: "constexpr" for n in GEMV_CONSTEXPRS}}
                     constexprs = {"FIND_CUT": find_cut, "HAS_BIAS": True, "ATOMIC": True,
                                   "KEY_BITS": topk_triton.KEY_BITS[dtype], "BLOCK_D": triton.next_power_of_2(d),
-                                  "BLOCK_N": 128, "BLOCK_K": block_k}
+                                  "BLOCK_N": 128, "BLOCK_K": block_k, "COMPACT": compact,
+                                  "BLOCK_C": topk_triton.LIST_CHUNK}
                     used = resources(topk_triton._sparse_gemv_kernel, signature, constexprs, warps)
                     rows.append({"kernel": "sparse_gemv", "d": d, "dtype": str(dtype), "find_cut": find_cut,
-                                 "block_k": block_k, "num_warps": warps, **used})
+                                 "compact": compact, "block_k": block_k, "num_warps": warps, **used})
             if dtype != torch.float16:
                 signature = {"x_ptr": POINTER[dtype], "cut_ptr": "*i32", "D": "i32", "stride_x": "i32", "k0": "i32",
                              "k1": "i32", "k2": "i32", "KEY_BITS": "constexpr", "BLOCK_D": "constexpr"}
@@ -98,10 +100,11 @@ def analysis_rows() -> list[dict]:
         fake = lambda t=dtype: torch.empty(4, dtype=t)  # noqa: E731
         for find_cut in (True, False):
             kwargs = {"x_ptr": fake(), "wt_ptr": fake(), "bias_ptr": fake(), "out_ptr": fake(torch.float32),
-                      "cut_ptr": fake(torch.int32), "D": 14336, "N": 12288, "end0": 4096, "end1": 8192,
-                      "rows_per_split": 1024, "stride_x": 14336, "stride_wt": 12288, "stride_out": 12288,
-                      "stride_cut": 0, "k0": 2048, "k1": 1000, "k2": 3000, "FIND_CUT": find_cut, "HAS_BIAS": True,
-                      "ATOMIC": True, "KEY_BITS": topk_triton.KEY_BITS[dtype], "BLOCK_D": 16384, "BLOCK_N": 128}
+                      "cut_ptr": fake(torch.int32), "scratch_ptr": fake(torch.int32), "D": 14336, "N": 12288,
+                      "end0": 4096, "end1": 8192, "rows_per_split": 1024, "stride_x": 14336, "stride_wt": 12288,
+                      "stride_out": 12288, "stride_cut": 0, "k0": 2048, "k1": 1000, "k2": 3000, "density": 2,
+                      "FIND_CUT": find_cut, "HAS_BIAS": True, "ATOMIC": True, "KEY_BITS": topk_triton.KEY_BITS[dtype],
+                      "BLOCK_D": 16384, "BLOCK_N": 128, "BLOCK_C": topk_triton.LIST_CHUNK}
             start = time.perf_counter()
             writes = written_pointers(topk_triton._sparse_gemv_tuned[dtype.itemsize], kwargs)
             rows.append({"kernel": "sparse_gemv", "dtype": str(dtype), "find_cut": find_cut,

@@ -150,3 +150,18 @@ def test_compiled_decode_step_has_no_graph_break(backend, tiny_qwen2_50, tmp_pat
     """, tmp_path)
     assert report["planned"] == [backend]
     assert report["compiled_vs_eager"] < 1e-5
+
+
+def test_threshold_groups_autotune_on_steps_that_keep_their_planned_share():
+    """prepare_sparse_decode autotunes the Triton GEMV on a random step; with a calibrated threshold (small next to
+    unit Gaussians) that step must still keep about the planned share, since the best tile depends on it."""
+    import torch
+
+    from acttail_export.modeling.modeling_acttail import SparseGroup, TopKLinear
+
+    torch.manual_seed(0)
+    for keep, threshold in ((1024, 0.03), (3584, 0.5)):  # 25% and 87.5% of 4096 inputs kept
+        member = TopKLinear.from_linear(torch.nn.Linear(4096, 8), keep=keep, prefill="sparse", threshold=threshold)
+        x = SparseGroup([member], "cpu").typical_step(4)
+        assert x.shape == (4, 1, 4096) and x.dtype == member.weight.dtype
+        assert abs(float((x.abs() > threshold).float().mean()) - keep / 4096) < 0.02

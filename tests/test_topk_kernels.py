@@ -10,6 +10,7 @@ import torch
 
 from acttail_export.kernels.topk import threshold_sparsify, topk_mask, topk_order
 from acttail_export.kernels.topk_cpu import sparse_linear_cpu, threshold_linear_cpu
+from acttail_export.kernels import topk_triton
 from acttail_export.kernels.topk_triton import gemv_blocks, sparse_gemv, threshold_cut, topk_cut
 from conftest import DEVICE, EPS, assert_gemv_close
 
@@ -65,6 +66,17 @@ def test_topk_cut_breaks_ties_by_index_and_ranks_nan_and_inf_first(poisoned_empt
         assert rows[2] == [[1, 2], [0, 1, 2, 3, 6], [1]]  # NaN, then the two infs (lower index first), 3, 1
 
 
+@pytest.fixture(params=["masked", "compacted", "compacted in chunks of 128"])
+def tiles(request, monkeypatch):
+    """The GEMV with masked tiles, then compacted ones (a GPU's autotuner picks either), listing the kept rows in
+    one chunk or in chunks of 128 (a count carried across chunks)."""
+    for tuner in topk_triton._sparse_gemv_tuned.values():
+        monkeypatch.setattr(tuner, "configs", [topk_triton.tile_config(32, 4, request.param != "masked")])
+    if request.param.endswith("128"):
+        monkeypatch.setattr(topk_triton, "LIST_CHUNK", 128)
+    return request.param
+
+
 GEMV_CASES = [  # rows, d_in, member widths, sparsity of each member
     (1, 576, [1536], [0.5]),
     (1, 1536, [576], [0.7]),
@@ -94,21 +106,21 @@ def assert_close_to(y, ref, scale, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("rows", "d_in", "widths", "sparsities"), GEMV_CASES)
-def test_topk_gemv_matches_float64(rows, d_in, widths, sparsities, dtype, poisoned_empty):
+def test_topk_gemv_matches_float64(rows, d_in, widths, sparsities, dtype, tiles, poisoned_empty):
     x = random_input(rows, d_in, dtype, seed=d_in)
     weight_t = random_input(d_in, sum(widths), dtype, seed=sum(widths))
     bias = random_input(1, sum(widths), dtype, seed=3)[0] if rows != 1 else None
     ks = [max(1, round((1 - s) * d_in)) for s in sparsities]
     ref, scale = reference_outputs(x, weight_t, bias, widths, [topk_mask(x, k) for k in ks])
-    fused = sparse_gemv(x, weight_t, bias, widths, ks, None)  # the cut found inside the GEMV programs
+    fused = sparse_gemv(x, weight_t, bias, widths, ks, None, max(ks) / d_in)  # the cut found inside the GEMV programs
     assert_close_to(fused, ref, scale, dtype)
-    given = sparse_gemv(x, weight_t, bias, widths, [], topk_cut(x, ks))  # the cut from the separate kernel
+    given = sparse_gemv(x, weight_t, bias, widths, [], topk_cut(x, ks), max(ks) / d_in)  # the separate kernel's cut
     assert_close_to(given, ref, scale, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("rows", "d_in", "widths", "sparsities"), GEMV_CASES[2:4])
-def test_threshold_gemv_matches_float64(rows, d_in, widths, sparsities, dtype, poisoned_empty):
+def test_threshold_gemv_matches_float64(rows, d_in, widths, sparsities, dtype, tiles, poisoned_empty):
     x = random_input(rows, d_in, dtype, seed=d_in + 1)
     x[0, :5] = torch.tensor([0.5, -0.5, float("nan"), 0.0, -0.0], dtype=dtype)  # at the threshold, NaN, +-0
     weight_t = random_input(d_in, sum(widths), dtype, seed=7)
@@ -116,7 +128,7 @@ def test_threshold_gemv_matches_float64(rows, d_in, widths, sparsities, dtype, p
     masks = [threshold_sparsify(x, t) != 0 for t in thresholds]
     masks = [m | torch.isnan(x) for m in masks]
     ref, scale = reference_outputs(x.nan_to_num(), weight_t, None, widths, masks)
-    y = sparse_gemv(x, weight_t, None, widths, [], threshold_cut(thresholds, dtype, DEVICE))
+    y = sparse_gemv(x, weight_t, None, widths, [], threshold_cut(thresholds, dtype, DEVICE), 1 - min(sparsities))
     assert torch.isnan(y[0]).all() and not torch.isnan(y[1:]).any(), "a kept NaN reaches every output of its row only"
     assert_close_to(y[1:], ref[1:], scale[1:], dtype)
     cut_masks = kept_by_cut(x, threshold_cut(thresholds, dtype, DEVICE))
@@ -131,11 +143,11 @@ def test_gemv_splits_and_blocks_fit_member_boundaries():
     assert gemv_blocks((4096, 1024, 1024), 4096, 1, torch.device("cpu"))[0] == 128
 
 
-def test_triton_nan_input_gives_nan_output_in_its_row_only(poisoned_empty):
+def test_triton_nan_input_gives_nan_output_in_its_row_only(tiles, poisoned_empty):
     x = random_input(2, 128, torch.bfloat16, seed=5)
     x[0, 17] = float("nan")
     weight_t = random_input(128, 64, torch.bfloat16, seed=6)
-    y = sparse_gemv(x, weight_t, None, [64], [10], None)
+    y = sparse_gemv(x, weight_t, None, [64], [10], None, 10 / 128)
     assert torch.isnan(y[0]).all() and not torch.isnan(y[1]).any()
 
 
@@ -194,5 +206,5 @@ def test_two_kernel_files_in_one_process_each_register_their_own_ops(tmp_path):
     for suffix in suffixes:
         assert hasattr(torch.ops.acttail, f"sparse_gemv_{suffix}")
     x, weight_t = random_input(1, 64, torch.float32, 0), random_input(64, 32, torch.float32, 1)
-    outputs = [module.sparse_gemv(x, weight_t, None, [32], [16], None) for module in copies]
+    outputs = [module.sparse_gemv(x, weight_t, None, [32], [16], None, 0.25) for module in copies]
     assert torch.equal(outputs[0], outputs[1])
