@@ -7,17 +7,18 @@ It needs only torch, triton and transformers: the shipped runtime (modeling/ and
 folder, as a checkpoint carries it, and imported from there. Sections, each written to the JSON as soon as it is done,
 so a run cut short still reports what it measured:
 
-1. ``correctness``: ``topk_cut`` and ``sparse_gemv`` (cut found in the GEMV, or given; threshold cuts) against the torch
-   reference (exact kept sets) and a float64 GEMV, for bf16 / fp16 / fp32, d in {576, 4096, 11008, 14336}, rows 1/3/8,
-   k in {1, 0.2d, d/2, d}, groups of three members, heavy ties, +-0, NaN, inf; every output poisoned first.
-2. ``kernels``: microseconds of dense ``F.linear`` against selection, GEMV and total (TopK: cut found inside the GEMV,
-   and the two-launch variant; threshold), timed with ``triton.testing.do_bench`` and with CUDA-graph replay, at the
-   Llama-2-7B and Llama-3-8B shapes, sparsity 0.5 / 0.7 / 0.8 / 0.9, bf16, batch 1. Weights rotate over enough copies
-   to exceed the L2 cache.
-3. ``decode``: tokens/s of a 32-layer Llama-2-7B-shaped model with random bf16 weights built on the GPU, dense vs
+1. ``correctness``: ``topk_cut`` and ``sparse_gemv`` (cut found in the GEMV, or given; threshold cuts; masked and
+   compacted tiles) against the torch reference (exact kept sets) and a float64 GEMV, for bf16 / fp16 / fp32, d in
+   {576, 4096, 11008, 14336}, rows 1/3/8, k in {1, 0.2d, d/2, d}, groups of three members, heavy ties, +-0, NaN, inf;
+   every output poisoned first.
+2. ``decode``: tokens/s of a 32-layer Llama-2-7B-shaped model with random bf16 weights built on the GPU, dense vs
    TopK and threshold at 50% / 80%, batch 1 and 4, eager (a plain decode loop over a static cache) and compiled (the same
    step captured once as a CUDA graph and replayed); then ``generate()`` as a user calls it with transformers' static
    cache, which compiles the decode step (dense vs TopK 50%, batch 1) while time is left.
+3. ``kernels``: microseconds of dense ``F.linear`` against selection, GEMV and total (TopK: cut found inside the GEMV,
+   and the two-launch variant; threshold), timed with ``triton.testing.do_bench`` and with CUDA-graph replay, at the
+   Llama-2-7B and Llama-3-8B shapes, sparsity 0.5 / 0.7 / 0.8 / 0.9, bf16, batch 1, the autotuner's choice of tile
+   (recorded); then 2 and 4 programs per SM at two shapes. Weights rotate over enough copies to exceed the L2 cache.
 """
 
 import argparse
@@ -237,13 +238,16 @@ def captured(fn, calls: int = 1):
     return graph.replay
 
 
-def bench_kernels(report: Report, kernels, device: str, smoke: bool) -> None:
+def bench_kernels(report: Report, kernels, device: str, smoke: bool, deadline: float) -> None:
     """Dense F.linear against the sparse kernels at 7B / 8B shapes, bf16, batch 1; then, at two shapes, the GEMV with
     2 and 4 programs per SM (more programs hide more memory latency, but each finds its row's cut again)."""
     dtype = torch.bfloat16
     shapes, programs_shapes = ([(128, 96), (96, 128)], [(128, 96)]) if smoke else (KERNEL_SHAPES, PROGRAMS_SHAPES)
     l2 = 0 if smoke else torch.cuda.get_device_properties(device).L2_cache_size
     for d_in, d_out in shapes:
+        if time.perf_counter() > deadline:
+            report.data["errors"].append(f"kernels: stopped at the time limit before {d_in}x{d_out}")
+            break
         nbytes = d_in * d_out * 2
         copies = max(2, math.ceil(3 * l2 / nbytes))  # rotate so that no call finds its weight in L2
         weights = [torch.randn(d_out, d_in, device=device, dtype=dtype) for _ in range(copies)]
@@ -474,7 +478,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for gpu_check.json and gpu_check.md")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU in Triton's interpreter")
     parser.add_argument("--minutes", type=float, default=7.0, help="time limit; later sections stop early")
-    parser.add_argument("--sections", default="correctness,kernels,decode")
+    parser.add_argument("--sections", default="correctness,decode,kernels", help="some of correctness,decode,kernels; they run in that order")
     args = parser.parse_args()
     deadline = time.perf_counter() + 60 * args.minutes
     args.out.mkdir(parents=True, exist_ok=True)
@@ -488,12 +492,12 @@ def main() -> None:
         if "correctness" in sections:
             with report.section("correctness"):
                 check_kernels(report, topk, kernels, device, args.smoke)
-        if "kernels" in sections:
-            with report.section("kernels"):
-                bench_kernels(report, kernels, device, args.smoke)
-        if "decode" in sections:
+        if "decode" in sections:  # before the kernel timings: end-to-end speed is the headline
             with report.section("decode"):
                 bench_decode(report, modeling, device, args.smoke, deadline)
+        if "kernels" in sections:
+            with report.section("kernels"):
+                bench_kernels(report, kernels, device, args.smoke, deadline)
     (args.out / "gpu_check.md").write_text(markdown(report.data))
     print(markdown(report.data))
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check, one command of at most 8 minutes on a CUDA machine (H100 / H200), from any folder:
-#   bash benchmarks/gpu_check.sh OUT_DIR [SECTIONS]     # SECTIONS: correctness,kernels,decode (default: all three)
-# Versions and GPU, kernel correctness, kernel timings, end-to-end decode: see benchmarks/gpu_check.py. It needs only the
+#   bash benchmarks/gpu_check.sh OUT_DIR [SECTIONS]     # SECTIONS: some of correctness,decode,kernels (default: all)
+# Versions and GPU, kernel correctness, end-to-end decode, kernel timings: see benchmarks/gpu_check.py. It needs only the
 # GPU image's torch, triton and transformers; wheels in an ignored .whl/ folder, if any, are installed first.
 # Writes OUT_DIR/gpu_check.json, gpu_check.md and gpu_check.log (commit the JSON as benchmarks/results/gpu_check.json).
 set -euo pipefail
@@ -15,5 +15,5 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,
   | tee "$OUT/nvidia-smi.csv"
 export PYTHONUNBUFFERED=1
 # 7 minutes of sections (the decode section stops early), then a hard stop before the 8-minute mark
-timeout 470 python3 benchmarks/gpu_check.py --out "$OUT" --minutes 7 --sections "${2:-correctness,kernels,decode}" 2>&1 \
+timeout 470 python3 benchmarks/gpu_check.py --out "$OUT" --minutes 7 --sections "${2:-correctness,decode,kernels}" 2>&1 \
   | tee "$OUT/gpu_check.log"
