@@ -31,6 +31,7 @@ import functools
 import hashlib
 import math
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -236,7 +237,11 @@ _sparse_gemv_tuned = {  # by element size
 }
 
 
-@functools.lru_cache(maxsize=256)  # every eager decode step asks again, for the same few shapes
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv unwraps constexprs: microseconds a call, and eager steps count them
+
+
+@functools.lru_cache(maxsize=256)
 def gemv_blocks(widths: tuple[int, ...], d: int, rows: int, device: torch.device,
                 programs_per_sm: int = 1) -> tuple[int, int, int]:
     """(BLOCK_N, splits, rows_per_split) for a group GEMV: BLOCK_N divides every member boundary; splits of the input
@@ -245,13 +250,42 @@ def gemv_blocks(widths: tuple[int, ...], d: int, rows: int, device: torch.device
     block_n = 128
     while boundary % block_n:
         block_n //= 2
-    n_blocks = triton.cdiv(sum(widths), block_n)
+    n_blocks = _cdiv(sum(widths), block_n)
     # the interpreter: few programs, quick tests
     programs = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
     # rows_per_split is a multiple of 128, the largest BLOCK_K, so every tile lies inside one split
-    splits = max(1, min(round(programs * programs_per_sm / (n_blocks * rows)), triton.cdiv(d, 128)))
-    rows_per_split = triton.cdiv(triton.cdiv(d, splits), 128) * 128
-    return block_n, triton.cdiv(d, rows_per_split), rows_per_split
+    splits = max(1, min(round(programs * programs_per_sm / (n_blocks * rows)), _cdiv(d, 128)))
+    rows_per_split = _cdiv(_cdiv(d, splits), 128) * 128
+    return block_n, _cdiv(d, rows_per_split), rows_per_split
+
+
+class _GemvPlan(NamedTuple):
+    """Everything a group GEMV launch needs beyond its tensors, worked out once per shape (eager decode steps are
+    launch-bound: this is Python time on every step)."""
+    grid: tuple[int, int, int]
+    scratch: int  # int32 entries of the compacted tiles' row lists
+    ints: tuple[int, ...]  # end0, end1, rows_per_split, then (after the strides) k0, k1, k2, density
+    atomic: bool
+    block_d: int
+    block_n: int
+    block_c: int
+
+
+@functools.lru_cache(maxsize=1024)
+def _gemv_plan(widths: tuple[int, ...], ks: tuple[int, ...], d: int, rows: int, device: torch.device,
+               kept_fraction: float, programs_per_sm: int) -> _GemvPlan:
+    assert 1 <= len(widths) <= MAX_MEMBERS, f"1 to {MAX_MEMBERS} members, got {len(widths)}"
+    if ks:
+        assert len(ks) == len(widths) and all(1 <= k <= d for k in ks), f"bad ks {ks} for d={d}"
+    block_n, splits, rows_per_split = gemv_blocks(widths, d, rows, device, programs_per_sm)
+    n = sum(widths)
+    grid = (_cdiv(n, block_n), splits, rows)
+    ends = [sum(widths[:i + 1]) for i in range(len(widths))] + [n] * MAX_MEMBERS
+    density = round(8 * (max(ks) / d if ks else kept_fraction))
+    return _GemvPlan(grid=grid, scratch=math.prod(grid) * rows_per_split,
+                     ints=(ends[0], ends[1], rows_per_split, *(list(ks) + [0] * MAX_MEMBERS)[:MAX_MEMBERS], density),
+                     atomic=splits > 1, block_d=1 << (d - 1).bit_length(), block_n=block_n,
+                     block_c=min(LIST_CHUNK, 1 << (rows_per_split - 1).bit_length()))
 
 
 def _launch(kernel):
@@ -309,31 +343,24 @@ def _sparse_gemv_impl(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tenso
     """
     _check_rows(x)
     rows, d = x.shape
-    assert weight_t.dim() == 2 and weight_t.shape == (d, sum(widths)) and weight_t.stride(-1) == 1, (
-        f"weight_t must be input-major [{d}, {sum(widths)}] with contiguous rows, got {tuple(weight_t.shape)}")
-    assert 1 <= len(widths) <= MAX_MEMBERS and weight_t.dtype == x.dtype
     n = weight_t.shape[1]
+    assert weight_t.shape[0] == d and n == sum(widths) and weight_t.stride(-1) == 1 and weight_t.dtype == x.dtype, (
+        f"weight_t must be input-major [{d}, {sum(widths)}] {x.dtype} with contiguous rows, got {tuple(weight_t.shape)}")
     find_cut = cut is None
-    if find_cut:
-        assert len(ks) == len(widths) and all(1 <= k <= d for k in ks), f"bad ks {ks} for d={d}"
-    else:
-        assert cut.dtype == torch.int32 and cut.shape[1:] == (len(widths), 2) and cut.shape[0] in (1, rows)
-    block_n, splits, rows_per_split = gemv_blocks(tuple(widths), d, rows, x.device, PROGRAMS_PER_SM)
-    atomic = splits > 1
-    out = torch.zeros(rows, n, dtype=torch.float32, device=x.device) if atomic else \
+    assert find_cut or (cut.dtype == torch.int32 and cut.shape[1:] == (len(widths), 2) and cut.shape[0] in (1, rows))
+    plan = _gemv_plan(tuple(widths), tuple(ks) if find_cut else (), d, rows, x.device, kept_fraction, PROGRAMS_PER_SM)
+    out = torch.zeros(rows, n, dtype=torch.float32, device=x.device) if plan.atomic else \
         torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(n, block_n), splits, rows)
-    scratch = torch.empty(math.prod(grid) * rows_per_split, dtype=torch.int32, device=x.device)  # compacted tiles
-    density = round(8 * (max(ks) / d if find_cut else kept_fraction))
-    ends = [sum(widths[:i + 1]) for i in range(len(widths))] + [n] * MAX_MEMBERS
-    _launch(_sparse_gemv_tuned[x.element_size()])[grid](
+    scratch = torch.empty(plan.scratch, dtype=torch.int32, device=x.device)  # the compacted tiles' row lists
+    end0, end1, rows_per_split, *counts = plan.ints
+    _launch(_sparse_gemv_tuned[x.element_size()])[plan.grid](
         x, weight_t, bias if bias is not None else x, out, x if find_cut else cut, scratch,
-        d, n, ends[0], ends[1], rows_per_split, x.stride(0), weight_t.stride(0), out.stride(0),
-        0 if find_cut or cut.shape[0] == 1 else cut.stride(0), *(list(ks) + [0] * MAX_MEMBERS)[:MAX_MEMBERS], density,
-        FIND_CUT=find_cut, HAS_BIAS=bias is not None, ATOMIC=atomic, KEY_BITS=KEY_BITS[x.dtype],
-        BLOCK_D=triton.next_power_of_2(d), BLOCK_N=block_n, BLOCK_C=min(LIST_CHUNK, triton.next_power_of_2(rows_per_split)),
+        d, n, end0, end1, rows_per_split, x.stride(0), weight_t.stride(0), out.stride(0),
+        0 if find_cut or cut.shape[0] == 1 else cut.stride(0), *counts,
+        FIND_CUT=find_cut, HAS_BIAS=bias is not None, ATOMIC=plan.atomic, KEY_BITS=KEY_BITS[x.dtype],
+        BLOCK_D=plan.block_d, BLOCK_N=plan.block_n, BLOCK_C=plan.block_c,
     )
-    return out.to(x.dtype) if atomic else out
+    return out.to(x.dtype) if plan.atomic else out
 
 
 def _register(name: str, fn, fake):
