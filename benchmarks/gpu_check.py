@@ -468,6 +468,9 @@ def markdown(data: dict) -> str:
         for row in data["decode"]:
             lines.append(f"| {row['mode']} | {row['sparsity']} | {row['batch']} | {row['how']} | "
                          f"{row['tokens_per_s']:.1f} | {row['dense_tokens_per_s']:.1f} | {row['speedup']:.2f}x |")
+    if data.get("tuned"):
+        lines += ["", "Autotuned GEMV tiles (key: D, N, rows per split, cut found, atomic, BLOCK_N, kept eighths, dtypes):",
+                  *[f"- {', '.join(row['key'])}: {row['config']}" for row in data["tuned"]]]
     if data["errors"]:
         lines += ["", "Errors:", *[f"- {error}" for error in data["errors"]]]
     return "\n".join(lines) + "\n"
