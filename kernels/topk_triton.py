@@ -272,11 +272,13 @@ class _GemvPlan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=1024)
-def _gemv_plan(widths: tuple[int, ...], ks: tuple[int, ...], d: int, rows: int, device: torch.device,
+def _gemv_plan(widths: tuple[int, ...], ks: tuple[int, ...] | None, d: int, rows: int, device: torch.device,
                kept_fraction: float, programs_per_sm: int) -> _GemvPlan:
+    """The plan for TopK counts ``ks`` (the cut found in the kernel), or for given cuts (``ks`` None)."""
     assert 1 <= len(widths) <= MAX_MEMBERS, f"1 to {MAX_MEMBERS} members, got {len(widths)}"
-    if ks:
+    if ks is not None:
         assert len(ks) == len(widths) and all(1 <= k <= d for k in ks), f"bad ks {ks} for d={d}"
+    ks = ks or ()
     block_n, splits, rows_per_split = gemv_blocks(widths, d, rows, device, programs_per_sm)
     n = sum(widths)
     grid = (_cdiv(n, block_n), splits, rows)
@@ -348,7 +350,7 @@ def _sparse_gemv_impl(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tenso
         f"weight_t must be input-major [{d}, {sum(widths)}] {x.dtype} with contiguous rows, got {tuple(weight_t.shape)}")
     find_cut = cut is None
     assert find_cut or (cut.dtype == torch.int32 and cut.shape[1:] == (len(widths), 2) and cut.shape[0] in (1, rows))
-    plan = _gemv_plan(tuple(widths), tuple(ks) if find_cut else (), d, rows, x.device, kept_fraction, PROGRAMS_PER_SM)
+    plan = _gemv_plan(tuple(widths), tuple(ks) if find_cut else None, d, rows, x.device, kept_fraction, PROGRAMS_PER_SM)
     out = torch.zeros(rows, n, dtype=torch.float32, device=x.device) if plan.atomic else \
         torch.empty(rows, n, dtype=x.dtype, device=x.device)
     scratch = torch.empty(plan.scratch, dtype=torch.int32, device=x.device)  # the compacted tiles' row lists

@@ -208,3 +208,10 @@ def test_two_kernel_files_in_one_process_each_register_their_own_ops(tmp_path):
     x, weight_t = random_input(1, 64, torch.float32, 0), random_input(64, 32, torch.float32, 1)
     outputs = [module.sparse_gemv(x, weight_t, None, [32], [16], None, 0.25) for module in copies]
     assert torch.equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("ks", [[], [0], [65], [8, 8]])
+def test_gemv_refuses_counts_that_do_not_fit_its_members(ks):
+    x, weight_t = random_input(1, 64, torch.float32, 0), random_input(64, 32, torch.float32, 1)
+    with pytest.raises(AssertionError, match="bad ks"):
+        sparse_gemv(x, weight_t, None, [32], ks, None, 0.5)
