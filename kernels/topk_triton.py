@@ -241,7 +241,6 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)  # triton.cdiv unwraps constexprs: microseconds a call, and eager steps count them
 
 
-@functools.lru_cache(maxsize=256)
 def gemv_blocks(widths: tuple[int, ...], d: int, rows: int, device: torch.device,
                 programs_per_sm: int = 1) -> tuple[int, int, int]:
     """(BLOCK_N, splits, rows_per_split) for a group GEMV: BLOCK_N divides every member boundary; splits of the input
@@ -264,7 +263,10 @@ class _GemvPlan(NamedTuple):
     launch-bound: this is Python time on every step)."""
     grid: tuple[int, int, int]
     scratch: int  # int32 entries of the compacted tiles' row lists
-    ints: tuple[int, ...]  # end0, end1, rows_per_split, then (after the strides) k0, k1, k2, density
+    ends: tuple[int, int]  # end0, end1
+    rows_per_split: int
+    counts: tuple[int, int, int]  # k0, k1, k2 (TopK), zeros for given cuts
+    density: int
     atomic: bool
     block_d: int
     block_n: int
@@ -284,9 +286,9 @@ def _gemv_plan(widths: tuple[int, ...], ks: tuple[int, ...] | None, d: int, rows
     grid = (_cdiv(n, block_n), splits, rows)
     ends = [sum(widths[:i + 1]) for i in range(len(widths))] + [n] * MAX_MEMBERS
     density = round(8 * (max(ks) / d if ks else kept_fraction))
-    return _GemvPlan(grid=grid, scratch=math.prod(grid) * rows_per_split,
-                     ints=(ends[0], ends[1], rows_per_split, *(list(ks) + [0] * MAX_MEMBERS)[:MAX_MEMBERS], density),
-                     atomic=splits > 1, block_d=1 << (d - 1).bit_length(), block_n=block_n,
+    return _GemvPlan(grid=grid, scratch=math.prod(grid) * rows_per_split, ends=(ends[0], ends[1]),
+                     rows_per_split=rows_per_split, counts=tuple((list(ks) + [0] * MAX_MEMBERS)[:MAX_MEMBERS]),
+                     density=density, atomic=splits > 1, block_d=1 << (d - 1).bit_length(), block_n=block_n,
                      block_c=min(LIST_CHUNK, 1 << (rows_per_split - 1).bit_length()))
 
 
@@ -354,11 +356,10 @@ def _sparse_gemv_impl(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tenso
     out = torch.zeros(rows, n, dtype=torch.float32, device=x.device) if plan.atomic else \
         torch.empty(rows, n, dtype=x.dtype, device=x.device)
     scratch = torch.empty(plan.scratch, dtype=torch.int32, device=x.device)  # the compacted tiles' row lists
-    end0, end1, rows_per_split, *counts = plan.ints
     _launch(_sparse_gemv_tuned[x.element_size()])[plan.grid](
         x, weight_t, bias if bias is not None else x, out, x if find_cut else cut, scratch,
-        d, n, end0, end1, rows_per_split, x.stride(0), weight_t.stride(0), out.stride(0),
-        0 if find_cut or cut.shape[0] == 1 else cut.stride(0), *counts,
+        d, n, *plan.ends, plan.rows_per_split, x.stride(0), weight_t.stride(0), out.stride(0),
+        0 if find_cut or cut.shape[0] == 1 else cut.stride(0), *plan.counts, plan.density,
         FIND_CUT=find_cut, HAS_BIAS=bias is not None, ATOMIC=plan.atomic, KEY_BITS=KEY_BITS[x.dtype],
         BLOCK_D=plan.block_d, BLOCK_N=plan.block_n, BLOCK_C=plan.block_c,
     )
