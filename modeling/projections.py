@@ -11,10 +11,8 @@ __all__ = [
     "PROJECTION_PATHS",
     "INPUTS",
     "INPUT_OF",
-    "SHARED_INPUTS",
     "SITES",
     "parse_projection",
-    "projection_name",
 ]
 
 PROJECTION_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -25,9 +23,6 @@ PROJECTION_PATHS = {kind: f"{'mlp' if kind in ('gate', 'up', 'down') else 'self_
 # hidden state, o the attention output, gate/up the normed post-attention state, down the MLP's d_ff neurons.
 INPUTS = {"attn_in": ("q", "k", "v"), "o_in": ("o",), "mlp_in": ("gate", "up"), "down_in": ("down",)}
 INPUT_OF = {kind: name for name, kinds in INPUTS.items() for kind in kinds}
-# Projections (module leaf names) that read one vector, so that one TopK selection per decode step can serve all of
-# them, each with its own k: (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")).
-SHARED_INPUTS = tuple(tuple(f"{kind}_proj" for kind in kinds) for kinds in INPUTS.values() if len(kinds) > 1)
 # Which kinds a method sparsifies (the block's ``sites``); the others keep every input. "mlp" is Dhar et al.'s FFN-only.
 SITES = {"all": PROJECTION_KINDS, "mlp": INPUTS["mlp_in"] + INPUTS["down_in"]}
 
@@ -40,8 +35,3 @@ def parse_projection(name: str) -> tuple[int, str] | None:
     None for any other name (``lm_head``, embeddings, norms, a q_proj under ``mlp``)."""
     match = _NAME.match(name) if isinstance(name, str) else None
     return (int(match[1]), _KIND_OF_PATH[match[2]]) if match else None
-
-
-def projection_name(layer: int, kind: str) -> str:
-    """The module name of ``kind`` in decoder layer ``layer``: the inverse of :func:`parse_projection`."""
-    return f"model.layers.{layer}.{PROJECTION_PATHS[kind]}"

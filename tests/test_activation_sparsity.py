@@ -15,8 +15,7 @@ from acttail_export.checkpoint import sparsity_block
 from acttail_export.errors import ExportError
 from acttail_export.evaluate import dense_block, load_in_process
 from acttail_export.modeling.activation_sparsity import ActivationSparsity, validate_activation_sparsity
-from acttail_export.modeling.projections import (INPUTS, PROJECTION_KINDS, SHARED_INPUTS, parse_projection,
-                                                 projection_name)
+from acttail_export.modeling.projections import INPUTS, PROJECTION_KINDS, PROJECTION_PATHS, parse_projection
 from acttail_export.weights import resolve_model
 from conftest import make_tiny_model, read_block, run_cli, run_fresh_json
 
@@ -68,12 +67,13 @@ def assert_refused(apply, *words: str) -> None:
 def test_parse_projection(name, parsed):
     assert parse_projection(name) == parsed
     if parsed:
-        assert projection_name(*parsed) == name
+        layer, kind = parsed
+        assert f"model.layers.{layer}.{PROJECTION_PATHS[kind]}" == name  # the inverse
 
 
 def test_input_groups_cover_every_kind_once():
     assert sorted(kind for kinds in INPUTS.values() for kind in kinds) == sorted(PROJECTION_KINDS)
-    assert SHARED_INPUTS == (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+    assert [kinds for kinds in INPUTS.values() if len(kinds) > 1] == [("q", "k", "v"), ("gate", "up")]  # shared inputs
 
 
 def test_every_consumer_sees_the_same_projections(tiny):

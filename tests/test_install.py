@@ -13,7 +13,7 @@ import acttail_export
 assert acttail_export.__file__.startswith(TARGET), acttail_export.__file__  # this install, not the editable one
 from acttail_export.modeling.modeling_acttail import ActTailLlamaForCausalLM
 from acttail_export.modeling.activation_sparsity import ActivationSparsity
-from acttail_export.modeling.projections import SHARED_INPUTS
+from acttail_export.modeling.projections import INPUT_OF
 import acttail_export.kernels.topk, acttail_export.kernels.topk_cpu, acttail_export.kernels.topk_triton
 print("SAME", all(sys.modules[f"acttail_export.modeling.{name}"] is sys.modules[f"acttail_export.kernels.{name}"]
                   for name in ("topk", "topk_cpu")))
