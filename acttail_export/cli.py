@@ -346,15 +346,15 @@ def patterns(model, text_file, sparsity, windows, seqlen, max_distance, out, tru
         raise BadOption(f"{model} is a checkpoint: its keep counts set the active sets; --sparsity is for dense models")
     sparsity = sparsity or DEFAULT_PATTERN_SPARSITY
     text = read_text(text_file)
-    folder = model_folder(model)
+    source = model if checkpoint else resolve_model(model)  # resolved once: a Hub id or GGUF is fetched or converted
+    folder = Path(model) if checkpoint else source.folder
     check_seqlen(folder, seqlen)
     name = Path(model or default_gguf()).name.removesuffix(".gguf")
     out = Path(out or f"patterns-{name}")
     if foreign_code(folder) is not None:  # not our runtime: only with --trust-remote-code, and then run as written
         loaded, tokenizer = load_model(folder, trust_remote_code=trust_remote_code)
     else:  # our runtime, built here: a checkpoint as it is, a dense model as plain Linears until the sites apply
-        source = model if checkpoint else resolve_model(model)
-        loaded, tokenizer = load_in_process(source), load_tokenizer(Path(model) if checkpoint else source.folder)
+        loaded, tokenizer = load_in_process(source), load_tokenizer(folder)
     out.mkdir(parents=True, exist_ok=True)
     ids = tokenize_windows(tokenizer, text, seqlen, windows)
     sites = model_sites(loaded, sparsity)
@@ -400,9 +400,7 @@ def compare_command(model, sparsities, methods, prefills, text_file, windows, se
     source = resolve_model(model)
     check_input_code(source.folder)
     check_seqlen(source.folder, seqlen)
-    from transformers import AutoTokenizer
-
-    eval_ids = tokenize_windows(AutoTokenizer.from_pretrained(source.folder), text, seqlen, windows)
+    eval_ids = tokenize_windows(load_tokenizer(source.folder), text, seqlen, windows)
     out = Path(out or f"compare-{Path(source.origin.split()[0]).name}")
     header = (f"token perplexity of {source.origin}: {windows} windows x {seqlen} tokens from the start of "
               f"{text_file or 'the bundled Wikipedia text'}; calibration: {calibration_windows} windows x "
