@@ -53,8 +53,10 @@ def foreign_code(folder: Path) -> str | None:
 
     :param folder: a local model folder or checkpoint
     """
-    folder = Path(folder)
-    entries = _auto_map_entries(folder)
+    return _foreign(Path(folder), _auto_map_entries(Path(folder)))
+
+
+def _foreign(folder: Path, entries: list[tuple[str, str, object]]) -> str | None:
     for file, key, ref in entries:
         if ref not in OUR_CLASSES:
             return f"{file} auto_map {key} names {ref!r}, which is not acttail-export's code"
@@ -72,10 +74,11 @@ def code_trust(folder: Path, trust_remote_code: bool) -> bool:
 
     :param trust_remote_code: the user's --trust-remote-code
     """
-    reason = foreign_code(folder)
+    entries = _auto_map_entries(Path(folder))
+    reason = _foreign(Path(folder), entries)
     if reason is not None and not trust_remote_code:
         raise ExportError(f"{folder}: {reason}; pass --trust-remote-code to run it")
-    return trust_remote_code or bool(_auto_map_entries(Path(folder)))
+    return trust_remote_code or bool(entries)
 
 
 def check_input_code(folder: Path) -> None:
