@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 KERNEL_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)]  # (d_in, d_out)
 SPARSITIES = (0.5, 0.7, 0.8, 0.9)
 PROGRAMS_SHAPES = [(4096, 4096), (4096, 14336)]  # where 2 and 4 programs per SM are timed too
@@ -315,9 +314,11 @@ def bench_kernels(report: Report, kernels, device: str, smoke: bool, deadline: f
 def uniform_block(model, sparsity: float, thresholds: dict[str, float] | None = None) -> dict:
     """An activation_sparsity block keeping round((1 - s) d_in) inputs at every projection (speed depends on the bytes
     read, which the budget sets), or with the given thresholds (mode "threshold")."""
+    from acttail_runtime.projections import parse_projection  # the runtime's own matcher (see import_runtime)
+
     modules, weight_total, skipped = {}, 0, 0.0
     for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in SEVEN:
+        if parse_projection(name):
             keep = min(max(round((1 - sparsity) * module.in_features), 1), module.in_features)
             modules[name] = {"alpha": 0.0, "sparsity": round(1 - keep / module.in_features, 4), "keep": keep,
                              "in_features": module.in_features}
