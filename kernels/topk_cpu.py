@@ -2,11 +2,12 @@
 input-major weight ``weight_t`` (``[d_in, d_out]``), read in place.
 
 With numba, each step is one compiled call (one selection serves a group: q/k/v, gate/up). A decode step is ~200
-projections of well under a millisecond, where the few microseconds of every torch op add up. The kernels are
-single-threaded: on layers this small a thread pool beside torch's costs more in wake-ups than it gains; layers above
-``NUMBA_MAX_BYTES`` of kept weights (7B-sized) go to embedding_bag, whose bags use every thread. Without numba (or with
-``ACTTAIL_NUMBA=0``) the torch ops run. Shipped flat inside every exported checkpoint; needs only torch (numba and numpy
-are optional).
+projections of well under a millisecond, where the few microseconds of every torch op add up. float32 / float64 GEMVs
+accumulate in their own dtype; bfloat16 / float16 ones read the weights as 16-bit patterns, widen them in registers and
+accumulate in float32 (output rounded once to the input dtype). The kernels are single-threaded: on layers this small a
+thread pool beside torch's costs more in wake-ups than it gains; float32 layers above ``NUMBA_MAX_BYTES`` of kept
+weights (7B-sized) go to embedding_bag, whose bags use every thread. Without numba (or with ``ACTTAIL_NUMBA=0``) the
+torch ops run. Shipped flat inside every exported checkpoint; needs only torch (numba, numpy and llvmlite are optional).
 """
 
 import functools
@@ -20,10 +21,12 @@ from .topk import magnitude_keys, threshold_sparsify, topk_order
 try:  # optional fast path; the try block also keeps transformers' remote-code import check from requiring numba
     import numba
     import numpy as np
+    from llvmlite import ir
+    from numba.extending import intrinsic, overload
 except ImportError:
     numba = None
 
-__all__ = ["select_cpu", "sparse_linear_cpu", "threshold_linear_cpu"]
+__all__ = ["select_cpu", "sparse_linear_cpu", "threshold_linear_cpu", "numba_dtypes"]
 
 USE_NUMBA = numba is not None and os.environ.get("ACTTAIL_NUMBA", "1") != "0"  # tests flip it to run the torch path
 
@@ -31,17 +34,71 @@ USE_NUMBA = numba is not None and os.environ.get("ACTTAIL_NUMBA", "1") != "0"  #
 # every thread stream more bandwidth than one core (4096x4096 fp32 at 50%: 1.73x dense with 4 bags, 1.1x with one).
 NUMBA_MAX_BYTES = 8 * 2**20
 MIN_BAG = 64  # torch path: kept rows per embedding_bag bag; fewer and the per-bag overhead outweighs the parallelism
+HALF = (torch.bfloat16, torch.float16)
 _BITS = {}  # dtype -> (key bits, magnitude mask as in topk.magnitude_keys, shift leaving a key's top 11 bits)
+_HALF_BITS = {}  # half dtype -> numpy type of its bit pattern: uint16 marks bfloat16, int16 float16 (see _widen)
 
 if numba is not None:
-    _BITS.update({torch.float32: (np.int32, 0x7FFFFFFF, 20), torch.float64: (np.int64, 0x7FFFFFFFFFFFFFFF, 52)})
-    _NO_BIAS = {torch.float32: np.zeros(0, np.float32), torch.float64: np.zeros(0, np.float64)}
+    _BITS.update({torch.float32: (np.int32, 0x7FFFFFFF, 20), torch.float64: (np.int64, 0x7FFFFFFFFFFFFFFF, 52),
+                  torch.bfloat16: (np.int16, 0x7FFF, 4), torch.float16: (np.int16, 0x7FFF, 4)})
+    _HALF_BITS.update({torch.bfloat16: np.uint16, torch.float16: np.int16})
+    _NO_BIAS = {dtype: np.zeros(0, bits) for dtype, bits in
+                {torch.float32: np.float32, torch.float64: np.float64, **_HALF_BITS}.items()}
 
     def _jit(function):
         try:  # compiled once, then loaded from numba's on-disk cache
             return numba.njit(cache=True, nogil=True)(function)
         except RuntimeError:  # no writable cache directory: compile in every process
             return numba.njit(nogil=True)(function)
+
+    @intrinsic
+    def _widen(typingctx, bits):
+        """float32 from a half's bit pattern, typed by its integer type: uint16 is bfloat16 (the top half of a float32:
+        a shift), int16 is float16 (LLVM's fpext). Plain LLVM casts, so the GEMV loop vectorises around them."""
+        def codegen(context, builder, signature, args):
+            if signature.args[0] == numba.types.uint16:
+                wide = builder.zext(args[0], ir.IntType(32))
+                return builder.bitcast(builder.shl(wide, ir.Constant(ir.IntType(32), 16)), ir.FloatType())
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+        if bits in (numba.types.uint16, numba.types.int16):
+            return numba.types.float32(bits), codegen
+
+    @intrinsic
+    def _float_bits(typingctx, value):
+        """The bit pattern of a float32, as uint32."""
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.IntType(32))
+
+        if value == numba.types.float32:
+            return numba.types.uint32(value), codegen
+
+    @intrinsic
+    def _half_bits(typingctx, value):
+        """The bit pattern of float32 ``value`` rounded to float16 (LLVM's fptrunc: to nearest even)."""
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+        if value == numba.types.float32:
+            return numba.types.int16(value), codegen
+
+    def _narrow(out, j, value):
+        """Store float32 ``value`` into the half-bit array ``out`` at j, rounded to nearest even (numba only)."""
+
+    @overload(_narrow, jit_options={"cache": True})
+    def _narrow_impl(out, j, value):
+        if out.dtype == numba.types.int16:
+            def store_float16(out, j, value):
+                out[j] = _half_bits(value)
+            return store_float16
+
+        def store_bfloat16(out, j, value):  # as torch rounds: to nearest even on the dropped 16 bits; NaN stays NaN
+            if value != value:
+                out[j] = 0x7FC0
+            else:
+                u = np.uint64(_float_bits(value))
+                out[j] = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        return store_bfloat16
 
     @_jit
     def _select(bits, mask, shift, ks, starts, out):
@@ -114,6 +171,37 @@ if numba is not None:
             for j in range(bias.shape[0]):
                 acc[j] += bias[j]
 
+    @_jit
+    def _gemv_half(x, idx, w, bias, acc, out):
+        """:func:`_gemv` for bfloat16 / float16 given as bit patterns (see :func:`_widen`): the same eight rows per
+        pass, widened to float32 in registers and summed into the float32 ``acc`` (``[d_out]`` scratch), then each
+        output rounded once into ``out``."""
+        d_in, d_out = w.shape
+        for b in range(idx.shape[0]):
+            acc[:] = 0
+            k = idx.shape[1]
+            for t in range(k):
+                if idx[b, t] < 0 or idx[b, t] >= d_in:
+                    raise IndexError("kept index out of range")
+            for t in range(0, k - k % 8, 8):
+                i0, i1, i2, i3, i4, i5, i6, i7 = idx[b, t:t + 8]
+                v0, v1, v2, v3 = _widen(x[b, i0]), _widen(x[b, i1]), _widen(x[b, i2]), _widen(x[b, i3])
+                v4, v5, v6, v7 = _widen(x[b, i4]), _widen(x[b, i5]), _widen(x[b, i6]), _widen(x[b, i7])
+                for j in range(d_out):
+                    acc[j] += ((v0 * _widen(w[i0, j]) + v1 * _widen(w[i1, j])) + (
+                        v2 * _widen(w[i2, j]) + v3 * _widen(w[i3, j]))) + ((
+                            v4 * _widen(w[i4, j]) + v5 * _widen(w[i5, j])) + (
+                            v6 * _widen(w[i6, j]) + v7 * _widen(w[i7, j])))
+            for t in range(k - k % 8, k):
+                i = idx[b, t]
+                v = _widen(x[b, i])
+                for j in range(d_out):
+                    acc[j] += v * _widen(w[i, j])
+            for j in range(bias.shape[0]):
+                acc[j] += _widen(bias[j])
+            for j in range(d_out):
+                _narrow(out[b], j, acc[j])
+
 
 def _torch_only(*tensors: torch.Tensor | None) -> bool:
     """Whether this call must stay in torch ops: torch.compile is tracing it, or autograd must see it (no backward here)."""
@@ -122,7 +210,14 @@ def _torch_only(*tensors: torch.Tensor | None) -> bool:
 
 
 def _np(t: torch.Tensor):
-    return (t.detach() if t.requires_grad else t).numpy()  # a view, no copy (a parameter requires grad even in no_grad)
+    """A numpy view, no copy (a parameter requires grad even in no_grad); bfloat16 / float16 as their bit patterns."""
+    t = t.detach() if t.requires_grad else t
+    return t.view(torch.int16).numpy().view(_HALF_BITS[t.dtype]) if t.dtype in HALF else t.numpy()
+
+
+def numba_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes whose decode steps run compiled here (none without numba or with ACTTAIL_NUMBA=0)."""
+    return tuple(_BITS) if USE_NUMBA else ()
 
 
 @functools.lru_cache(maxsize=256)
@@ -139,10 +234,10 @@ def select_cpu(rows: torch.Tensor, ks: list[int]) -> tuple[torch.Tensor, list[in
     """
     if USE_NUMBA and rows.dtype in _BITS and rows.is_cpu and not _torch_only(rows):
         ks_np, starts_np, starts, total = _group(tuple(ks))
-        out = np.empty((rows.shape[0], total), np.int64)
+        out = torch.empty(rows.shape[0], total, dtype=torch.int64)
         bits, mask, shift = _BITS[rows.dtype]
-        _select(_np(rows).view(bits), mask, shift, ks_np, starts_np, out)
-        return torch.from_numpy(out), starts
+        _select(_np(rows).view(bits), mask, shift, ks_np, starts_np, out.numpy())
+        return out, starts
     return _ranking(rows, max(ks)), [0] * len(ks)  # the top max(ks) in rank order: every k is a prefix of it
 
 
@@ -177,13 +272,20 @@ def sparse_linear_cpu(x: torch.Tensor, idx: torch.Tensor, weight_t: torch.Tensor
     :returns: ``[B, d_out]`` in x's dtype
     """
     dtype = x.dtype
-    small = idx.numel() * weight_t.shape[1] * weight_t.element_size() <= NUMBA_MAX_BYTES
+    half = dtype in HALF  # no torch op sums half-precision rows in float32 in place: numba at every size
+    small = half or idx.numel() * weight_t.shape[1] * weight_t.element_size() <= NUMBA_MAX_BYTES
     if (USE_NUMBA and small and dtype in _BITS and x.is_cpu and weight_t.is_cpu and weight_t.dtype == dtype
             and (bias is None or bias.dtype == dtype) and not _torch_only(x, weight_t, bias)):
-        no_bias = _NO_BIAS[dtype]
-        out = np.empty((idx.shape[0], weight_t.shape[1]), no_bias.dtype)
-        _gemv(_np(x), _np(idx), _np(weight_t), no_bias if bias is None else _np(bias), out)
-        return torch.from_numpy(out)
+        out = torch.empty(idx.shape[0], weight_t.shape[1], dtype=dtype)
+        args = _np(x), _np(idx), _np(weight_t), _NO_BIAS[dtype] if bias is None else _np(bias)
+        if half:
+            _gemv_half(*args, np.empty(weight_t.shape[1], np.float32), _np(out))
+        else:
+            _gemv(*args, _np(out))
+        return out
+    if half:  # torch ops, float32 sums (embedding_bag would sum in half precision): copies the kept rows
+        y = torch.bmm(x.gather(1, idx).float().unsqueeze(1), weight_t[idx].float()).squeeze(1)
+        return (y if bias is None else y + bias.float()).to(dtype)
     # torch: embedding_bag with weight_t as the table sums the kept rows where they are. It runs one bag per thread, so
     # each row's kept indices are cut into a few bags and their sums added (one bag per row when torch.compile traces)
     rows, k = idx.shape

@@ -19,7 +19,7 @@ from .activation_sparsity import ActivationSparsity, validate_sparse_backend
 from .configuration_acttail import ActTailLlamaConfig, ActTailMistralConfig, ActTailQwen2Config, ActTailQwen3Config
 from .projections import INPUT_OF, parse_projection
 from .topk import threshold_sparsify, topk_sparsify
-from .topk_cpu import select_cpu, sparse_linear_cpu, threshold_linear_cpu
+from .topk_cpu import numba_dtypes, select_cpu, sparse_linear_cpu, threshold_linear_cpu
 
 try:  # Triton kernels for GPU decode steps; without Triton, CUDA uses the reference path
     from .topk_triton import INTERPRET as TRITON_INTERPRET
@@ -54,8 +54,8 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
         requested = os.environ.get("ACTTAIL_SPARSE_BACKEND", "auto")
     triton_ok = sparse_gemv is not None and (device.type == "cuda" or TRITON_INTERPRET) and dtype in (
         torch.float16, torch.bfloat16, torch.float32)
-    # embedding_bag sums half-precision bags in half precision: those stay on the reference path on CPU
-    cpu_ok = device.type == "cpu" and dtype in (torch.float32, torch.float64)
+    # bfloat16 / float16 need numba's kernels (float32 sums); torch's embedding_bag would sum them in half precision
+    cpu_ok = device.type == "cpu" and dtype in (torch.float32, torch.float64, *numba_dtypes())
     if requested == "auto":
         return "triton" if triton_ok and device.type == "cuda" else "cpu" if cpu_ok else "reference"
     if (requested == "triton" and not triton_ok) or (requested == "cpu" and not cpu_ok):

@@ -99,15 +99,35 @@ def test_unavailable_backend_warns_once_and_runs_the_reference_path(tiny_qwen2_5
     catcher = logging.Handler()
     catcher.emit = lambda record: warnings.append(record.getMessage())
     logging.getLogger().addHandler(catcher)
-    model = load("cpu", dtype=torch.bfloat16)  # embedding_bag sums bf16 bags in bf16: no CPU path for it
+    model = load("cpu", dtype=torch.bfloat16)  # without numba no CPU kernel sums bf16 rows in float32
     model.prepare_sparse_decode()
     model.set_sparse_backend("cpu")
     model.prepare_sparse_decode()
     report(paths=sorted({m.group.path if m.group else "reference" for m in model.topk_modules().values()}),
            warnings=[w for w in warnings if "sparse_backend" in w])
-    """, tmp_path)
+    """, tmp_path, env={"ACTTAIL_NUMBA": "0"})
     assert report["paths"] == ["reference"]
     assert report["warnings"] == ["sparse_backend='cpu' cannot run here (cpu torch.bfloat16): decode steps use the reference path"]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_cpu_path_matches_the_reference_path(dtype, tiny_qwen2_50, tmp_path):
+    """bfloat16 / float16 on CPU take the numba path ("auto" picks it) and decode as the reference path does: a decode
+    step's logits within half-precision rounding, and the same greedy tokens."""
+    report = run_fresh_json(PATHS.format(path=str(tiny_qwen2_50)) + f"""
+    steps, tokens = {{}}, {{}}
+    for backend in ("reference", "auto"):
+        model = load(backend, dtype=torch.{dtype})
+        model.prepare_sparse_decode()
+        report(**{{backend: sorted({{m.group.path if m.group else "reference" for m in model.topk_modules().values()}})}})
+        steps[backend] = decode_step(model).float()
+        tokens[backend] = model.generate(ids, max_new_tokens=6, do_sample=False)
+    report(step=((steps["auto"] - steps["reference"]).abs().max() / steps["reference"].abs().max()).item(),
+           same_tokens=torch.equal(tokens["auto"], tokens["reference"]))
+    """, tmp_path)
+    assert report["reference"] == ["reference"] and report["auto"] == ["cpu"]
+    assert report["step"] < 0.02  # bf16 keeps 8 bits: the two paths round different partial sums
+    assert report["same_tokens"] is True
 
 
 def test_layout_changes_only_in_prepare_never_in_forward(tiny_qwen2_50, tmp_path):

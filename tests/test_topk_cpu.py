@@ -1,5 +1,6 @@
 """CPU decode path (kernels/topk_cpu.py), numba kernels and torch fallback alike, against the TopK reference and a
-float64 GEMV: kept sets (ties, NaN, inf, k=1, k=d, several rows), outputs, and numba being optional."""
+float64 GEMV, in float32 / float64 and bfloat16 / float16 (float32 sums, one rounding of the output): kept sets (ties,
+NaN, inf, k=1, k=d, several rows), outputs (poisoned before each run), and numba being optional."""
 
 import os
 import subprocess
@@ -13,6 +14,8 @@ from acttail_export.kernels.topk import topk_mask
 from acttail_export.kernels.topk_cpu import select_cpu, sparse_linear_cpu
 from conftest import assert_gemv_close
 
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
 @pytest.fixture(params=["numba", "torch"])
@@ -38,10 +41,10 @@ SELECT_CASES = [  # rows, d, ks
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("rows", "d", "ks"), SELECT_CASES)
 @pytest.mark.parametrize("make", ["randn", "tied"])
-def test_select_keeps_the_reference_set(rows, d, ks, dtype, make, path):
+def test_select_keeps_the_reference_set(rows, d, ks, dtype, make, path, poisoned_empty):
     x = torch.randn(rows, d, generator=torch.Generator().manual_seed(d)).to(dtype) if make == "randn" else tied_input(rows, d, dtype, d)
     selection, starts = select_cpu(x, ks)
     for k, start in zip(ks, starts):
@@ -52,8 +55,8 @@ def test_select_keeps_the_reference_set(rows, d, ks, dtype, make, path):
             assert (mine[:, 1:] > mine[:, :-1]).all(), "indices ascending"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_select_ranks_nan_and_inf_first_and_ties_by_index(dtype, path):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_select_ranks_nan_and_inf_first_and_ties_by_index(dtype, path, poisoned_empty):
     x = torch.tensor([[1.0, -2.0, 2.0, 0.5, -2.0, 2.0, 0.0, 0.0],
                       [0.0] * 8,
                       [1.0, float("nan"), float("-inf"), -3.0, 0.0, 0.0, 0.0, 0.0]], dtype=dtype)
@@ -74,10 +77,10 @@ GEMV_CASES = [  # rows, d_in, d_out, ks, bias
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("rows", "d_in", "d_out", "ks", "with_bias"), GEMV_CASES)
 @pytest.mark.parametrize("make", ["randn", "tied"])
-def test_gemv_matches_float64(rows, d_in, d_out, ks, with_bias, dtype, make, path):
+def test_gemv_matches_float64(rows, d_in, d_out, ks, with_bias, dtype, make, path, poisoned_empty):
     g = torch.Generator().manual_seed(d_in + d_out)
     x = torch.randn(rows, d_in, generator=g).to(dtype) if make == "randn" else tied_input(rows, d_in, dtype, d_in)
     linear = torch.nn.Linear(d_in, d_out, bias=with_bias, dtype=dtype)  # parameters require grad, as in a model
@@ -89,13 +92,28 @@ def test_gemv_matches_float64(rows, d_in, d_out, ks, with_bias, dtype, make, pat
             assert_gemv_close(y, x, k, weight_t, linear.bias)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_nan_input_gives_nan_output_in_its_row_only(dtype, path):
     x = torch.randn(3, 256, dtype=dtype)
     x[1, 3] = float("nan")
     selection, _ = select_cpu(x, [100])
     y = sparse_linear_cpu(x, selection[:, :100], torch.randn(256, 32, dtype=dtype), None)
     assert torch.isnan(y[1]).all() and not torch.isnan(y[0]).any() and not torch.isnan(y[2]).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_output_is_rounded_once_as_torch_rounds(dtype, path, poisoned_empty):
+    """One kept input: each output is one product, exact in float32 (8- or 11-bit mantissas), so the output must be
+    torch's rounding of it bit for bit, at the overflow edge and for inf and NaN weights too."""
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(1, 4096, generator=g) * torch.logspace(-6, 6, 4096)).to(dtype)
+    w[0, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), torch.finfo(dtype).max])
+    x = torch.tensor([[0.0, 1.75, -0.5]], dtype=dtype)
+    weight_t = torch.cat([torch.zeros_like(w), w, torch.zeros_like(w)])  # [3, 4096], only row 1 is kept
+    y = sparse_linear_cpu(x, torch.tensor([[1]]), weight_t, None)
+    expected = (x[0, 1].float() * w.float()).to(dtype)
+    assert torch.equal(y[:, 3:], expected[:, 3:])  # as values (the sum starts at +0: -0 products give +0); inf at max
+    assert y[0, 0] == float("inf") and y[0, 1] == float("-inf") and torch.isnan(y[0, 2])
 
 
 def test_gemv_rejects_out_of_range_indices(path):
