@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -80,6 +82,24 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ACTTAIL_CACHE", Path.home() / ".cache" / "acttail-export"))
 
 
+@contextlib.contextmanager
+def _gguf_bar_on_terminal_only():
+    """transformers' GGUF conversion draws its bar ("Converting and de-quantizing GGUF tensors") with tqdm's defaults,
+    into a pipe too, and no setting reaches it (huggingface_hub's switch covers only hub bars). For the conversion,
+    its tqdm gets ``disable=None``, as our own bars have: a bar on a terminal only."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:  # another transformers layout: leave it as it is
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=None)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def convert_gguf(gguf: Path, dtype: torch.dtype | None = None) -> Path:
     """Dequantize a GGUF file into a safetensors folder (cached; keyed by file name, size and mtime) and return it."""
     if not gguf.is_file():
@@ -93,9 +113,10 @@ def convert_gguf(gguf: Path, dtype: torch.dtype | None = None) -> Path:
 
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=dtype
-        )
+        with _gguf_bar_on_terminal_only():
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=dtype
+            )
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
         try:

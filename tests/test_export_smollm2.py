@@ -2,8 +2,10 @@
 
 import hashlib
 import json
+import os
 import re
-
+import subprocess
+import sys
 
 from acttail_export.allocation import BUDGET_TOLERANCE
 from conftest import read_block, run_cli, run_fresh_json
@@ -143,6 +145,18 @@ def test_gguf_path_and_gguf_file_name_are_inputs(smollm2, tmp_path):
     by_name = resolve_model(str(gguf.parent), gguf_file=gguf.name)
     assert by_path.folder == by_name.folder == smollm2.folder  # one cached conversion
     assert by_path.model_type == "llama" and len(by_path.projections) == 210
+
+
+def test_gguf_conversion_draws_no_bar_into_a_pipe(tmp_path):
+    """The real conversion of the bundled GGUF (a cold conversion cache) with stdout and stderr piped, as the demo's log
+    is: transformers' "Converting and de-quantizing GGUF tensors" bar, like every other bar, only on a terminal."""
+    code = ("from acttail_export.weights import convert_gguf, default_gguf; "
+            "print((convert_gguf(default_gguf()) / 'config.json').is_file())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "ACTTAIL_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["True"]
+    assert "GGUF tensors" not in result.stderr + result.stdout  # (hub bars: the CLI's main turns those off)
 
 
 def test_sparse_decode_path_equals_the_reference_path(smollm2_50, wiki_text, tmp_path):
