@@ -32,6 +32,7 @@ __all__ = [
 ESTIMATORS = ("mid", "peak", "ks")
 DEFAULT_ESTIMATOR = "mid"  # chosen from docs/RESULTS.md
 SPECTRA_DTYPES = ("auto", "float32", "float64")
+GRAM_SLICE = 2048  # rows of the weight converted at a time for its Gram matrix (32 MB in float32 at 4096 columns)
 # Eigenvalues below this fraction of the largest are rounding noise of a Gram matrix formed in that dtype.
 _RELATIVE_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6}
 
@@ -51,6 +52,20 @@ def spectra_dtype(name: str, estimator: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+def _gram(weight: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
+    """The smaller Gram matrix of ``weight`` (W W^T or W^T W) in ``dtype``, summed over slices of GRAM_SLICE rows of the
+    long side: only one slice is ever converted, never the whole matrix (a float32 copy of a 7B MLP weight is 180 MB,
+    a third of an export's peak memory)."""
+    tall = weight.t() if weight.shape[0] <= weight.shape[1] else weight  # [long side, short side]
+    gram = torch.zeros(tall.shape[1], tall.shape[1], device=device, dtype=dtype)
+    for start in range(0, tall.shape[0], GRAM_SLICE):
+        part = tall[start:start + GRAM_SLICE].to(device=device, dtype=dtype)
+        if not torch.isfinite(part).all():
+            raise ValueError("the weight holds NaN or infinite values")
+        gram.addmm_(part.t(), part)
+    return gram
+
+
 def esd(weight: torch.Tensor, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64) -> np.ndarray:
     """Eigenvalues of W^T W (the squared singular values of W), ascending, float64, zeros and numerical zeros dropped.
 
@@ -59,11 +74,7 @@ def esd(weight: torch.Tensor, device: str | torch.device = "cpu", dtype: torch.d
 
     :param weight: ``[out, in]`` weight of any float dtype
     """
-    w = weight.to(device=device, dtype=dtype)
-    if not torch.isfinite(w).all():
-        raise ValueError("the weight holds NaN or infinite values")
-    gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
-    eigs = torch.linalg.eigvalsh(gram).double().cpu().numpy()
+    eigs = torch.linalg.eigvalsh(_gram(weight, device, dtype)).double().cpu().numpy()
     eigs = eigs[eigs > 0]
     if eigs.size == 0:
         return eigs

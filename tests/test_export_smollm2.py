@@ -147,6 +147,20 @@ def test_gguf_path_and_gguf_file_name_are_inputs(smollm2, tmp_path):
     assert by_path.model_type == "llama" and len(by_path.projections) == 210
 
 
+def test_export_peak_memory_stays_bounded(smollm2, tmp_path):
+    """Peak RSS of a whole export process (cold spectra, from the converted folder): 514 MB on 2026-12-02 (torch,
+    transformers' Llama modeling for the completeness check, matplotlib for the card, one weight and its Gram at a
+    time). An eager import or a whole-model copy that creeps in shows here first; the 7B-shaped figures are in
+    BENCHMARKS.md."""
+    cli = os.path.join(os.path.dirname(sys.executable), "acttail-export")
+    process = subprocess.Popen([cli, "export", str(smollm2.folder), str(tmp_path / "out"), "--sparsity", "0.5",
+                                "--no-spectra-cache"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr = process.stderr.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    assert status == 0, stderr[-2000:]
+    assert usage.ru_maxrss / 1024 < 600  # MB (ru_maxrss is in KiB on Linux)
+
+
 def test_gguf_conversion_draws_no_bar_into_a_pipe(tmp_path):
     """The real conversion of the bundled GGUF (a cold conversion cache) with stdout and stderr piped, as the demo's log
     is: transformers' "Converting and de-quantizing GGUF tensors" bar, like every other bar, only on a terminal."""

@@ -1,7 +1,11 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
+from acttail_export import spectra
 from acttail_export.spectra import ESTIMATORS, alphas_from_spectra, compute_spectra, esd, hill_alpha, spectra_cache_file
 
 
@@ -38,6 +42,39 @@ def test_esd_is_squared_singular_values(shape):
     expected_bf16 = np.sort(torch.linalg.svdvals(w.to(torch.bfloat16).double()).numpy() ** 2)
     assert got.shape == (min(shape),)
     np.testing.assert_allclose(got, expected_bf16, rtol=1e-3, atol=1e-3 * expected.max())
+
+
+@pytest.mark.parametrize("shape", [(64, 160), (160, 64), (50, 50)])
+def test_esd_sums_the_gram_over_slices(shape, monkeypatch):
+    """Slices of 16 rows (a ragged last one): the same spectrum as the Gram in one product, and a NaN in any slice is
+    refused."""
+    monkeypatch.setattr(spectra, "GRAM_SLICE", 16)
+    w = torch.randn(*shape, dtype=torch.float64)
+    expected = np.sort(torch.linalg.svdvals(w).numpy() ** 2)
+    np.testing.assert_allclose(esd(w), expected, rtol=1e-9, atol=1e-9 * expected.max())
+    w[-1, -1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        esd(w)
+
+
+ESD_MEMORY = """
+import resource, torch
+from acttail_export.spectra import esd
+weight = torch.empty(8192, 2048, dtype=torch.bfloat16).normal_()  # 32 MB; a float32 copy would be 64 MB
+esd(torch.randn(64, 32))  # LAPACK and the allocator warmed up
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+esd(weight, dtype=torch.float32)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_esd_never_converts_the_whole_weight():
+    """Peak memory added by one spectrum of a 32 MB bfloat16 weight (a fresh process): the 2048 x 2048 Gram, one
+    converted slice, eigvalsh's and BLAS's buffers came to 100 MB; converting the whole weight first (its float32 copy
+    and NaN mask, 80 MB more) to 176 MB."""
+    result = subprocess.run([sys.executable, "-c", ESD_MEMORY], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout) < 140
 
 
 def test_esd_drops_zero_eigenvalues():
