@@ -4,9 +4,10 @@ input-major weight ``weight_t`` (``[d_in, d_out]``), read in place.
 With numba, each step is one compiled call (one selection serves a group: q/k/v, gate/up). A decode step is ~200
 projections of well under a millisecond, where the few microseconds of every torch op add up. float32 / float64 GEMVs
 accumulate in their own dtype; bfloat16 / float16 ones read the weights as 16-bit patterns, widen them in registers and
-accumulate in float32 (output rounded once to the input dtype). The kernels are single-threaded: on layers this small a
-thread pool beside torch's costs more in wake-ups than it gains; float32 layers above ``NUMBA_MAX_BYTES`` of kept
-weights (7B-sized) go to embedding_bag, whose bags use every thread. Without numba (or with ``ACTTAIL_NUMBA=0``) the
+accumulate in float32 (output rounded once to the input dtype). The kernels are single-threaded: numba's thread pool is
+a second OpenMP runtime beside torch's, and the two pools' spinning workers fight for the cores (a SmolLM2 GEMV split
+over two numba threads took 2-10x as long as on one, 2026-12-02); float32 layers above ``NUMBA_MAX_BYTES`` of kept
+weights (7B-sized) go to embedding_bag, whose bags run in torch's own pool. Without numba (or with ``ACTTAIL_NUMBA=0``) the
 torch ops run. Shipped flat inside every exported checkpoint; needs only torch (numba, numpy and llvmlite are optional).
 """
 
@@ -35,6 +36,7 @@ USE_NUMBA = numba is not None and os.environ.get("ACTTAIL_NUMBA", "1") != "0"  #
 NUMBA_MAX_BYTES = 8 * 2**20
 MIN_BAG = 64  # torch path: kept rows per embedding_bag bag; fewer and the per-bag overhead outweighs the parallelism
 HALF = (torch.bfloat16, torch.float16)
+_FLOATS = (torch.float32, torch.float64)  # summed in their own dtype
 _BITS = {}  # dtype -> (key bits, magnitude mask as in topk.magnitude_keys, shift leaving a key's top 11 bits)
 _HALF_BITS = {}  # half dtype -> numpy type of its bit pattern: uint16 marks bfloat16, int16 float16 (see _widen)
 
@@ -52,7 +54,7 @@ if numba is not None:
             return numba.njit(nogil=True)(function)
 
     @intrinsic
-    def _widen(typingctx, bits):
+    def _widen_half(typingctx, bits):
         """float32 from a half's bit pattern, typed by its integer type: uint16 is bfloat16 (the top half of a float32:
         a shift), int16 is float16 (LLVM's fpext). Plain LLVM casts, so the GEMV loop vectorises around them."""
         def codegen(context, builder, signature, args):
@@ -82,11 +84,25 @@ if numba is not None:
         if value == numba.types.float32:
             return numba.types.int16(value), codegen
 
+    def _widen(value):
+        """``value`` as the accumulator's float: float32 / float64 as they are, a half's bits through _widen_half."""
+
+    @overload(_widen, jit_options={"cache": True})
+    def _widen_impl(value):
+        if value in (numba.types.uint16, numba.types.int16):
+            return lambda value: _widen_half(value)
+        return lambda value: value
+
     def _narrow(out, j, value):
-        """Store float32 ``value`` into the half-bit array ``out`` at j, rounded to nearest even (numba only)."""
+        """Store the accumulated ``value`` into ``out`` at j: as it is for float32 / float64 outputs, rounded to nearest
+        even into the bits of a half output (numba only)."""
 
     @overload(_narrow, jit_options={"cache": True})
     def _narrow_impl(out, j, value):
+        if isinstance(out.dtype, numba.types.Float):
+            def store(out, j, value):
+                out[j] = value
+            return store
         if out.dtype == numba.types.int16:
             def store_float16(out, j, value):
                 out[j] = _half_bits(value)
@@ -144,63 +160,47 @@ if numba is not None:
                         n += 1
 
     @_jit
-    def _gemv(x, idx, w, bias, out):
-        """``out[b] = sum_t x[b, idx[b, t]] * w[idx[b, t]] (+ bias)``, accumulated in out's dtype (that of w).
+    def _gemv_columns(x, idx, w, bias, acc, out, b, j0, j1):
+        """Columns ``j0:j1`` of row b: ``out[b] = sum_t x[b, idx[b, t]] * w[idx[b, t]] (+ bias)``, summed in ``acc``
+        (float32, or float64 for float64 inputs) and stored once into out's dtype (see _widen, _narrow).
 
         Eight kept rows per pass over the output: eight concurrent streams from memory (one stream per row leaves the
         core waiting on memory) and an eighth of the accumulator traffic: 1.3-1.6x the bandwidth of a row at a time."""
-        d_in, d_out = w.shape
-        for b in range(idx.shape[0]):
-            acc = out[b]
-            acc[:] = 0
-            k = idx.shape[1]
-            for t in range(k):
-                if idx[b, t] < 0 or idx[b, t] >= d_in:
-                    raise IndexError("kept index out of range")
-            for t in range(0, k - k % 8, 8):
-                i0, i1, i2, i3, i4, i5, i6, i7 = idx[b, t:t + 8]
-                v0, v1, v2, v3, v4, v5, v6, v7 = x[b, i0], x[b, i1], x[b, i2], x[b, i3], x[b, i4], x[b, i5], x[b, i6], x[b, i7]
-                for j in range(d_out):
-                    acc[j] += ((v0 * w[i0, j] + v1 * w[i1, j]) + (v2 * w[i2, j] + v3 * w[i3, j])) + (
-                        (v4 * w[i4, j] + v5 * w[i5, j]) + (v6 * w[i6, j] + v7 * w[i7, j]))
-            for t in range(k - k % 8, k):
-                i = idx[b, t]
-                v = x[b, i]
-                for j in range(d_out):
-                    acc[j] += v * w[i, j]
-            for j in range(bias.shape[0]):
-                acc[j] += bias[j]
+        a = acc[b, j0:j1]
+        a[:] = 0
+        k = idx.shape[1]
+        for t in range(0, k - k % 8, 8):
+            i0, i1, i2, i3, i4, i5, i6, i7 = idx[b, t:t + 8]
+            v0, v1, v2, v3 = _widen(x[b, i0]), _widen(x[b, i1]), _widen(x[b, i2]), _widen(x[b, i3])
+            v4, v5, v6, v7 = _widen(x[b, i4]), _widen(x[b, i5]), _widen(x[b, i6]), _widen(x[b, i7])
+            r0, r1, r2, r3 = w[i0, j0:j1], w[i1, j0:j1], w[i2, j0:j1], w[i3, j0:j1]
+            r4, r5, r6, r7 = w[i4, j0:j1], w[i5, j0:j1], w[i6, j0:j1], w[i7, j0:j1]
+            for j in range(j1 - j0):
+                a[j] += ((v0 * _widen(r0[j]) + v1 * _widen(r1[j])) + (v2 * _widen(r2[j]) + v3 * _widen(r3[j]))) + (
+                    (v4 * _widen(r4[j]) + v5 * _widen(r5[j])) + (v6 * _widen(r6[j]) + v7 * _widen(r7[j])))
+        for t in range(k - k % 8, k):
+            v, r = _widen(x[b, idx[b, t]]), w[idx[b, t], j0:j1]
+            for j in range(j1 - j0):
+                a[j] += v * _widen(r[j])
+        if bias.shape[0]:
+            for j in range(j1 - j0):
+                a[j] += _widen(bias[j0 + j])
+        for j in range(j1 - j0):
+            _narrow(out[b], j0 + j, a[j])
 
     @_jit
-    def _gemv_half(x, idx, w, bias, acc, out):
-        """:func:`_gemv` for bfloat16 / float16 given as bit patterns (see :func:`_widen`): the same eight rows per
-        pass, widened to float32 in registers and summed into the float32 ``acc`` (``[d_out]`` scratch), then each
-        output rounded once into ``out``."""
-        d_in, d_out = w.shape
+    def _check_indices(idx, d_in):
         for b in range(idx.shape[0]):
-            acc[:] = 0
-            k = idx.shape[1]
-            for t in range(k):
+            for t in range(idx.shape[1]):
                 if idx[b, t] < 0 or idx[b, t] >= d_in:
                     raise IndexError("kept index out of range")
-            for t in range(0, k - k % 8, 8):
-                i0, i1, i2, i3, i4, i5, i6, i7 = idx[b, t:t + 8]
-                v0, v1, v2, v3 = _widen(x[b, i0]), _widen(x[b, i1]), _widen(x[b, i2]), _widen(x[b, i3])
-                v4, v5, v6, v7 = _widen(x[b, i4]), _widen(x[b, i5]), _widen(x[b, i6]), _widen(x[b, i7])
-                for j in range(d_out):
-                    acc[j] += ((v0 * _widen(w[i0, j]) + v1 * _widen(w[i1, j])) + (
-                        v2 * _widen(w[i2, j]) + v3 * _widen(w[i3, j]))) + ((
-                            v4 * _widen(w[i4, j]) + v5 * _widen(w[i5, j])) + (
-                            v6 * _widen(w[i6, j]) + v7 * _widen(w[i7, j])))
-            for t in range(k - k % 8, k):
-                i = idx[b, t]
-                v = _widen(x[b, i])
-                for j in range(d_out):
-                    acc[j] += v * _widen(w[i, j])
-            for j in range(bias.shape[0]):
-                acc[j] += _widen(bias[j])
-            for j in range(d_out):
-                _narrow(out[b], j, acc[j])
+
+    @_jit
+    def _gemv(x, idx, w, bias, acc, out):
+        """Every row, on the calling thread."""
+        _check_indices(idx, w.shape[0])
+        for b in range(idx.shape[0]):
+            _gemv_columns(x, idx, w, bias, acc, out, b, 0, w.shape[1])
 
 
 def _torch_only(*tensors: torch.Tensor | None) -> bool:
@@ -277,11 +277,9 @@ def sparse_linear_cpu(x: torch.Tensor, idx: torch.Tensor, weight_t: torch.Tensor
     if (USE_NUMBA and small and dtype in _BITS and x.is_cpu and weight_t.is_cpu and weight_t.dtype == dtype
             and (bias is None or bias.dtype == dtype) and not _torch_only(x, weight_t, bias)):
         out = torch.empty(idx.shape[0], weight_t.shape[1], dtype=dtype)
-        args = _np(x), _np(idx), _np(weight_t), _NO_BIAS[dtype] if bias is None else _np(bias)
-        if half:
-            _gemv_half(*args, np.empty(weight_t.shape[1], np.float32), _np(out))
-        else:
-            _gemv(*args, _np(out))
+        acc = out if dtype in _FLOATS else torch.empty(out.shape, dtype=torch.float32)  # float32 sums for halves
+        args = _np(x), _np(idx), _np(weight_t), _NO_BIAS[dtype] if bias is None else _np(bias), _np(acc), _np(out)
+        _gemv(*args)
         return out
     if half:  # torch ops, float32 sums (embedding_bag would sum in half precision): copies the kept rows
         y = torch.bmm(x.gather(1, idx).float().unsqueeze(1), weight_t[idx].float()).squeeze(1)
