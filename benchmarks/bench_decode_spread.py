@@ -90,7 +90,7 @@ def main() -> None:
                                  capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
             if out.returncode:
                 sys.exit(f"a measuring process failed:\n{out.stderr[-3000:]}")
-            runs.append(json.loads(out.stdout.splitlines()[-1] if out.stdout.strip() else out.stderr))
+            runs.append(json.loads(out.stdout.splitlines()[-1]))
             print("process", len(runs), " ".join(f"{k}={v:.2f}" for k, v in runs[-1].items()), flush=True)
     print(f"SmolLM2-135M {args.dtype}, generate() of {args.new_tokens} tokens, best of {args.rounds} per row, "
           f"{args.processes} fresh processes, {torch.get_num_threads()} threads, torch {torch.__version__}")
