@@ -52,6 +52,9 @@ def _checked_config(cls):
                 super().__post_init__(**kwargs)
             except ValueError as error:
                 raise _stop(str(error)) from None
+            unknown = [arch for arch in self.architectures or () if arch not in ARCHITECTURES]
+            if unknown:
+                raise _stop(f"architecture {unknown[0]!r} is not one the vLLM plugin serves ({', '.join(ARCHITECTURES)})")
 
     Checked.__name__ = Checked.__qualname__ = cls.__name__
     Checked.__module__ = __name__

@@ -1,0 +1,62 @@
+"""Run one vLLM engine on a checkpoint, as a user's script would, and print what it computed as one JSON line.
+
+``python engine.py REQUEST.json``; the request names the model, engine arguments, token windows to score
+teacher-forced (prompt log-probabilities), prompts and chats to answer greedily, and vLLM layers whose input and output
+to capture during the scoring. Run in its own process: vLLM spawns its engine, and a finished one frees its memory.
+"""
+
+import json
+import sys
+
+import torch
+
+ENGINE = {"dtype": "float32", "enforce_eager": True, "gpu_memory_utilization": 0.1, "max_model_len": 512,
+          "max_num_batched_tokens": 1024, "seed": 0}
+
+
+def _install_hooks(names, model):
+    """Forward hooks that keep each named layer's last input and output on the model (run inside the worker)."""
+    model.acttail_captured = {}
+    for name in names:
+        def hook(layer, args, output, name=name):
+            output = output[0] if isinstance(output, tuple) else output
+            model.acttail_captured[name] = (args[0].detach().clone(), output.detach().clone())
+        model.get_submodule(name).register_forward_hook(hook)
+
+
+def _collect(model):
+    return {name: (x.tolist(), y.tolist()) for name, (x, y) in model.acttail_captured.items()}
+
+
+def main(request: dict) -> dict:
+    from functools import partial
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(request["model"], **{**ENGINE, **request.get("engine", {})})
+    report = {}
+    if request.get("capture"):
+        llm.apply_model(partial(_install_hooks, request["capture"]))
+    if windows := request.get("windows"):
+        scoring = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], scoring, use_tqdm=False)
+        report["logprobs"] = [[step[token].logprob for step, token in zip(out.prompt_logprobs[1:], w[1:])]
+                              for out, w in zip(outputs, windows)]
+        if request.get("capture"):
+            report["captured"] = llm.apply_model(_collect)[0]
+    greedy = SamplingParams(max_tokens=request.get("max_tokens", 16), temperature=0)
+    if prompts := request.get("prompts"):
+        outputs = llm.generate(prompts, greedy, use_tqdm=False)
+        report["texts"] = [out.outputs[0].text for out in outputs]
+        report["tokens"] = [list(out.outputs[0].token_ids) for out in outputs]
+    if chats := request.get("chats"):
+        report["chat_texts"] = [out.outputs[0].text for out in llm.chat(chats, greedy, use_tqdm=False)]
+    return report
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)  # this process only sends requests; the engine process computes
+    with open(sys.argv[1]) as file:
+        result = main(json.load(file))
+    print("\nREPORT " + json.dumps(result))
