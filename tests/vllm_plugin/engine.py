@@ -24,6 +24,37 @@ def _install_hooks(names, model):
         model.get_submodule(name).register_forward_hook(hook)
 
 
+def kept_signature(mask: torch.Tensor) -> list[int]:
+    """One integer per token naming its kept set (a fixed random weight per input, summed over the kept ones)."""
+    weights = torch.randint(0, 2**40, (mask.shape[-1],), generator=torch.Generator().manual_seed(0))
+    return (mask.long() * weights).sum(-1).tolist()
+
+
+def _install_signatures(model):
+    """Forward hooks on every sparse vLLM layer: each member's kept-set signature of the first step's tokens."""
+    from acttail_export.kernels.topk import topk_mask
+    from acttail_export.vllm_sparse import SparseLinearMethod
+
+    model.acttail_signatures = {}
+    for name, layer in model.named_modules():
+        method = getattr(layer, "quant_method", None)
+        if isinstance(method, SparseLinearMethod):
+            def hook(layer, args, output, name=name, method=method):
+                if name in model.acttail_signatures:
+                    return
+                x = args[0]
+                if method.gather:  # a row-parallel shard: the whole input, as the layer ranks it (every rank runs this)
+                    from vllm.distributed import tensor_model_parallel_all_gather
+                    x = tensor_model_parallel_all_gather(x, dim=-1)
+                masks = [x.abs() > t for t in method.thresholds] or [topk_mask(x, k) for k in method.ks]
+                model.acttail_signatures[name] = [kept_signature(mask) for mask in masks]
+            layer.register_forward_hook(hook)
+
+
+def _collect_signatures(model):
+    return model.acttail_signatures
+
+
 def _collect(model):
     return {name: (x.tolist(), y.tolist()) for name, (x, y) in model.acttail_captured.items()}
 
@@ -38,13 +69,17 @@ def main(request: dict) -> dict:
     report = {}
     if request.get("capture"):
         llm.apply_model(partial(_install_hooks, request["capture"]))
+    if request.get("signatures"):
+        llm.apply_model(partial(_install_signatures))
     if windows := request.get("windows"):
         scoring = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
         outputs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], scoring, use_tqdm=False)
         report["logprobs"] = [[step[token].logprob for step, token in zip(out.prompt_logprobs[1:], w[1:])]
                               for out, w in zip(outputs, windows)]
         if request.get("capture"):
-            report["captured"] = llm.apply_model(_collect)[0]
+            report["captured"] = llm.apply_model(partial(_collect))[0]  # a partial: pickled by reference
+        if request.get("signatures"):
+            report["signatures"] = llm.apply_model(partial(_collect_signatures))[0]
     greedy = SamplingParams(max_tokens=request.get("max_tokens", 16), temperature=0)
     if prompts := request.get("prompts"):
         outputs = llm.generate(prompts, greedy, use_tqdm=False)

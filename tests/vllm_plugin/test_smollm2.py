@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from acttail_export.kernels.topk import topk_mask
+
 from conftest import run_cli
-from vllm_helpers import VLLM_ENV, max_logprob_error, reference_logprobs, run_engine, tokenizer_windows  # noqa: F401
+from vllm_helpers import VLLM_ENV, assert_logprobs_match, first_flips, reference_logprobs, run_engine, tokenizer_windows  # noqa: F401
 
 PROMPTS = ["The river flows through the old town and", "In 1905 the physicist published"]
 CHATS = [[{"role": "user", "content": "Name three colours of the rainbow."}]]
@@ -35,20 +37,30 @@ def export_50(smollm2, tmp_path_factory):
 def served(export_50, tokenizer_windows, tmp_path_factory):
     """One engine for the module: the windows scored with capture, then the prompts and chats answered greedily."""
     return run_engine({"model": str(export_50), "windows": tokenizer_windows, "capture": list(CAPTURE),
-                       "prompts": PROMPTS, "chats": CHATS, "max_tokens": 12}, tmp_path_factory.mktemp("engine"))
+                       "prompts": PROMPTS, "chats": CHATS, "max_tokens": 12, "signatures": True},
+                      tmp_path_factory.mktemp("engine"))
 
 
-def test_prompt_logprobs_equal_the_transformers_runtime(export_50, tokenizer_windows, served):
-    want, _ = reference_logprobs(export_50, tokenizer_windows)
-    assert max_logprob_error(served["logprobs"], want) < 1e-3
+@pytest.fixture(scope="module")
+def reference(export_50, tokenizer_windows):
+    return reference_logprobs(export_50, tokenizer_windows, ("model.layers.7.self_attn.q_proj",
+                                                             "model.layers.7.mlp.down_proj"))
 
 
-def test_kept_sets_and_outputs_are_the_runtimes(export_50, tokenizer_windows, served):
+def test_prompt_logprobs_equal_the_transformers_runtime(tokenizer_windows, served, reference):
+    want, _, signatures = reference
+    assert_logprobs_match(served["logprobs"], want, first_flips(served["signatures"], signatures, tokenizer_windows))
+
+
+def test_kept_sets_and_outputs_are_the_runtimes(export_50, tokenizer_windows, served, reference):
     """The captured projections keep the transformers runtime's sets, and compute F.linear of the kept inputs."""
     block = json.loads((export_50 / "config.json").read_text())["activation_sparsity"]["modules"]
     weights = load_file(export_50 / "model.safetensors")
-    _, hf_inputs = reference_logprobs(export_50, tokenizer_windows, ("model.layers.7.self_attn.q_proj",
-                                                                    "model.layers.7.mlp.down_proj"))
+    _, hf_inputs, signatures = reference
+    # the tokens before each window's first flipped kept set (at any layer), as rows of the flattened batch
+    flips = first_flips(served["signatures"], signatures, tokenizer_windows)
+    starts = [sum(len(w) for w in tokenizer_windows[:i]) for i in range(len(tokenizer_windows))]
+    rows = torch.cat([torch.arange(start, start + flip) for start, flip in zip(starts, flips)])
     for fused, members in ((CAPTURE[0], ("q_proj", "k_proj", "v_proj")), (CAPTURE[1], ("down_proj",))):
         x, y = (torch.tensor(t) for t in served["captured"][fused])
         hf_x = hf_inputs[f"{fused.rpartition('.')[0]}.{members[0]}"]
@@ -57,9 +69,8 @@ def test_kept_sets_and_outputs_are_the_runtimes(export_50, tokenizer_windows, se
         for member in members:
             name = f"{fused.rpartition('.')[0]}.{member}"
             keep = block[name]["keep"]
-            from acttail_export.kernels.topk import topk_mask
             mask = topk_mask(x, keep)
-            assert torch.equal(mask, topk_mask(hf_x, keep)), name  # the same kept set for every token
+            assert torch.equal(mask[rows], topk_mask(hf_x, keep)[rows]), name  # the same kept set for those tokens
             assert keep < x.shape[1] and (mask.sum(-1) == keep).all()
             outputs.append(F.linear(torch.where(mask, x, 0), weights[f"{name}.weight"]))
         want = torch.cat(outputs, dim=-1)
