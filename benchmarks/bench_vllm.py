@@ -20,37 +20,41 @@ EXPORTS = {"topk-50": ["--sparsity", "0.5"], "topk-70": ["--sparsity", "0.7"],
 PROMPT = "The history of the city begins in the Roman period, when"
 
 
-def measure(model: str, batch: int, tokens: int, dtype: str, repeats: int) -> dict:
-    """One engine: the best of ``repeats`` decode timings (seconds for ``tokens`` steps of ``batch`` rows)."""
+def measure(model: str, batches: list[int], tokens: int, dtype: str, repeats: int) -> dict:
+    """One engine: per batch size, the best of ``repeats`` decode timings (``tokens`` steps of ``batch`` rows)."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(model, dtype=dtype, enforce_eager=True, gpu_memory_utilization=0.1, max_model_len=512, seed=0,
               skip_tokenizer_init=True)
-    prompts = [{"prompt_token_ids": [1 + (7 * i + j) % 200 for j in range(16)]} for i in range(batch)]
+    results = {}
+    for batch in batches:
+        prompts = [{"prompt_token_ids": [1 + (7 * i + j) % 200 for j in range(16)]} for i in range(batch)]
 
-    def run(n: int) -> float:
-        params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, detokenize=False)
-        start = time.perf_counter()
-        llm.generate(prompts, params, use_tqdm=False)
-        return time.perf_counter() - start
+        def run(n: int) -> float:
+            params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, detokenize=False)
+            start = time.perf_counter()
+            llm.generate(prompts, params, use_tqdm=False)
+            return time.perf_counter() - start
 
-    run(tokens + 1)  # warm-up: numba's kernels, allocator
-    decode = min(run(tokens + 1) - run(1) for _ in range(repeats))
-    return {"seconds": decode, "tokens_per_s": batch * tokens / decode, "ms_per_step": 1000 * decode / tokens}
+        run(tokens + 1)  # warm-up: numba's kernels, allocator
+        decode = min(run(tokens + 1) - run(1) for _ in range(repeats))
+        results[batch] = {"tokens_per_s": batch * tokens / decode, "ms_per_step": 1000 * decode / tokens}
+    return results
 
 
 def in_process(args) -> None:
-    print("RESULT " + json.dumps(measure(args.model, args.batch, args.tokens, args.dtype, args.repeats)))
+    batches = [int(b) for b in args.batches.split(",")]
+    print("RESULT " + json.dumps(measure(args.model, batches, args.tokens, args.dtype, args.repeats)))
 
 
-def subprocess_measure(model, batch, args) -> dict:
-    command = [sys.executable, __file__, "--one", "--model", str(model), "--batch", str(batch), "--tokens",
+def subprocess_measure(model, args) -> dict:
+    command = [sys.executable, __file__, "--one", "--model", str(model), "--batches", args.batches, "--tokens",
                str(args.tokens), "--dtype", args.dtype, "--repeats", str(args.repeats)]
     result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
         sys.exit(f"engine on {model} failed:\n{result.stderr[-3000:]}")
-    return json.loads(lines[-1].removeprefix("RESULT "))
+    return {int(b): r for b, r in json.loads(lines[-1].removeprefix("RESULT ")).items()}
 
 
 def prepare(out: Path) -> dict[str, Path]:
@@ -88,7 +92,6 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated subset of the rows (dense, topk-50, ...)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         return in_process(args)
@@ -96,7 +99,8 @@ def main() -> None:
     if args.only:
         models = {name: path for name, path in models.items() if name in args.only.split(",")}
     batches = [int(b) for b in args.batches.split(",")]
-    results = {(name, b): subprocess_measure(path, b, args) for name, path in models.items() for b in batches}
+    per_model = {name: subprocess_measure(path, args) for name, path in models.items()}
+    results = {(name, b): per_model[name][b] for b in batches for name in models}
     print(f"| checkpoint ({args.dtype}) | batch | decode tokens/s | ms per step | vs dense |")
     print("|---|---:|---:|---:|---:|")
     for (name, batch), r in results.items():

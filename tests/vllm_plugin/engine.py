@@ -15,12 +15,14 @@ ENGINE = {"dtype": "float32", "enforce_eager": True, "gpu_memory_utilization": 0
 
 
 def _install_hooks(names, model):
-    """Forward hooks that keep each named layer's last input and output on the model (run inside the worker)."""
-    model.acttail_captured = {}
+    """Forward hooks that keep each named layer's inputs and outputs on the model, every step's tokens in order (run
+    inside the worker; the scheduler may split the scored windows into several steps)."""
+    model.acttail_captured = {name: ([], []) for name in names}
     for name in names:
         def hook(layer, args, output, name=name):
             output = output[0] if isinstance(output, tuple) else output
-            model.acttail_captured[name] = (args[0].detach().clone(), output.detach().clone())
+            model.acttail_captured[name][0].append(args[0].detach().clone())
+            model.acttail_captured[name][1].append(output.detach().clone())
         model.get_submodule(name).register_forward_hook(hook)
 
 
@@ -31,7 +33,7 @@ def kept_signature(mask: torch.Tensor) -> list[int]:
 
 
 def _install_signatures(model):
-    """Forward hooks on every sparse vLLM layer: each member's kept-set signature of the first step's tokens."""
+    """Forward hooks on every sparse vLLM layer: each member's kept-set signature of every token, steps in order."""
     from acttail_export.kernels.topk import topk_mask
     from acttail_export.vllm_sparse import SparseLinearMethod
 
@@ -40,14 +42,14 @@ def _install_signatures(model):
         method = getattr(layer, "quant_method", None)
         if isinstance(method, SparseLinearMethod):
             def hook(layer, args, output, name=name, method=method):
-                if name in model.acttail_signatures:
-                    return
                 x = args[0]
                 if method.gather:  # a row-parallel shard: the whole input, as the layer ranks it (every rank runs this)
                     from vllm.distributed import tensor_model_parallel_all_gather
                     x = tensor_model_parallel_all_gather(x, dim=-1)
                 masks = [x.abs() > t for t in method.thresholds] or [topk_mask(x, k) for k in method.ks]
-                model.acttail_signatures[name] = [kept_signature(mask) for mask in masks]
+                signatures = model.acttail_signatures.setdefault(name, [[] for _ in masks])
+                for member, mask in zip(signatures, masks):
+                    member.extend(kept_signature(mask))
             layer.register_forward_hook(hook)
 
 
@@ -56,7 +58,7 @@ def _collect_signatures(model):
 
 
 def _collect(model):
-    return {name: (x.tolist(), y.tolist()) for name, (x, y) in model.acttail_captured.items()}
+    return {name: (torch.cat(xs).tolist(), torch.cat(ys).tolist()) for name, (xs, ys) in model.acttail_captured.items()}
 
 
 def main(request: dict) -> dict:
@@ -82,7 +84,8 @@ def main(request: dict) -> dict:
             report["signatures"] = llm.apply_model(partial(_collect_signatures))[0]
     greedy = SamplingParams(max_tokens=request.get("max_tokens", 16), temperature=0)
     if prompts := request.get("prompts"):
-        outputs = llm.generate(prompts, greedy, use_tqdm=False)
+        # one at a time, as a server answers one request: a batch of one takes the same decode path
+        outputs = [llm.generate([prompt], greedy, use_tqdm=False)[0] for prompt in prompts]
         report["texts"] = [out.outputs[0].text for out in outputs]
         report["tokens"] = [list(out.outputs[0].token_ids) for out in outputs]
     if chats := request.get("chats"):
