@@ -14,19 +14,21 @@ from vllm_helpers import assert_logprobs_match, first_flips, reference_logprobs,
 @pytest.fixture(scope="module")
 def qwen2_50(tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen2")
-    make_tiny_model("qwen2", root / "dense")
+    make_tiny_model("qwen2", root / "dense", hidden_size=256, intermediate_size=512)  # head_dim 64: vLLM's CPU attention
     run_cli("export", root / "dense", root / "acttail-50", "--sparsity", "0.5")
     return root / "acttail-50"
 
 
 def test_qwen2_with_biases_compiled_equals_the_transformers_runtime(qwen2_50, tmp_path):
-    """vLLM's default torch.compile (enforce_eager=False) around the sparse custom op; q/k/v carry biases."""
+    """vLLM's default torch.compile (enforce_eager=False) around the sparse custom op; q/k/v carry biases. A compiled
+    graph runs no forward hooks, so no kept sets are compared: on two layers no rounding flips one, and every position
+    must match."""
     windows = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0)).tolist()
-    report = run_engine({"model": str(qwen2_50), "windows": windows, "signatures": True,
+    report = run_engine({"model": str(qwen2_50), "windows": windows,
                          "engine": {"enforce_eager": False, "skip_tokenizer_init": True, "max_model_len": 128}},
                         tmp_path)
-    want, _, signatures = reference_logprobs(qwen2_50, windows)
-    assert_logprobs_match(report["logprobs"], want, first_flips(report["signatures"], signatures, windows))
+    want, _, _ = reference_logprobs(qwen2_50, windows)
+    assert_logprobs_match(report["logprobs"], want, [len(w) for w in windows])
 
 
 @pytest.fixture(scope="module")

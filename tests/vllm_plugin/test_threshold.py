@@ -26,7 +26,9 @@ def test_threshold_mode_equals_the_transformers_runtime(threshold_50, tokenizer_
                          "prompts": [prompt], "max_tokens": 12, "signatures": True}, tmp_path)
     want, hf_inputs, signatures = reference_logprobs(threshold_50, tokenizer_windows, (DOWN,))
     flips = first_flips(report["signatures"], signatures, tokenizer_windows)
-    assert_logprobs_match(report["logprobs"], want, flips)
+    # every entry within rounding of its projection's threshold may flip: with ~10^5 entries a token, flips come
+    # earlier than in TopK mode (measured: tokens 9 and 32 of 96); the positions before them must still match
+    assert_logprobs_match(report["logprobs"], want, flips, min_share=0.2)
     starts = [sum(len(w) for w in tokenizer_windows[:i]) for i in range(len(tokenizer_windows))]
     rows = torch.cat([torch.arange(start, start + flip) for start, flip in zip(starts, flips)])
     threshold = json.loads((threshold_50 / "config.json").read_text())["activation_sparsity"]["modules"][DOWN]["threshold"]
