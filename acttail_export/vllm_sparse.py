@@ -27,13 +27,12 @@ from .kernels import topk_cpu
 from .kernels.topk import threshold_sparsify, topk_mask, topk_sparsify
 from .kernels.topk_cpu import select_cpu, sparse_linear_cpu, threshold_linear_cpu
 from .modeling.activation_sparsity import ActivationSparsity
+# as the transformers runtime: a step of B rows takes the sparse GEMV while B * (kept fraction) < BATCH_BREAK_EVEN
+from .modeling.modeling_acttail import BATCH_BREAK_EVEN
 from .modeling.projections import parse_projection
 
-__all__ = ["SparseLinearMethod", "apply_activation_sparsity", "projection_shapes", "mark_step", "BATCH_BREAK_EVEN"]
+__all__ = ["SparseLinearMethod", "apply_activation_sparsity", "projection_shapes", "mark_step"]
 
-# As the transformers runtime: a step of B rows takes the sparse GEMV while B * (kept fraction) < 1; past that the rows
-# together read more weight bytes than one dense pass (modeling_acttail.BATCH_BREAK_EVEN, KNOWLEDGE.md "Batches").
-BATCH_BREAK_EVEN = 1.0
 # vLLM's fused layers -> the Hugging Face projections they hold, in output order
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
