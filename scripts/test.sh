@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
-# Set up .venv (see setup.sh) and run the whole test suite on the real SmolLM2-135M weights and Wikipedia text.
+# Set up .venv (see setup.sh) and run the whole test suite on the real SmolLM2-135M weights and Wikipedia text; then the
+# vLLM plugin's tests under vLLM's CPU build (.venv-vllm). set -e: the first failing run fails the script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q "$@"
+# The vLLM plugin's tests (tests/vllm_plugin/) run under vLLM's CPU build, in .venv-vllm (built on first use; see
+# setup_vllm.sh); with arguments, only the tests they name run, in .venv.
+if [ $# -eq 0 ]; then
+  bash scripts/setup_vllm.sh
+  .venv-vllm/bin/python -m pytest -q tests/vllm_plugin
+fi

@@ -1,5 +1,6 @@
 """Shared fixtures: the real SmolLM2-135M weights, real English text, tiny random models, and fresh-process helpers."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +15,8 @@ import torch
 # Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors; it must be on before they are imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# tests/vllm_plugin/ runs under .venv-vllm, vLLM's CPU build (scripts/test.sh); elsewhere vLLM is not installed
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm_plugin"]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = {torch.float32: 2**-23, torch.bfloat16: 2**-7, torch.float16: 2**-10, torch.float64: 2**-52}  # one rounding
 

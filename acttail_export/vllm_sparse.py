@@ -1,0 +1,224 @@
+"""Activation sparsity inside vLLM's own linear layers: a linear method per projection and the torch custom op it calls.
+
+vLLM builds every projection as a parallel layer (``qkv_proj`` and ``gate_up_proj`` fused, ``o_proj`` and ``down_proj``
+row-parallel) whose computation is its ``quant_method``. :func:`apply_activation_sparsity` gives each sparse layer a
+:class:`SparseLinearMethod` (vLLM's unquantized method for creating and loading the weights, ours for computing), so
+vLLM keeps its fusion, tensor-parallel sharding, weight loading and batching. The semantics are the transformers
+runtime's (``modeling/modeling_acttail.py``): each member of a fused layer keeps its own TopK count (or threshold) on the
+shared input, ranked by ``kernels/topk.py``; a row-parallel layer under tensor parallel ranks the whole input (gathered
+from every rank), so tp=2 keeps what tp=1 keeps; prompt tokens follow the block's ``prefill`` policy, decode tokens are
+always sparse.
+
+A step either runs the CPU sparse GEMV over kept weight rows (``kernels/topk_cpu.py``: few rows, a dtype it supports),
+or the mask + dense ``F.linear`` of each member, the transformers runtime's own ops. Both run inside one custom op
+(``torch.ops.acttail.sparse_linear``), opaque to torch.compile, so vLLM's compiled graph stays whole.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from vllm.distributed import tensor_model_parallel_all_gather
+from vllm.forward_context import get_forward_context, is_forward_context_available
+from vllm.model_executor.layers.linear import LinearBase, RowParallelLinear, UnquantizedLinearMethod
+
+from .kernels import topk_cpu
+from .kernels.topk import threshold_sparsify, topk_mask, topk_sparsify
+from .kernels.topk_cpu import select_cpu, sparse_linear_cpu, threshold_linear_cpu
+from .modeling.activation_sparsity import ActivationSparsity
+# as the transformers runtime: a step of B rows takes the sparse GEMV while B * (kept fraction) < BATCH_BREAK_EVEN
+from .modeling.modeling_acttail import BATCH_BREAK_EVEN
+from .modeling.projections import parse_projection
+
+__all__ = ["SparseLinearMethod", "apply_activation_sparsity", "projection_shapes", "mark_step"]
+
+# vLLM's fused layers -> the Hugging Face projections they hold, in output order
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+class _Step:
+    """The token rows of the current step that the ``prefill`` policy leaves dense (bool ``[tokens]``), or None (all
+    sparse). Set by the model's forward, outside the compiled graph, and read inside the custom op at run time."""
+
+    dense_rows: torch.Tensor | None = None
+
+
+def mark_step(prefill, positions: torch.Tensor) -> None:
+    """Mark which tokens of this step are prompt tokens the ``prefill`` policy leaves dense.
+
+    vLLM flattens the step's requests into one ``[tokens]`` batch; its attention metadata says where each request's
+    tokens start (``query_start_loc``) and how long its sequence is after the step (``seq_lens``). A request with more
+    than one token this step is a prompt (as in the transformers runtime, where a multi-token call is the prompt and a
+    one-token call a decode step); "dense" leaves its tokens dense, a fraction f sparsifies the last ceil(f * S) of its
+    S tokens. Exact when a prompt runs in one step: the plugin turns prefix caching off for these policies.
+
+    :param prefill: the block's ``prefill``: "sparse", "dense" or a fraction
+    :param positions: ``[tokens]`` position of each token in its sequence
+    """
+    _Step.dense_rows = None
+    if prefill == "sparse":
+        return
+    metadata = get_forward_context().attn_metadata if is_forward_context_available() else None
+    if isinstance(metadata, dict):
+        metadata = next(iter(metadata.values()), None)
+    if isinstance(metadata, list):  # one dict per micro-batch (DBO); not on CPU
+        metadata = metadata[0] if metadata else None
+    if metadata is None:  # a dummy (profiling or warm-up) run
+        return
+    starts = metadata.query_start_loc.tolist()
+    seq_lens = metadata.seq_lens.tolist()
+    dense = torch.zeros(positions.shape[0], dtype=torch.bool)
+    for start, end, total in zip(starts, starts[1:], seq_lens):
+        if end - start > 1:
+            first_sparse = total if prefill == "dense" else total - math.ceil(prefill * total)
+            dense[start:end] = positions[start:end].cpu() < first_sparse
+    _Step.dense_rows = dense.to(positions.device)
+
+
+@torch.library.custom_op("acttail::sparse_linear", mutates_args=())
+def sparse_linear(x: torch.Tensor, x_full: torch.Tensor | None, weights_t: list[torch.Tensor], bias: torch.Tensor | None,
+                  ks: list[int], thresholds: list[float], offset: int, max_rows: int) -> torch.Tensor:
+    """The outputs of a (fused) sparse layer, members side by side: ``[tokens, sum(d_out)]``.
+
+    :param x: ``[tokens, d_in]`` the layer's input (a row-parallel layer's shard of it)
+    :param x_full: the whole input, gathered from every rank, when ``x`` is a shard and the selection is TopK; else None
+    :param weights_t: each member's weight, input-major ``[d_in, d_out]``
+    :param bias: ``[sum(d_out)]`` or None
+    :param ks: TopK mode: each member's count (of the whole input); empty in threshold mode
+    :param thresholds: threshold mode: each member's threshold; empty in TopK mode
+    :param offset: where ``x`` starts in ``x_full``
+    :param max_rows: the most rows a step may have for the sparse GEMV (0: never)
+    """
+    widths = [w.shape[1] for w in weights_t]
+    biases = bias.split(widths) if bias is not None else [None] * len(weights_t)
+    dense_rows = _Step.dense_rows
+    if dense_rows is not None and (dense_rows.shape[0] < x.shape[0] or not dense_rows[:x.shape[0]].any()):
+        dense_rows = None  # no dense prompt token in this step (or not this step's marks: a dummy run)
+    if dense_rows is None and x.shape[0] <= max_rows and x.is_cpu and _gemv_supports(x.dtype, weights_t[0].dtype):
+        outputs = _sparse_gemv(x.contiguous(), x_full, weights_t, biases, ks, thresholds, offset)
+    else:
+        outputs = []
+        for m, (weight_t, member_bias) in enumerate(zip(weights_t, biases)):
+            xs = _sparsify(x, x_full, ks[m] if ks else None, thresholds[m] if thresholds else None, offset)
+            if dense_rows is not None:
+                xs = torch.where(dense_rows[:x.shape[0], None], x, xs)
+            outputs.append(F.linear(xs, weight_t.t(), member_bias))
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+
+
+@sparse_linear.register_fake
+def _(x, x_full, weights_t, bias, ks, thresholds, offset, max_rows):
+    return x.new_empty(x.shape[0], sum(w.shape[1] for w in weights_t))
+
+
+def _gemv_supports(x_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
+    """Whether kernels/topk_cpu.py has a compiled kernel for this dtype; others take the masked path (its torch
+    fallback sums half-precision bags in half precision, which would not match the masked path)."""
+    return topk_cpu.USE_NUMBA and x_dtype == weight_dtype and x_dtype in getattr(topk_cpu, "_BITS", {})
+
+
+def _sparsify(x, x_full, k, threshold, offset):
+    """x with the dropped entries zeroed: the same ops as the transformers runtime's TopKLinear."""
+    if threshold is not None:
+        return threshold_sparsify(x, threshold)
+    if x_full is None:
+        return topk_sparsify(x, k)
+    keep = topk_mask(x_full, k)[:, offset:offset + x.shape[1]]  # the whole input's TopK, this shard's part
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _sparse_gemv(x, x_full, weights_t, biases, ks, thresholds, offset):
+    """Each member's output through kernels/topk_cpu.py, reading only the kept rows of its input-major weight."""
+    if thresholds:
+        return [threshold_linear_cpu(x, t, w, b) for t, w, b in zip(thresholds, weights_t, biases)]
+    if x_full is None:
+        selection, starts = select_cpu(x, ks)
+        return [sparse_linear_cpu(x, selection[:, s:s + k], w, b) for s, k, w, b in zip(starts, ks, weights_t, biases)]
+    # a shard: the whole input's selection, then this shard's part of each row (its own count per row)
+    selection, starts = select_cpu(x_full.contiguous(), ks)
+    outputs = []
+    for s, k, w, b in zip(starts, ks, weights_t, biases):
+        rows = []
+        for r in range(x.shape[0]):
+            idx = selection[r, s:s + k]
+            idx = idx[(idx >= offset) & (idx < offset + x.shape[1])] - offset
+            rows.append(sparse_linear_cpu(x[r:r + 1], idx.view(1, -1), w, b) if idx.numel()
+                        else (b if b is not None else w.new_zeros(w.shape[1])).expand(1, -1).to(x.dtype))
+        outputs.append(torch.cat(rows))
+    return outputs
+
+
+class SparseLinearMethod(UnquantizedLinearMethod):
+    """vLLM's unquantized linear method with activation sparsity: creates and loads the weights as vLLM does, then
+    keeps each member's weight input-major (the sparse GEMV reads kept rows; ``F.linear`` takes the transposed view).
+
+    :param ks: TopK mode: each member's count of the whole input; threshold mode: empty
+    :param thresholds: threshold mode: each member's threshold; TopK mode: empty
+    :param kept_fraction: the largest kept share of any member (decides how many rows the sparse GEMV serves)
+    :param gather: a row-parallel TopK layer under tensor parallel: rank the input gathered from every rank
+    :param backend: the checkpoint's ``sparse_backend``; "reference" always takes the masked path
+    """
+
+    def __init__(self, ks: list[int], thresholds: list[float], kept_fraction: float, gather: bool, backend: str):
+        super().__init__()
+        self.ks, self.thresholds, self.gather = ks, thresholds, gather
+        self.max_rows = 0 if backend == "reference" else math.ceil(BATCH_BREAK_EVEN / kept_fraction) - 1
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        weight = layer.weight.data  # [sum(d_out) local, d_in local]
+        for m, part in enumerate(weight.split(layer.output_partition_sizes)):
+            layer.register_buffer(f"acttail_weight_t{m}", part.t().contiguous(), persistent=False)
+        self.members = len(layer.output_partition_sizes)
+        # the [out, in] weight is not used again (vLLM's CPU method drops it too after packing its own copy)
+        layer.weight = nn.Parameter(torch.empty(0, dtype=weight.dtype, device=weight.device), requires_grad=False)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        weights_t = [getattr(layer, f"acttail_weight_t{m}") for m in range(self.members)]
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        x_full, offset = None, 0
+        if self.gather:
+            x_full, offset = tensor_model_parallel_all_gather(x, dim=-1), layer.tp_rank * layer.input_size_per_partition
+        y = torch.ops.acttail.sparse_linear(x, x_full, weights_t, bias, self.ks, self.thresholds, offset, self.max_rows)
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+
+def projection_shapes(config) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of every q/k/v/o/gate/up/down projection of a Llama/Mistral/Qwen2/Qwen3 config."""
+    heads, kv_heads, hidden = config.num_attention_heads, config.num_key_value_heads, config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kinds = {"self_attn.q_proj": (heads * head_dim, hidden), "self_attn.k_proj": (kv_heads * head_dim, hidden),
+             "self_attn.v_proj": (kv_heads * head_dim, hidden), "self_attn.o_proj": (hidden, heads * head_dim),
+             "mlp.gate_proj": (config.intermediate_size, hidden), "mlp.up_proj": (config.intermediate_size, hidden),
+             "mlp.down_proj": (hidden, config.intermediate_size)}
+    return {f"model.layers.{i}.{path}": shape for i in range(config.num_hidden_layers) for path, shape in kinds.items()}
+
+
+def apply_activation_sparsity(model: nn.Module, sparsity: ActivationSparsity, backend: str) -> int:
+    """Give every vLLM linear layer of ``model`` that holds a sparse projection a :class:`SparseLinearMethod`.
+
+    Must run after the layers are built and before the weights are loaded. Layers whose members all keep every input
+    keep vLLM's own method.
+
+    :returns: how many layers were made sparse
+    """
+    by_threshold = sparsity.mode == "threshold"
+    count = 0
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LinearBase):
+            continue
+        parent, _, child = name.rpartition(".")
+        members = [f"{parent}.{part}" for part in FUSED.get(child, (child,))]
+        if not all(parse_projection(member) for member in members):
+            continue  # lm_head and any layer that is no decoder projection
+        specs = [sparsity.modules[member] for member in members]
+        if all((spec.threshold == 0) if by_threshold else (spec.keep == spec.in_features) for spec in specs):
+            continue
+        ks = [] if by_threshold else [spec.keep for spec in specs]
+        thresholds = [float(spec.threshold) for spec in specs] if by_threshold else []
+        gather = isinstance(layer, RowParallelLinear) and layer.tp_size > 1 and not by_threshold
+        kept_fraction = max(spec.keep / spec.in_features for spec in specs)
+        layer.quant_method = SparseLinearMethod(ks, thresholds, kept_fraction, gather, backend)
+        count += 1
+    return count

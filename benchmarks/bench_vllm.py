@@ -1,0 +1,113 @@
+"""vLLM decode speed on CPU: dense SmolLM2-135M against its sparse exports served through the plugin, batch 1 and 8.
+
+Run under .venv-vllm (``bash scripts/setup_vllm.sh``): ``.venv-vllm/bin/python benchmarks/bench_vllm.py``. Exports
+SmolLM2 (TopK 50% and 70%, threshold 50%) into ``--out`` unless there, then runs one engine per checkpoint in its own
+process and prints a markdown table: decode tokens/s and per-token latency (ms per step), and the speed-up over dense.
+Decode time is the time of a greedy generation of ``--tokens`` + 1 tokens minus that of 1 token (the prompt's
+prefill and the first token). A 2-layer, 64-wide random model gives vLLM's own per-step cost (scheduling, sampling,
+Python), which no kernel can remove.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+EXPORTS = {"topk-50": ["--sparsity", "0.5"], "topk-70": ["--sparsity", "0.7"],
+           "threshold-50": ["--sparsity", "0.5", "--mode", "threshold"]}
+PROMPT = "The history of the city begins in the Roman period, when"
+
+
+def measure(model: str, batches: list[int], tokens: int, dtype: str, repeats: int) -> dict:
+    """One engine: per batch size, the best of ``repeats`` decode timings (``tokens`` steps of ``batch`` rows)."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model, dtype=dtype, enforce_eager=True, gpu_memory_utilization=0.1, max_model_len=512, seed=0,
+              skip_tokenizer_init=True)
+    results = {}
+    for batch in batches:
+        prompts = [{"prompt_token_ids": [1 + (7 * i + j) % 200 for j in range(16)]} for i in range(batch)]
+
+        def run(n: int) -> float:
+            params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, detokenize=False)
+            start = time.perf_counter()
+            llm.generate(prompts, params, use_tqdm=False)
+            return time.perf_counter() - start
+
+        run(tokens + 1)  # warm-up: numba's kernels, allocator
+        decode = min(run(tokens + 1) - run(1) for _ in range(repeats))
+        results[batch] = {"tokens_per_s": batch * tokens / decode, "ms_per_step": 1000 * decode / tokens}
+    return results
+
+
+def in_process(args) -> None:
+    batches = [int(b) for b in args.batches.split(",")]
+    print("RESULT " + json.dumps(measure(args.model, batches, args.tokens, args.dtype, args.repeats)))
+
+
+def subprocess_measure(model, args) -> dict:
+    command = [sys.executable, __file__, "--one", "--model", str(model), "--batches", args.batches, "--tokens",
+               str(args.tokens), "--dtype", args.dtype, "--repeats", str(args.repeats)]
+    result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        sys.exit(f"engine on {model} failed:\n{result.stderr[-3000:]}")
+    return {int(b): r for b, r in json.loads(lines[-1].removeprefix("RESULT ")).items()}
+
+
+def prepare(out: Path) -> dict[str, Path]:
+    from acttail_export.weights import resolve_model
+
+    dense = resolve_model(None).folder
+    models = {"dense": dense}
+    cli = Path(sys.executable).parent / "acttail-export"
+    for name, options in EXPORTS.items():
+        folder = out / f"smollm2-{name}"
+        if not (folder / "config.json").exists():
+            subprocess.run([str(cli), "export", str(dense), str(folder), *options], check=True,
+                           capture_output=True)
+        models[name] = folder
+    tiny = out / "tiny-overhead"
+    if not (tiny / "config.json").exists():
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+                         ).save_pretrained(tiny)
+    models["per-step floor (2x64 random)"] = tiny
+    return models
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("out/bench-vllm"))
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--only", default=None, help="comma-separated subset of the rows (dense, topk-50, ...)")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        return in_process(args)
+    models = prepare(args.out)
+    if args.only:
+        models = {name: path for name, path in models.items() if name in args.only.split(",")}
+    batches = [int(b) for b in args.batches.split(",")]
+    per_model = {name: subprocess_measure(path, args) for name, path in models.items()}
+    results = {(name, b): per_model[name][b] for b in batches for name in models}
+    print(f"| checkpoint ({args.dtype}) | batch | decode tokens/s | ms per step | vs dense |")
+    print("|---|---:|---:|---:|---:|")
+    for (name, batch), r in results.items():
+        dense = results.get(("dense", batch))
+        ratio = f"{r['tokens_per_s'] / dense['tokens_per_s']:.2f}x" if dense and name != "dense" else ""
+        print(f"| {name} | {batch} | {r['tokens_per_s']:.1f} | {r['ms_per_step']:.1f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
