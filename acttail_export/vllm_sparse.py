@@ -23,9 +23,8 @@ from vllm.distributed import tensor_model_parallel_all_gather
 from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.layers.linear import LinearBase, RowParallelLinear, UnquantizedLinearMethod
 
-from .kernels import topk_cpu
 from .kernels.topk import threshold_sparsify, topk_mask, topk_sparsify
-from .kernels.topk_cpu import select_cpu, sparse_linear_cpu, threshold_linear_cpu
+from .kernels.topk_cpu import numba_dtypes, select_cpu, sparse_linear_cpu, threshold_linear_cpu
 from .modeling.activation_sparsity import ActivationSparsity
 # as the transformers runtime: a step of B rows takes the sparse GEMV while B * (kept fraction) < BATCH_BREAK_EVEN
 from .modeling.modeling_acttail import BATCH_BREAK_EVEN
@@ -113,9 +112,9 @@ def _(x, x_full, weights_t, bias, ks, thresholds, offset, max_rows):
 
 
 def _gemv_supports(x_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
-    """Whether kernels/topk_cpu.py has a compiled kernel for this dtype; others take the masked path (its torch
-    fallback sums half-precision bags in half precision, which would not match the masked path)."""
-    return topk_cpu.USE_NUMBA and x_dtype == weight_dtype and x_dtype in getattr(topk_cpu, "_BITS", {})
+    """Whether kernels/topk_cpu.py has a compiled kernel for this dtype (float32, float64, bfloat16, float16 with
+    numba); others take the masked path."""
+    return x_dtype == weight_dtype and x_dtype in numba_dtypes()
 
 
 def _sparsify(x, x_full, k, threshold, offset):
