@@ -156,5 +156,5 @@ class LayerwiseModel:
                 logits = F.linear(norm(hidden[b]), weight)
                 loss = F.cross_entropy(logits[:-1], ids[b, 1:], reduction="sum")
                 loss.backward()
-                total += float(loss)
+                total += float(loss.detach())
         return total, hidden.grad
