@@ -19,7 +19,7 @@ from .errors import ExportError
 from .evaluate import calibration_windows
 from .fisher import threshold_curve, topk_curve
 from .greedy import search_block
-from .kernels.topk import threshold_sparsify, topk_sparsify
+from .kernels.topk import threshold_sparsify
 from .layerwise import LayerwiseModel
 from .modeling.projections import PROJECTION_PATHS
 from .weights import SourceModel
@@ -137,36 +137,22 @@ class Calibration:
         self._rows[key] = (up_to, rows)
         return rows
 
-    def curves(self, mode: str, modules: dict[str, ModuleSparsity] | None = None) -> dict[str, np.ndarray]:
+    def curves(self, mode: str) -> dict[str, np.ndarray]:
         """Per projection, the Fisher loss-increase curve C_p(j) over j = 0 ... d_in dropped inputs (see
-        :mod:`acttail_export.fisher`), from one forward and one backward pass over the first ``curve_windows`` windows.
+        :mod:`acttail_export.fisher`), from one forward and one backward pass of the dense model over the first
+        ``curve_windows`` windows (memoized per mode).
 
         The backward pass goes one layer at a time: each layer is recomputed from its stored input with autograd and
-        hands the gradient at its input to the layer before.
-
-        :param modules: an allocation applied during both passes (TopK counts, or in threshold mode thresholds
-            calibrated on these windows in the forward): the curves are then read around the sparse model; None: the
-            dense model (memoized per mode)
+        hands the gradient at its input to the layer before. (Reading the curves again around the sparse model of the
+        first allocation and splitting anew made SmolLM2 at 50% worse: 32.25 -> 36.39, docs/RESULTS.md.)
         """
-        if modules is None and mode in self._curves:
+        if mode in self._curves:
             return self._curves[mode]
         ids = self.ids[:self.curve_windows]
-        thresholds: dict[str, float] = {}
-        calibrate = threshold_hooks(modules, thresholds, self.samples) if modules and mode == "threshold" else None
-
-        def sparsify(p, forward: bool):
-            if modules is None:
-                return None
-            if calibrate is not None:
-                return calibrate(p.name) if forward else lambda m, args: (threshold_sparsify(args[0], thresholds[p.name]),)
-            return lambda m, args: (topk_sparsify(args[0], modules[p.name].keep),)
-
         inputs = []
         with self._bar("calibrated: forward") as bar:
-            hooks = lambda i, layer: [_linear(layer, p).register_forward_pre_hook(sparsify(p, True))
-                                      for p in self.by_layer[i] if modules is not None]  # noqa: E731
-            for _, _, hidden, out in self.model.forward(ids, hooks):
-                inputs.append(hidden)
+            for _, _, hidden, out in self.model.forward(ids):
+                inputs.append(hidden)  # [B, T, d] per layer: what the backward pass recomputes each layer from
                 bar.update()
         _, grad = self.model.loss_gradient(out, ids)
         del out
@@ -176,8 +162,7 @@ class Calibration:
             for i in reversed(range(len(inputs))):
                 with self.model.loaded(f"model.layers.{i}") as layer:
                     seen, grads = {}, {}
-                    handles = [h for p in self.by_layer[i] for h in _watch(_linear(layer, p), p.name, seen, grads,
-                                                                          sparsify(p, False))]
+                    handles = [h for p in self.by_layer[i] for h in _watch(_linear(layer, p), p.name, seen, grads)]
                     hidden = inputs.pop().requires_grad_()
                     try:
                         with torch.enable_grad():
@@ -191,8 +176,7 @@ class Calibration:
                             u = grads[p.name].flatten(0, -2) @ _linear(layer, p).weight  # the gradient at p's input
                             curves[p.name] = curve(seen[p.name].flatten(0, -2), u)
                 bar.update()
-        if modules is None:
-            self._curves[mode] = curves
+        self._curves[mode] = curves
         return curves
 
     @property
@@ -232,12 +216,10 @@ def _linear(layer: torch.nn.Module, p) -> torch.nn.Module:
     return layer.get_submodule(PROJECTION_PATHS[p.kind])
 
 
-def _watch(linear: torch.nn.Module, name: str, inputs: dict, grads: dict, sparsify=None) -> list:
-    """Hooks that keep a projection's input (before ``sparsify``, a pre-hook, if given) and, once backward reaches it,
-    the loss gradient at its output."""
+def _watch(linear: torch.nn.Module, name: str, inputs: dict, grads: dict) -> list:
+    """Hooks that keep a projection's input and, once backward reaches it, the loss gradient at its output."""
     def keep_input(module, args):
         inputs[name] = args[0].detach()
-        return sparsify(module, args) if sparsify else None
 
     def keep_grad(module, args, output):
         output.register_hook(lambda g: grads.__setitem__(name, g))

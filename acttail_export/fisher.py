@@ -20,10 +20,8 @@ from .allocation import keep_count
 
 # Weight of ActTail's allocation (from alpha) blended into the calibrated one; chosen in docs/RESULTS.md.
 DEFAULT_PRIOR = 0.0
-# Passes of the curves: the first around the dense model, the others around the previous pass's sparse model.
-DEFAULT_PASSES = 1
 
-__all__ = ["DEFAULT_PASSES", "DEFAULT_PRIOR", "topk_curve", "threshold_curve", "split_budget", "calibrated_sparsity"]
+__all__ = ["DEFAULT_PRIOR", "topk_curve", "threshold_curve", "split_budget", "calibrated_sparsity"]
 
 
 def topk_curve(x: torch.Tensor, u: torch.Tensor) -> np.ndarray:

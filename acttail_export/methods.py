@@ -14,7 +14,7 @@ from .allocation import (ALLOCATIONS, DEFAULT_EPSILON, DEFAULT_SPARSER, SITES, M
 from .calibration import Calibration
 from .checkpoint import sparsity_block
 from .errors import ExportError
-from .fisher import DEFAULT_PASSES, DEFAULT_PRIOR, calibrated_sparsity
+from .fisher import DEFAULT_PRIOR, calibrated_sparsity
 from .greedy import DEFAULT_STEP
 from .modeling.activation_sparsity import MODES
 from .spectra import DEFAULT_ESTIMATOR
@@ -31,8 +31,6 @@ class Method:
     :param mode: "topk" (exact counts) or "threshold" (calibrated magnitude thresholds at the allocated sparsities)
     :param sites: "all" or "mlp" (see allocation.SITES)
     :param greedy_step: teal-greedy: block sparsity added per accepted raise
-    :param passes: calibrated: 1 reads the curves around the dense model; each further pass reads them again around
-        the sparse model of the previous pass's allocation
     :param prior: calibrated: weight of ActTail's alpha allocation blended into the calibrated one (0: calibration only)
     """
 
@@ -47,7 +45,6 @@ class Method:
     prefill: str | float = "sparse"
     greedy_step: float = DEFAULT_STEP
     prior: float = DEFAULT_PRIOR
-    passes: int = DEFAULT_PASSES
 
     def __post_init__(self):
         for field, value, allowed in (("allocation", self.allocation, ALLOCATIONS), ("mode", self.mode, MODES),
@@ -90,7 +87,7 @@ def build_block(source: SourceModel, target: float, method: Method, alphas: dict
             info.update(greedy_step=method.greedy_step, greedy_windows=calibration.greedy_windows)
         if calibrated is not None:
             info.update(curves=f"Fisher loss-increase curves ({method.mode})", curve_windows=calibration.curve_windows,
-                        passes=method.passes, acttail_prior=method.prior)
+                        acttail_prior=method.prior)
     block = sparsity_block(modules, target, method.allocation, method.estimator, method.epsilon, method.sparser,
                            method.prefill, mode=method.mode, sites=method.sites, thresholds=thresholds, calibration=info)
     return block, modules
@@ -106,11 +103,5 @@ def _calibrated(source: SourceModel, target: float, method: Method, alphas: dict
         acttail = allocate(source.projections, alphas, target, "acttail", method.epsilon, method.sparser, method.s_min,
                            method.s_max, method.sites)
         prior = {name: m.sparsity for name, m in acttail.items()}
-    sparsity = calibrated_sparsity(chosen, calibration.curves(method.mode), chosen_target, method.s_min, method.s_max,
-                                   prior, method.prior)
-    for _ in range(method.passes - 1):
-        modules = allocate(source.projections, alphas, target, "calibrated", s_min=method.s_min, s_max=method.s_max,
-                           sites=method.sites, calibrated=sparsity)
-        sparsity = calibrated_sparsity(chosen, calibration.curves(method.mode, modules), chosen_target, method.s_min,
-                                       method.s_max, prior, method.prior)
-    return sparsity
+    return calibrated_sparsity(chosen, calibration.curves(method.mode), chosen_target, method.s_min, method.s_max,
+                               prior, method.prior)
