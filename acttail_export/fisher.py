@@ -19,7 +19,7 @@ import torch
 from .allocation import keep_count
 
 # Weight of ActTail's allocation (from alpha) blended into the calibrated one; chosen in docs/RESULTS.md.
-DEFAULT_PRIOR = 0.0
+DEFAULT_PRIOR = 0.25
 
 __all__ = ["DEFAULT_PRIOR", "topk_curve", "threshold_curve", "split_budget", "calibrated_sparsity"]
 
