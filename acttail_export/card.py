@@ -173,7 +173,8 @@ def _calibration_line(block: dict) -> str:
                 + ("; thresholds calibrated on all of them" if block.get("mode") == "threshold" else ""))
     if "greedy_step" in info:
         return (f"- calibration: TEAL's block-wise greedy search (step {info['greedy_step']}) on the first "
-                f"{info['greedy_windows']} of {seen}")
+                f"{info['greedy_windows']} of {seen}"
+                + ("; thresholds calibrated on all of them" if block.get("mode") == "threshold" else ""))
     return f"- calibration: thresholds from {seen}"
 
 

@@ -146,11 +146,15 @@ def test_calibrated_allocation_meets_the_budget(smollm2, calibration, alphas, mo
 
 @pytest.mark.parametrize(("flags", "message"), [
     (("--epsilon", "auto"), "--epsilon auto needs --allocation acttail"),
-    (("--calibration-windows", "400"), "fewer than 400 windows"),
+    (("--calibration-text", "{short}"), "fewer than 8 windows x 512"),
+    (("--calibration-text", "{missing}"), "cannot read text file"),
     (("--calibration-seqlen", "100000"), "--calibration-seqlen 100000 is more than"),
 ])
 def test_bad_calibrated_options_are_one_line(smollm2, tmp_path, flags, message):
     out = tmp_path / "out"
+    short = tmp_path / "short.txt"
+    short.write_text("The Eiffel Tower is a wrought-iron lattice tower in Paris. " * 20)
+    flags = [flag.format(short=short, missing=tmp_path / "missing.txt") for flag in flags]
     result = run_cli("export", smollm2.folder, out, "--sparsity", "0.5", "--allocation", "calibrated", *flags,
                      check=False)
     assert_one_line_failure(result, message)
