@@ -58,7 +58,10 @@ class LayerwiseModel:
         try:
             config = AutoConfig.for_model(source.model_type, **settings)
             with torch.device("meta"):
-                self.model = AutoModelForCausalLM.from_config(config).eval()
+                # float32 whatever the config's dtype: the weights are read as float32 (as the whole-model path loads them)
+                self.model = AutoModelForCausalLM.from_config(config).float().eval()
+            # the backward pass wants the gradient at each layer's input only: weight gradients would double a layer
+            self.model.requires_grad_(False)
         except Exception as e:  # transformers' config checks raise several types
             raise ExportError(f"could not build {source.folder} for calibration: {type(e).__name__}: {e}") from e
         self.config = config

@@ -72,8 +72,8 @@ def test_layerwise_greedy_rows_equal_the_whole_model_search(smollm2, calibration
 
     def keep_attention(i):
         def hook(module, args, kwargs):
-            captured[i]["attention"] = lambda h: module(h, *args[1:], **kwargs) if args else \
-                module(**{**kwargs, "hidden_states": h})
+            captured[i]["attention"] = (lambda h: module(h, *args[1:], **kwargs)) if args else \
+                (lambda h: module(**{**kwargs, "hidden_states": h}))
         return hook
 
     layers = (0, 29)
