@@ -1,7 +1,8 @@
 """Per-projection sparsity under a global, parameter-weighted budget, rounded to exact TopK counts.
 
-The sparsities come from alpha (``acttail``, ``block``), are uniform, or come from TEAL's block-wise greedy rows
-(``teal-greedy``, searched in greedy.py). ``sites`` limits which projections are sparsified; the budget always counts the
+The sparsities come from alpha (``acttail``, ``block``), are uniform, come from TEAL's block-wise greedy rows
+(``teal-greedy``, searched in greedy.py), or from loss-increase curves measured on calibration text (``calibrated``,
+fisher.py). ``sites`` limits which projections are sparsified; the budget always counts the
 parameters of all seven projections, so the effective sparsity is comparable across sites.
 """
 
@@ -34,7 +35,7 @@ __all__ = [
     "allocate",
 ]
 
-ALLOCATIONS = ("acttail", "uniform", "block", "teal-greedy")
+ALLOCATIONS = ("acttail", "uniform", "block", "teal-greedy", "calibrated")
 DIRECTIONS = ("heavy-tail", "light-tail")
 # Defaults chosen from docs/RESULTS.md (SmolLM2-135M, every token sparse).
 DEFAULT_EPSILON = 0.3
@@ -192,7 +193,8 @@ def _greedy_sparsity(projections: list[Projection], rows: dict[int, list[GreedyR
 def allocate(projections: list[Projection] | tuple[Projection, ...], alphas: dict[str, float], target: float,
              method: str = "acttail", epsilon: float = DEFAULT_EPSILON, sparser: str = DEFAULT_SPARSER,
              s_min: float = 0.0, s_max: float = 0.99, sites: str = "all",
-             greedy_rows: dict[int, list[GreedyRow]] | None = None) -> dict[str, ModuleSparsity]:
+             greedy_rows: dict[int, list[GreedyRow]] | None = None,
+             calibrated: dict[str, float] | None = None) -> dict[str, ModuleSparsity]:
     """Choose each projection's TopK count so that the parameter-weighted sparsity is ``target`` (within rounding).
 
     :param alphas: Hill alpha per module name (recorded for every method; used by ``acttail`` and ``block``)
@@ -205,6 +207,8 @@ def allocate(projections: list[Projection] | tuple[Projection, ...], alphas: dic
     :param s_max: upper clip of each projection's sparsity
     :param sites: ``all`` or ``mlp`` (see SITES); the other projections keep every input, and the budget still counts them
     :param greedy_rows: for ``teal-greedy``: per layer, the rows of :func:`acttail_export.greedy.search_block`
+    :param calibrated: for ``calibrated``: each sparsified projection's sparsity (see
+        :func:`acttail_export.fisher.calibrated_sparsity`), rounded here like the others
     """
     if method not in ALLOCATIONS:
         raise ExportError(f"unknown allocation {method!r}; choose from {', '.join(ALLOCATIONS)}")
@@ -214,6 +218,8 @@ def allocate(projections: list[Projection] | tuple[Projection, ...], alphas: dic
         raise ExportError(f"epsilon must be in [0, 1], got {epsilon}")
     if method == "teal-greedy" and greedy_rows is None:
         raise ExportError("allocation teal-greedy needs the greedy rows (see acttail_export.greedy)")
+    if method == "calibrated" and calibrated is None:
+        raise ExportError("allocation calibrated needs the calibrated sparsities (see acttail_export.fisher)")
     check_bounds(target, s_min, s_max)
     projections = list(projections)
     chosen = site_projections(projections, sites)
@@ -223,6 +229,8 @@ def allocate(projections: list[Projection] | tuple[Projection, ...], alphas: dic
         sparsity = np.full(len(chosen), chosen_target)
     elif method == "teal-greedy":
         sparsity = _greedy_sparsity(chosen, greedy_rows, target, float(sum(p.params for p in projections)))
+    elif method == "calibrated":
+        sparsity = np.array([calibrated[p.name] for p in chosen])
     else:
         sparsity = _solve_linear_rule(_scores(chosen, alphas, method, sparser), params, chosen_target, epsilon, s_min, s_max)
     keep = dict(zip((p.name for p in chosen), _round_to_budget(sparsity, chosen, chosen_target, s_min, s_max)))

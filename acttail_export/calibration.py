@@ -1,20 +1,27 @@
-"""Calibration on text for TEAL's methods: the source model run on calibration windows.
+"""Calibration on text: the source model run on calibration windows, one decoder layer at a time.
 
 The threshold mode takes t_p = the s_p-quantile of |x| at projection p's input (TEAL), calibrated in one forward in
 which every earlier input is already thresholded; the teal-greedy search (greedy.py) starts from each decoder block's
-dense input, output and attention arguments on the first windows.
+dense input, output and attention arguments on the first windows; the ``calibrated`` allocation reads Fisher
+loss-increase curves from one forward and one backward pass (fisher.py).
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .allocation import SITES, GreedyRow, ModuleSparsity
 from .errors import ExportError
 from .evaluate import calibration_windows
+from .fisher import threshold_curve, topk_curve
 from .greedy import search_block
 from .kernels.topk import threshold_sparsify
+from .layerwise import LayerwiseModel
+from .modeling.projections import PROJECTION_PATHS
 from .weights import SourceModel
 
 __all__ = [
@@ -22,6 +29,8 @@ __all__ = [
     "DEFAULT_SEQLEN",
     "DEFAULT_GREEDY_WINDOWS",
     "SAMPLES_PER_INPUT",
+    "DEFAULT_CURVE_WINDOWS",
+    "threshold_hooks",
     "calibration_ids",
     "Calibration",
 ]
@@ -31,6 +40,8 @@ DEFAULT_WINDOWS = 8
 DEFAULT_SEQLEN = 512
 # The greedy search replays every block ~7 times per row: its cost is proportional to its tokens (see greedy.py).
 DEFAULT_GREEDY_WINDOWS = 1
+# The calibrated allocation's backward pass stores every layer's input: its cost and memory grow with its windows.
+DEFAULT_CURVE_WINDOWS = 2
 # |x| entries a threshold is the quantile of: from n samples the quantile's level has a standard error of about
 # sqrt(s (1 - s) / n) = 0.001 (torch.quantile refuses more than 16 M elements; 8 x 512 tokens x 1536 inputs are 6 M).
 SAMPLES_PER_INPUT = 1 << 18
@@ -49,115 +60,171 @@ def calibration_ids(source: SourceModel, text: str, windows: int, seqlen: int) -
 
 
 class Calibration:
-    """The dense source model and calibration windows, for the threshold mode and the teal-greedy search.
+    """The dense source model and calibration windows, for the threshold mode, the teal-greedy search and the
+    ``calibrated`` allocation. The model runs one decoder layer at a time (see :mod:`acttail_export.layerwise`): peak
+    memory is one layer plus the windows' activations.
 
-    :param source: the model (its safetensors folder is loaded in float32 on CPU)
+    :param source: the model (its safetensors files are read in float32 on CPU, one layer at a time)
     :param ids: ``[windows, seqlen]`` calibration token ids (see :func:`calibration_ids`)
     :param text: what the ids were cut from, for the record
     :param greedy_windows: how many of the windows the greedy search replays
     :param samples: |x| entries per input a threshold is the quantile of
+    :param curve_windows: how many of the windows the ``calibrated`` allocation's backward pass reads
     """
 
     def __init__(self, source: SourceModel, ids: torch.Tensor, text: str = "token ids",
-                 greedy_windows: int = DEFAULT_GREEDY_WINDOWS, samples: int = SAMPLES_PER_INPUT, progress: bool = True):
-        from transformers import AutoModelForCausalLM
-
+                 greedy_windows: int = DEFAULT_GREEDY_WINDOWS, samples: int = SAMPLES_PER_INPUT, progress: bool = True,
+                 curve_windows: int = DEFAULT_CURVE_WINDOWS):
         self.source, self.ids, self.text, self.samples, self.progress = source, ids, text, samples, progress
         self.greedy_windows = min(greedy_windows, len(ids))
-        try:
-            self.model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=torch.float32).eval()
-        except (OSError, ValueError) as e:
-            raise ExportError(f"could not load {source.folder} for calibration: {e}") from e
-        self.layers = sorted({p.layer for p in source.projections})
-        self.hidden: list[torch.Tensor] = []  # dense block inputs on the greedy windows, then the last block's output
-        self.attention: list = []  # per block: its self_attn called on a given normed input with the model's arguments
+        self.curve_windows = min(curve_windows, len(ids))
+        self.model = LayerwiseModel(source)
+        self.by_layer = defaultdict(list)
+        for p in source.projections:
+            self.by_layer[p.layer].append(p)
+        self.layers = sorted(self.by_layer)
         self._rows: dict[tuple, tuple[float, dict[int, list[GreedyRow]]]] = {}
+        self._curves: dict[str, dict[str, np.ndarray]] = {}
 
-    def _layer(self, layer: int) -> torch.nn.Module:
-        return self.model.get_submodule(f"model.layers.{layer}")
+    def _bar(self, desc: str):
+        return tqdm(total=len(self.model.layers), desc=desc, unit="layer", disable=None if self.progress else True)
 
     @torch.inference_mode()
     def thresholds(self, modules: dict[str, ModuleSparsity]) -> dict[str, float]:
         """t_p = the s_p-quantile of |x| at p's input over the calibration tokens (0 keeps every input).
 
-        One forward over all windows as one batch, in forward order: each input is thresholded as soon as its threshold
+        One pass over all windows as one batch, in forward order: each input is thresholded as soon as its threshold
         is known (its quantile needs every calibration token), so later thresholds see the activations the sparse model
         produces. (Quantiles of the dense model's activations,
         as TEAL took them, left SmolLM2 at 0.528 measured sparsity on held-out text for a 0.5 target.)
         """
         thresholds: dict[str, float] = {}
-        generator = torch.Generator().manual_seed(0)
-        last = {"input": None, "sorted": None}  # q/k/v (gate/up) are called with one input object: sample it once
+        hook = threshold_hooks(modules, thresholds, self.samples)
 
-        def apply(name: str, sparsity: float):
-            def hook(module, args):
-                x = args[0]
-                if last["input"] is not x:
-                    flat = x.abs().flatten()
-                    if flat.numel() > self.samples:
-                        flat = flat[torch.randint(flat.numel(), (self.samples,), generator=generator)]
-                    last.update(input=x, sorted=flat.sort().values)
-                rank = round(sparsity * len(last["sorted"]))
-                thresholds[name] = float(last["sorted"][rank - 1]) if rank > 0 else 0.0
-                return (threshold_sparsify(x, thresholds[name]),)
-            return hook
+        def hooks(i, layer):
+            return [layer.get_submodule(PROJECTION_PATHS[p.kind]).register_forward_pre_hook(hook(p.name))
+                    for p in self.by_layer[i] if p.name in modules]
 
-        hooks = [self.model.get_submodule(name).register_forward_pre_hook(apply(name, m.sparsity))
-                 for name, m in modules.items()]
-        try:
-            self.model(input_ids=self.ids, use_cache=False, logits_to_keep=1)
-        finally:
-            for hook in hooks:
-                hook.remove()
+        with self._bar("thresholds") as bar:
+            for _ in self.model.forward(self.ids, hooks):
+                bar.update()
         return thresholds
-
-    @torch.inference_mode()
-    def _capture_blocks(self) -> None:
-        """Each block's dense input and self_attn call on the greedy windows, and the last block's output."""
-        def keep_block_input(module, args, kwargs):
-            self.hidden.append(args[0] if args else kwargs["hidden_states"])
-
-        def keep_block_output(module, args, kwargs, output):
-            self.hidden.append(output[0] if isinstance(output, tuple) else output)
-
-        def keep_attention_call(module, args, kwargs):
-            self.attention.append(_replay(module, args, kwargs))
-
-        hooks = []
-        for layer in self.layers:
-            hooks.append(self._layer(layer).register_forward_pre_hook(keep_block_input, with_kwargs=True))
-            hooks.append(self._layer(layer).self_attn.register_forward_pre_hook(keep_attention_call, with_kwargs=True))
-        hooks.append(self._layer(self.layers[-1]).register_forward_hook(keep_block_output, with_kwargs=True))
-        try:
-            self.model(input_ids=self.ids[:self.greedy_windows], use_cache=False, logits_to_keep=1)
-        finally:
-            for hook in hooks:
-                hook.remove()
 
     def greedy_rows(self, sites: str, step: float, up_to: float, s_min: float = 0.0,
                     s_max: float = 0.99) -> dict[int, list[GreedyRow]]:
-        """Each block's teal-greedy rows (see :func:`acttail_export.greedy.search_block`), searched once per setting.
+        """Each block's teal-greedy rows (see :func:`acttail_export.greedy.search_block`), searched once per setting,
+        from each block's dense input, output and attention call on the first ``greedy_windows`` windows.
 
         Rows do not depend on how far the search goes, so a search up to a higher ``up_to`` serves every lower one.
         """
         key = (sites, step, s_min, s_max)
         if key in self._rows and self._rows[key][0] >= up_to:
             return self._rows[key][1]
-        if not self.hidden:
-            self._capture_blocks()
-        by_layer = {layer: [p for p in self.source.projections if p.layer == layer] for layer in self.layers}
+        calls = {}
+
+        def keep_attention_call(i, layer):
+            def hook(module, args, kwargs):
+                calls[i] = _replay(module, args, kwargs)
+            return [layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True)]
+
         rows = {}
-        for i, layer in enumerate(tqdm(self.layers, desc="teal-greedy", unit="block", disable=None if self.progress else True)):
-            rows[layer] = search_block(self._layer(layer), by_layer[layer], self.hidden[i], self.attention[i],
-                                       self.hidden[i + 1], SITES[sites], step, up_to, s_min, s_max)
+        with self._bar("teal-greedy") as bar:
+            for i, layer, hidden, out in self.model.forward(self.ids[:self.greedy_windows], keep_attention_call):
+                if i in self.by_layer:
+                    rows[i] = search_block(layer, self.by_layer[i], hidden, calls[i], out, SITES[sites], step, up_to,
+                                           s_min, s_max)
+                bar.update()
         self._rows[key] = (up_to, rows)
         return rows
+
+    def curves(self, mode: str) -> dict[str, np.ndarray]:
+        """Per projection, the Fisher loss-increase curve C_p(j) over j = 0 ... d_in dropped inputs (see
+        :mod:`acttail_export.fisher`), from one forward and one backward pass of the dense model over the first
+        ``curve_windows`` windows (memoized per mode).
+
+        The backward pass goes one layer at a time: each layer is recomputed from its stored input with autograd and
+        hands the gradient at its input to the layer before. (Reading the curves again around the sparse model of the
+        first allocation and splitting anew made SmolLM2 at 50% worse: 32.25 -> 36.39, docs/RESULTS.md.)
+        """
+        if mode in self._curves:
+            return self._curves[mode]
+        ids = self.ids[:self.curve_windows]
+        inputs = []
+        with self._bar("calibrated: forward") as bar:
+            for _, _, hidden, out in self.model.forward(ids):
+                inputs.append(hidden)  # [B, T, d] per layer: what the backward pass recomputes each layer from
+                bar.update()
+        _, grad = self.model.loss_gradient(out, ids)
+        del out
+        curve = topk_curve if mode == "topk" else threshold_curve
+        curves = {}
+        with self._bar("calibrated: backward") as bar:
+            for i in reversed(range(len(inputs))):
+                with self.model.loaded(f"model.layers.{i}") as layer:
+                    seen, grads = {}, {}
+                    handles = [h for p in self.by_layer[i] for h in _watch(_linear(layer, p), p.name, seen, grads)]
+                    hidden = inputs.pop().requires_grad_()
+                    try:
+                        with torch.enable_grad():
+                            self.model.run(layer, hidden, self.model.calls[i]).backward(grad)
+                    finally:
+                        for handle in handles:
+                            handle.remove()
+                    grad = hidden.grad
+                    with torch.no_grad():
+                        for p in self.by_layer[i]:
+                            u = grads[p.name].flatten(0, -2) @ _linear(layer, p).weight  # the gradient at p's input
+                            curves[p.name] = curve(seen[p.name].flatten(0, -2), u)
+                bar.update()
+        self._curves[mode] = curves
+        return curves
 
     @property
     def info(self) -> dict:
         """What the calibration saw, for the config block and the card."""
         windows, seqlen = self.ids.shape
         return {"text": self.text, "windows": windows, "seqlen": seqlen}
+
+
+def threshold_hooks(modules: dict[str, ModuleSparsity], thresholds: dict[str, float], samples: int):
+    """Forward pre-hook factory of the threshold calibration: the hook of module ``name`` sets ``thresholds[name]`` to
+    the s-quantile of |x| at its input and thresholds the input. Hooks must run in forward order, all windows at once.
+
+    :param samples: |x| entries the quantile is taken over (a seeded random subset when there are more)
+    """
+    generator = torch.Generator().manual_seed(0)
+    last = {"input": None, "sorted": None}  # q/k/v (gate/up) are called with one input object: sample it once
+
+    def make(name: str):
+        sparsity = modules[name].sparsity
+
+        def hook(module, args):
+            x = args[0]
+            if last["input"] is not x:
+                flat = x.abs().flatten()
+                if flat.numel() > samples:
+                    flat = flat[torch.randint(flat.numel(), (samples,), generator=generator)]
+                last.update(input=x, sorted=flat.sort().values)
+            rank = round(sparsity * len(last["sorted"]))
+            thresholds[name] = float(last["sorted"][rank - 1]) if rank > 0 else 0.0
+            return (threshold_sparsify(x, thresholds[name]),)
+        return hook
+    return make
+
+
+def _linear(layer: torch.nn.Module, p) -> torch.nn.Module:
+    return layer.get_submodule(PROJECTION_PATHS[p.kind])
+
+
+def _watch(linear: torch.nn.Module, name: str, inputs: dict, grads: dict) -> list:
+    """Hooks that keep a projection's input and, once backward reaches it, the loss gradient at its output."""
+    def keep_input(module, args):
+        inputs[name] = args[0].detach()
+
+    def keep_grad(module, args, output):
+        output.register_hook(lambda g: grads.__setitem__(name, g))
+
+    return [linear.register_forward_pre_hook(keep_input), linear.register_forward_hook(keep_grad)]
 
 
 def _replay(module: torch.nn.Module, args: tuple, kwargs: dict):

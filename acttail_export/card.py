@@ -122,7 +122,7 @@ def _readme(facts: CardFacts, block: dict, modules: dict[str, ModuleSparsity]) -
         f"- allocation `{block['method']}`, estimator `{block['estimator']}`, epsilon {block['epsilon']}, "
         f"sparser `{block['sparser']}`, prefill `{block['prefill']}`, sites `{block.get('sites', 'all')}`",
         *([_THRESHOLD_MODE] if by_threshold else []),
-        *([f"- calibration: {block['calibration']}"] if "calibration" in block else []),
+        *([_calibration_line(block)] if "calibration" in block else []),
         *_perplexity_lines(facts.perplexity, block),
         "",
         *_tuning_section(block.get("tuning")),
@@ -158,6 +158,24 @@ def _readme(facts: CardFacts, block: dict, modules: dict[str, ModuleSparsity]) -
         *rows,
         "",
     ])
+
+
+def _calibration_line(block: dict) -> str:
+    """How the allocation (and thresholds) were calibrated: method, text, windows."""
+    info = block["calibration"]
+    seen = f"{info['windows']} windows x {info['seqlen']} tokens from the end of {info['text']}"
+    if "curve_windows" in info:
+        prior = info.get("acttail_prior", 0)
+        return (f"- calibration: allocation `calibrated`: per projection, a Fisher estimate of the loss increase at "
+                f"each sparsity ({info['curves']}), from one forward and one backward pass over the first "
+                f"{info['curve_windows']} of {seen}, the budget split where every projection's marginal cost per "
+                f"skipped weight is equal" + (f", blended with ActTail's alpha allocation (weight {prior})" if prior else "")
+                + ("; thresholds calibrated on all of them" if block.get("mode") == "threshold" else ""))
+    if "greedy_step" in info:
+        return (f"- calibration: TEAL's block-wise greedy search (step {info['greedy_step']}) on the first "
+                f"{info['greedy_windows']} of {seen}"
+                + ("; thresholds calibrated on all of them" if block.get("mode") == "threshold" else ""))
+    return f"- calibration: thresholds from {seen}"
 
 
 def _perplexity_lines(perplexity: dict | None, block: dict) -> list[str]:

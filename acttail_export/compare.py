@@ -34,6 +34,10 @@ METHODS: dict[str, Method | str] = {
     "teal": Method("teal-greedy", "threshold"),  # TEAL as published: greedy allocation, calibrated thresholds
     "teal-uniform": Method("uniform", "threshold"),  # TEAL's thresholds without its allocation
     "ffn-only": Method("uniform", "threshold", sites="mlp"),  # Dhar et al.: percentile thresholds, FFN inputs only
+    "calibrated": Method("calibrated"),  # Fisher loss-increase curves from one backward pass (fisher.py), TopK counts
+    "calibrated-threshold": Method("calibrated", "threshold"),  # the same on threshold curves, calibrated thresholds
+    "calibrated-no-alpha": Method("calibrated", prior=0.0),  # ablations: the curves alone, without ActTail's alpha
+    "calibrated-threshold-no-alpha": Method("calibrated", "threshold", prior=0.0),
 }
 
 
@@ -110,26 +114,41 @@ def write_csv(results: list[Result], path: Path) -> None:
 
 
 def plot_results(results: list[Result], path: Path, title: str) -> None:
-    """Perplexity against target sparsity (log scale), one line per method, one panel per prefill policy."""
+    """Per prefill policy, perplexity against target sparsity (log scale), one line per method; below it, when
+    ``uniform`` was measured, each method's perplexity as a ratio to uniform's at the same sparsity (one line no longer
+    squeezes the others)."""
     from matplotlib.figure import Figure
 
     prefills = list(dict.fromkeys(r.prefill for r in results))
-    fig = Figure(figsize=(6 * len(prefills), 4.5))
-    axes = fig.subplots(1, len(prefills), squeeze=False)[0]
-    for ax, prefill in zip(axes, prefills):
+    uniform = {(r.prefill, r.sparsity): r.perplexity for r in results if r.method == "uniform"}
+    views = 2 if uniform else 1
+    fig = Figure(figsize=(6 * len(prefills), 4.5 * views))
+    axes = fig.subplots(views, len(prefills), squeeze=False)
+    for column, prefill in enumerate(prefills):
         rows = [r for r in results if r.prefill == prefill]
+        ax = axes[0][column]
         for method in dict.fromkeys(r.method for r in rows):
             points = sorted((r.sparsity, r.perplexity) for r in rows if r.method == method)
             if method == "dense":
                 ax.axhline(points[0][1], color="black", linestyle="--", linewidth=1, label="dense")
             else:
                 ax.plot(*zip(*points), marker="o", label=method)
-        ax.set_yscale("log")
-        ax.set_xlabel("target sparsity (fraction of projection weights skipped)")
         ax.set_ylabel("token perplexity")
-        ax.set_title(f"prefill {prefill}")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        if views == 2:
+            ratio = axes[1][column]
+            for method in dict.fromkeys(r.method for r in rows if r.method != "dense"):
+                points = sorted((r.sparsity, r.perplexity / uniform[prefill, r.sparsity]) for r in rows
+                                if r.method == method and (prefill, r.sparsity) in uniform)
+                if points:
+                    ratio.plot(*zip(*points), marker="o", label=method)
+            ratio.axhline(1.0, color="black", linewidth=1)
+            ratio.set_ylabel("perplexity / uniform's")
+        for ax in axes[:, column]:
+            ax.set_yscale("log")
+            ax.set_xlabel("target sparsity (fraction of projection weights skipped)")
+            ax.set_title(f"prefill {prefill}")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -7,6 +7,12 @@ one forward pass.
 
     python benchmarks/bench_export_7b.py                      # generate (once), export cold, re-export cached, load
     python benchmarks/bench_export_7b.py --skip-load --keep   # keep the 13 GB input and output for another run
+    python benchmarks/bench_export_7b.py --allocation calibrated --layers 4 --skip-load   # calibrated, layer by layer
+
+Calibration (``--allocation calibrated`` or ``teal-greedy``, ``--mode threshold``) tokenizes text, so those runs give the
+model SmolLM2-135M's tokenizer and its vocabulary (49152 rows of embeddings and lm_head instead of 32000: a larger head
+than Llama-2-7B's, so the memory measured is an upper bound). ``--layers`` keeps the first N of the 32 decoder layers:
+calibration holds one layer at a time, so its peak memory does not depend on N, its time grows linearly with it.
 """
 
 from __future__ import annotations
@@ -46,14 +52,15 @@ def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def generate_model(folder: Path) -> None:
-    """Random bf16 weights (std 0.02, norms 1) in shards with a model.safetensors.index.json, written shard by shard."""
+def generate_model(folder: Path, config: dict = LLAMA2_7B, tokenizer: Path | None = None) -> None:
+    """Random bf16 weights (std 0.02, norms 1) in shards with a model.safetensors.index.json, written shard by shard;
+    ``tokenizer``: a folder whose tokenizer files are copied beside them."""
     if (folder / "model.safetensors.index.json").is_file():
         return
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    shapes = tensor_shapes(LLAMA2_7B)
+    shapes = tensor_shapes(config)
     groups, current, size = [], [], 0
     for name, shape in shapes.items():
         nbytes = 2 * torch.Size(shape).numel()
@@ -76,7 +83,10 @@ def generate_model(folder: Path) -> None:
     total = sum(2 * torch.Size(s).numel() for s in shapes.values())
     (tmp / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    (tmp / "config.json").write_text(json.dumps(LLAMA2_7B, indent=2))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if tokenizer is not None:
+            shutil.copy(tokenizer / name, tmp / name)
     tmp.rename(folder)
 
 
@@ -120,19 +130,34 @@ def main() -> None:
     parser.add_argument("--resparsity", type=float, default=0.7, help="Sparsity of the re-export from cached spectra.")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--skip-load", action="store_true", help="Skip the device_map='auto' load check.")
+    parser.add_argument("--allocation", default="acttail", help="export --allocation (calibrated: see above).")
+    parser.add_argument("--mode", default="topk", help="export --mode.")
+    parser.add_argument("--layers", type=int, default=32, help="Decoder layers kept of Llama-2-7B's 32.")
     parser.add_argument("--keep", action="store_true", help="Keep the generated model and the export.")
     args = parser.parse_args()
 
     cli = str(Path(sys.executable).with_name("acttail-export"))
+    config, tokenizer = {**LLAMA2_7B, "num_hidden_layers": args.layers}, None
+    calibrates = args.allocation in ("calibrated", "teal-greedy") or args.mode == "threshold"
+    if calibrates:
+        from acttail_export.weights import resolve_model
+
+        tokenizer = resolve_model(None).folder  # SmolLM2-135M's, with its vocabulary
+        config |= {"vocab_size": 49152, "bos_token_id": 1, "eos_token_id": 2}
+    if config != LLAMA2_7B:
+        args.model_dir = args.model_dir.with_name(f"{args.model_dir.name}-{args.layers}l-vocab{config['vocab_size']}")
     print(f"generating {args.model_dir} (once)", flush=True)
-    generate_model(args.model_dir)
+    generate_model(args.model_dir, config, tokenizer)
     rows = []
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "ACTTAIL_CACHE": cache}  # a cold spectra cache for the first export
-        base = [cli, "export", str(args.model_dir), str(args.out), "--device", args.device, "--overwrite"]
+        base = [cli, "export", str(args.model_dir), str(args.out), "--device", args.device, "--overwrite",
+                "--allocation", args.allocation, "--mode", args.mode]
         runs = (("cold (spectra computed)", args.sparsity, []),
                 ("re-export (cached spectra)", args.resparsity, []),
                 ("re-export, cached, --link-weights", args.resparsity, ["--link-weights"]))
+        if calibrates:  # every export calibrates again; the copy of the weights is measured above
+            runs = (runs[0], runs[2])
         for label, sparsity, extra in runs:
             print(f"export: {label}", flush=True)
             wall, rss, stdout = run_measured([*base, "--sparsity", str(sparsity), *extra], env)
@@ -143,8 +168,9 @@ def main() -> None:
         wall, rss, stdout = run_measured([sys.executable, "-c", LOAD_CHECK, str(args.out)], dict(os.environ))
         rows.append(("load device_map=auto bf16 + forward", args.resparsity, wall, "-", rss))
         print(stdout.strip())
-    print(f"\nLlama-2-7B-shaped ({sum(torch.Size(s).numel() for s in tensor_shapes(LLAMA2_7B).values()) / 1e9:.2f} B "
-          f"parameters, bf16), {os.cpu_count()} CPUs, spectra on {args.device}")
+    print(f"\nLlama-2-7B-shaped, {args.layers} layers, vocabulary {config['vocab_size']} "
+          f"({sum(torch.Size(s).numel() for s in tensor_shapes(config).values()) / 1e9:.2f} B parameters, bf16), "
+          f"{os.cpu_count()} CPUs, spectra on {args.device}, --allocation {args.allocation} --mode {args.mode}")
     print(f"| {'step':38s} | sparsity | wall s | spectra s | peak RSS GiB |")
     print(f"|{'-' * 40}|---------:|-------:|----------:|-------------:|")
     for label, sparsity, wall, spectra, rss in rows:

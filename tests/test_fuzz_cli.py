@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from acttail_export.compare import METHODS as COMPARE_METHODS
 from acttail_export.modeling.activation_sparsity import validate_activation_sparsity
 from conftest import invoke_cli
 from test_safety import assert_fails, digest
@@ -67,7 +68,7 @@ BAD_EXPORT = {
     "--calibration-windows": not_int_from(1),
     "--calibration-seqlen": not_int_from(2),
     "--greedy-windows": not_int_from(1),
-    "--allocation": not_one_of("acttail", "uniform", "block", "teal-greedy"),
+    "--allocation": not_one_of("acttail", "uniform", "block", "teal-greedy", "calibrated"),
     "--mode": not_one_of("topk", "threshold"),
     "--sites": not_one_of("all", "mlp"),
     "--estimator": not_one_of("mid", "peak", "ks"),
@@ -93,8 +94,7 @@ BAD_OTHER = {
     "compare": {"--sparsity": TEXT.filter(lambda t: not all(_is_float(v, lambda s: 0 < s < 1) for v in t.split(",")
                                                             if v.strip()) or not t.strip(", ")),
                 "--methods": TEXT.filter(lambda t: t.strip(", ") == "" or any(
-                    v.strip() not in ("dense", "uniform", "block", "acttail", "auto", "teal-greedy", "teal",
-                                      "teal-uniform", "ffn-only") for v in t.split(",") if v.strip())),
+                    v.strip() not in COMPARE_METHODS for v in t.split(",") if v.strip())),
                 "--prefill": not_number_in(lambda f: 0 < f <= 1).filter(lambda t: t not in ("sparse", "dense")
                                                                          and "," not in t),
                 "--windows": not_int_from(1), "--seqlen": not_int_from(2)},

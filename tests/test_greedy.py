@@ -71,9 +71,25 @@ def test_mlp_sites_leave_attention_dense_and_meet_the_budget(tiny, allocation):
 def test_search_makes_the_choices_of_a_plain_greedy(tiny):
     """The search caches and replays parts of the block; a plain greedy runs the whole model (layer 0 sparsified through
     hooks) for every candidate and reads layer 0's output. Both must raise the same projections in the same order."""
+    from transformers import AutoModelForCausalLM
+
     source, calibration = tiny
-    calibration.greedy_rows("all", 0.05, up_to=0.9)  # captures the blocks' dense inputs and attention calls (memoized)
-    model, ids = calibration.model, calibration.ids
+    model, ids = AutoModelForCausalLM.from_pretrained(source.folder, dtype=torch.float32).eval(), calibration.ids
+    captured = {}
+
+    def keep_attention_call(module, args, kwargs):  # the call the model makes, replayed on another normed input
+        captured["attention"] = (lambda h: module(h, *args[1:], **kwargs)) if args else \
+            (lambda h: module(**{**kwargs, "hidden_states": h}))
+
+    def keep_input(module, args, kwargs):
+        captured["x"] = args[0] if args else kwargs["hidden_states"]
+
+    handles = [model.model.layers[0].register_forward_pre_hook(keep_input, with_kwargs=True),
+               model.model.layers[0].self_attn.register_forward_pre_hook(keep_attention_call, with_kwargs=True)]
+    with torch.inference_mode():
+        model(ids, use_cache=False)  # a cache in the recorded arguments would grow with every replay
+    for handle in handles:
+        handle.remove()
     projections = [p for p in source.projections if p.layer == 0]
     linears = {p.kind: model.get_submodule(p.name) for p in projections}
     shares = block_shares(projections)
@@ -103,8 +119,8 @@ def test_search_makes_the_choices_of_a_plain_greedy(tiny):
         sparsity[best] = min(sparsity[best] + step / shares[best], 0.99)
         plain.append(best)
 
-    rows = search_block(model.get_submodule("model.layers.0"), projections, calibration.hidden[0],
-                        calibration.attention[0], dense, PROJECTION_KINDS, step, up_to=step * rounds - 1e-9)
+    rows = search_block(model.get_submodule("model.layers.0"), projections, captured["x"], captured["attention"], dense,
+                        PROJECTION_KINDS, step, up_to=step * rounds - 1e-9)
     raised = [next(k for k in PROJECTION_KINDS if after.sparsity[k] > before.sparsity[k])
               for before, after in zip(rows, rows[1:])]
     assert raised == plain

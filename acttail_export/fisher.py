@@ -1,0 +1,113 @@
+"""The ``calibrated`` allocation: per projection, a Fisher estimate of the loss increase as a function of its sparsity,
+from one forward and one backward pass over calibration windows; the budget is split where every projection's marginal
+cost per skipped parameter is equal (a Lagrangian over those curves).
+
+For projection p with input x_t (token t), weight W_p and loss gradient g_t at p's output, dropping the inputs D_t
+changes the output by -W_p[:, D_t] x_t[D_t], and the loss, to first order, by -(u_t . x_t restricted to D_t) with
+u_t = W_p^T g_t (the gradient at p's input). The Fisher estimate of the loss increase is
+C_p(j) = sum_t (sum_{i in D_t(j)} u_ti x_ti)^2, with D_t(j) the j inputs TopK drops (the j smallest |x_ti| of token t)
+or, in threshold mode, those under the global j / d_in quantile of |x|. Both curves come out at every j at once from
+one sort and one cumulative sum per projection. (The curves of the relative output error ||W (x - x_kept)||^2 / ||W x||^2
+alone gave an allocation worse than uniform: the loss gradient is what makes them comparable across projections.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .allocation import keep_count
+
+# Weight of ActTail's allocation (from alpha) blended into the calibrated one; chosen in docs/RESULTS.md.
+DEFAULT_PRIOR = 0.25
+
+__all__ = ["DEFAULT_PRIOR", "topk_curve", "threshold_curve", "split_budget", "calibrated_sparsity"]
+
+
+def topk_curve(x: torch.Tensor, u: torch.Tensor) -> np.ndarray:
+    """C(j) for j = 0 ... d_in dropped inputs per token under TopK.
+
+    :param x: the projection's input ``[tokens, d_in]``
+    :param u: the loss gradient at its input, W^T g, ``[tokens, d_in]``
+    """
+    order = x.abs().argsort(dim=-1, stable=True)  # ascending |x|: TopK drops a prefix of this order
+    dropped = (u * x).gather(-1, order).double().cumsum(-1)  # [tokens, d_in]: the first-order loss change
+    return np.concatenate([[0.0], dropped.pow(2).sum(0).numpy()])
+
+
+def threshold_curve(x: torch.Tensor, u: torch.Tensor) -> np.ndarray:
+    """C(j) for j = 0 ... d_in, where level j drops the j / d_in fraction of smallest |x| over all tokens (a threshold).
+
+    :param x: the projection's input ``[tokens, d_in]``
+    :param u: the loss gradient at its input, ``[tokens, d_in]``
+    """
+    tokens, d_in = x.shape
+    rank = torch.empty(x.numel(), dtype=torch.long)
+    rank[x.abs().flatten().argsort(stable=True)] = torch.arange(x.numel())
+    # the entry of global rank r is dropped from level r // tokens + 1 on (level j drops the j * tokens smallest)
+    level = (rank // tokens + 1).view(tokens, d_in)
+    per_level = torch.zeros(tokens, d_in + 2, dtype=torch.float64).scatter_add_(-1, level, (u * x).double())
+    dropped = per_level[:, :d_in + 1].cumsum(-1)
+    return dropped.pow(2).sum(0).numpy()
+
+
+def _choice(curves: list[np.ndarray], weights: np.ndarray, lo: np.ndarray, hi: np.ndarray, lam: float) -> np.ndarray:
+    """Each curve's j in [lo, hi] minimising C(j) - lam * weight * j."""
+    return np.array([lo_p + int(np.argmin(c[lo_p:hi_p + 1] - lam * w * np.arange(lo_p, hi_p + 1)))
+                     for c, w, lo_p, hi_p in zip(curves, weights, lo, hi)])
+
+
+def split_budget(curves: list[np.ndarray], weights: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                 target: float) -> np.ndarray:
+    """Dropped counts j_p minimising sum_p C_p(j_p) with sum_p weights_p j_p = ``target`` (to within one count).
+
+    A multiplier lam prices a skipped parameter; each curve then takes its j where its marginal cost is lam (on the
+    curve's lower convex hull). lam is bisected; the projections whose choice changes inside the last interval are
+    moved, cheapest marginal cost first, until the budget is met.
+
+    :param curves: C_p over j = 0 ... d_in
+    :param weights: parameters skipped per dropped input (d_out of p)
+    :param lo: fewest dropped inputs of p (from the max keep); ``hi`` the most
+    :param target: parameters to skip
+    """
+    scale = max(float(max(c[-1] for c in curves)), 1e-30) / float(weights.min())
+    low, high = 0.0, scale  # at lam = scale every curve is better off at its hi (the cost is below lam * weight * j)
+    for _ in range(100):
+        mid = (low + high) / 2
+        if float(weights @ _choice(curves, weights, lo, hi, mid)) < target:
+            low = mid
+        else:
+            high = mid
+    chosen = _choice(curves, weights, lo, hi, low)
+    upper = _choice(curves, weights, lo, hi, high)
+    need = target - float(weights @ chosen)
+    # between the two multipliers some curves jump; fill the gap with those jumps, the cheapest per parameter first
+    moving = [p for p in range(len(curves)) if upper[p] > chosen[p]]
+    moving.sort(key=lambda p: (curves[p][upper[p]] - curves[p][chosen[p]]) / (weights[p] * (upper[p] - chosen[p])))
+    for p in moving:
+        if need <= 0:
+            break
+        step = min(upper[p] - chosen[p], int(round(need / weights[p])))
+        chosen[p] += step
+        need -= step * weights[p]
+    return chosen
+
+
+def calibrated_sparsity(projections, curves: dict[str, np.ndarray], target: float, s_min: float, s_max: float,
+                        prior: dict[str, float] | None = None, prior_weight: float = 0.0) -> dict[str, float]:
+    """Each projection's sparsity from its curve, so that the parameter-weighted mean is ``target``.
+
+    :param projections: the sparsified projections
+    :param curves: C_p over j = 0 ... d_in dropped inputs
+    :param target: their mean sparsity (weighted by parameters)
+    :param prior: another allocation of the same budget (ActTail's, from alpha), blended in with ``prior_weight``
+    """
+    d_in = np.array([p.in_features for p in projections])
+    weights = np.array([float(p.out_features) for p in projections])
+    lo = np.array([d - keep_count(s_min, d) for d in d_in])
+    hi = np.array([d - keep_count(s_max, d) for d in d_in])
+    dropped = split_budget([curves[p.name] for p in projections], weights, lo, hi, target * float(weights @ d_in))
+    sparsity = dropped / d_in
+    if prior is not None and prior_weight > 0:
+        sparsity = (1 - prior_weight) * sparsity + prior_weight * np.array([prior[p.name] for p in projections])
+    return {p.name: float(s) for p, s in zip(projections, sparsity)}

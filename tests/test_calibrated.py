@@ -1,0 +1,184 @@
+"""Layer-by-layer calibration and the ``calibrated`` allocation: the layer-by-layer pass equals the whole-model pass on
+SmolLM2, the Fisher curves equal their definition, the budget split is optimal and exact, and a CLI export loads through
+the real transformers loader."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from acttail_export.allocation import BUDGET_TOLERANCE, allocate, effective_sparsity
+from acttail_export.calibration import SAMPLES_PER_INPUT, Calibration, calibration_ids, threshold_hooks
+from acttail_export.fisher import split_budget, threshold_curve, topk_curve
+from acttail_export.greedy import search_block
+from acttail_export.kernels.topk import topk_sparsify
+from acttail_export.methods import Method, build_block
+from conftest import read_block, run_cli, run_fresh_json
+from test_cli_errors import assert_one_line_failure
+
+SEQLEN = 128
+
+
+@pytest.fixture(scope="module")
+def calibration(smollm2, wiki_text):
+    """Two calibration windows of 128 tokens from the end of the bundled text, run layer by layer."""
+    return Calibration(smollm2, calibration_ids(smollm2, wiki_text, 2, SEQLEN), "bundled Wikipedia text", progress=False)
+
+
+@pytest.fixture(scope="module")
+def whole_model(smollm2):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(smollm2.folder, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def alphas(smollm2):
+    from acttail_export.spectra import estimator_alphas
+
+    return estimator_alphas(smollm2, ("mid",), log=lambda line: None)["mid"]
+
+
+def test_layerwise_thresholds_equal_the_whole_model_pass(smollm2, calibration, whole_model, alphas):
+    modules = allocate(smollm2.projections, alphas, 0.5)
+    expected = {}
+    hook = threshold_hooks(modules, expected, SAMPLES_PER_INPUT)
+    handles = [whole_model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in modules]
+    try:
+        with torch.inference_mode():
+            whole_model(input_ids=calibration.ids, use_cache=False, logits_to_keep=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(expected) == 210 and all(t > 0 for t in expected.values())
+    assert calibration.thresholds(modules) == expected  # bit for bit: the same operations on the same batch
+
+
+def test_layerwise_greedy_rows_equal_the_whole_model_search(smollm2, calibration, whole_model):
+    rows = calibration.greedy_rows("all", 0.1, 0.5)
+    assert sorted(rows) == list(range(30))
+    captured = {}
+
+    def keep(i):
+        def hook(module, args, kwargs):
+            captured.setdefault(i, {})["in"] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    def keep_out(i):
+        def hook(module, args, kwargs, output):
+            captured[i]["out"] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def keep_attention(i):
+        def hook(module, args, kwargs):
+            captured[i]["attention"] = (lambda h: module(h, *args[1:], **kwargs)) if args else \
+                (lambda h: module(**{**kwargs, "hidden_states": h}))
+        return hook
+
+    layers = (0, 29)
+    handles = []
+    for i in layers:
+        layer = whole_model.model.layers[i]
+        handles += [layer.register_forward_pre_hook(keep(i), with_kwargs=True),
+                    layer.register_forward_hook(keep_out(i), with_kwargs=True),
+                    layer.self_attn.register_forward_pre_hook(keep_attention(i), with_kwargs=True)]
+    try:
+        with torch.inference_mode():
+            whole_model(input_ids=calibration.ids[:1], use_cache=False, logits_to_keep=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for i in layers:
+        projections = [p for p in smollm2.projections if p.layer == i]
+        expected = search_block(whole_model.model.layers[i], projections, captured[i]["in"], captured[i]["attention"],
+                                captured[i]["out"], ("q", "k", "v", "o", "gate", "up", "down"), 0.1, 0.5)
+        assert rows[i] == expected, i
+
+
+@pytest.mark.parametrize("shape", [(7, 16), (33, 40)])
+def test_curves_equal_their_definition(shape):
+    """C(j) = sum_t (u_t . (x_t - x_t kept))^2, with TopK or the global |x| quantile deciding what is kept."""
+    generator = torch.Generator().manual_seed(sum(shape))
+    x, u = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+    tokens, d_in = shape
+    topk, threshold = topk_curve(x, u), threshold_curve(x, u)
+    assert topk.shape == threshold.shape == (d_in + 1,)
+    flat = x.abs().flatten().sort().values
+    for j in range(d_in + 1):
+        dropped = x - topk_sparsify(x, d_in - j) if j < d_in else x
+        assert topk[j] == pytest.approx(float(((u * dropped).sum(-1).double() ** 2).sum()), rel=1e-5, abs=1e-6)
+        below = x.abs() <= flat[j * tokens - 1] if j else torch.zeros_like(x, dtype=torch.bool)
+        expected = float(((u * x * below).sum(-1).double() ** 2).sum())
+        assert threshold[j] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_split_budget_is_optimal_on_convex_curves():
+    """On convex curves the marginal-cost split equals the greedy allocation, one unit at a time (optimal there)."""
+    rng = np.random.default_rng(0)
+    sizes = [12, 20, 9, 30]
+    # increasing increments: convex curves from C(0) = 0
+    curves = [np.concatenate([[0.0], np.cumsum(np.sort(rng.exponential(size=n)))]) for n in sizes]
+    weights = np.array([3.0, 1.0, 2.0, 1.0])
+    lo, hi = np.zeros(4, dtype=int), np.array(sizes) - 1
+    for target in (10.0, 25.0, 41.0):
+        chosen = split_budget(curves, weights, lo, hi, target)
+        assert abs(float(weights @ chosen) - target) <= weights.max()
+        greedy = np.zeros(4, dtype=int)
+        while float(weights @ greedy) < float(weights @ chosen):
+            marginal = [(curves[p][greedy[p] + 1] - curves[p][greedy[p]]) / weights[p] if greedy[p] < hi[p] else np.inf
+                        for p in range(4)]
+            greedy[int(np.argmin(marginal))] += 1
+        cost = sum(c[j] for c, j in zip(curves, chosen))
+        assert cost <= sum(c[j] for c, j in zip(curves, greedy)) + 1e-9
+
+
+@pytest.mark.parametrize(("mode", "targets"), [("topk", (0.3, 0.5, 0.7)), ("threshold", (0.5,))])
+def test_calibrated_allocation_meets_the_budget(smollm2, calibration, alphas, mode, targets):
+    for target in targets:  # threshold mode calibrates thresholds per target: one is enough
+        block, modules = build_block(smollm2, target, Method("calibrated", mode), alphas, calibration)
+        assert abs(effective_sparsity(modules) - target) <= BUDGET_TOLERANCE
+        sparsities = [m.sparsity for m in modules.values()]
+        assert max(sparsities) - min(sparsities) > 0.2  # the curves move the budget between projections
+        assert block["calibration"]["curve_windows"] == 2
+        assert (block["mode"] == "threshold") == (mode == "threshold")
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (("--epsilon", "auto"), "--epsilon auto needs --allocation acttail"),
+    (("--calibration-text", "{short}"), "fewer than 8 windows x 512"),
+    (("--calibration-text", "{missing}"), "cannot read text file"),
+    (("--calibration-seqlen", "100000"), "--calibration-seqlen 100000 is more than"),
+])
+def test_bad_calibrated_options_are_one_line(smollm2, tmp_path, flags, message):
+    out = tmp_path / "out"
+    short = tmp_path / "short.txt"
+    short.write_text("The Eiffel Tower is a wrought-iron lattice tower in Paris. " * 20)
+    flags = [flag.format(short=short, missing=tmp_path / "missing.txt") for flag in flags]
+    result = run_cli("export", smollm2.folder, out, "--sparsity", "0.5", "--allocation", "calibrated", *flags,
+                     check=False)
+    assert_one_line_failure(result, message)
+    assert not out.exists()
+
+
+def test_calibrated_export_loads_in_a_fresh_process(smollm2, tmp_path):
+    out = tmp_path / "calibrated"
+    run_cli("export", smollm2.folder, out, "--sparsity", "0.5", "--allocation", "calibrated", "--calibration-windows",
+            "1", "--calibration-seqlen", SEQLEN, "--link-weights")
+    block = read_block(out)
+    assert block["method"] == "calibrated" and abs(block["effective_sparsity"] - 0.5) <= BUDGET_TOLERANCE
+    assert "Fisher estimate of the loss increase" in (out / "README.md").read_text()
+    report = run_fresh_json(f"""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        path = {str(out)!r}
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+        keeps = {{name: m.keep for name, m in model.topk_modules().items()}}
+        ids = tok("The Eiffel Tower is a wrought-iron lattice tower in Paris, France.", return_tensors="pt")
+        with torch.inference_mode():
+            loss = float(model(**ids, labels=ids["input_ids"]).loss)
+        report(keeps=keeps, loss=loss)
+    """, tmp_path)
+    assert report["keeps"] == {name: spec["keep"] for name, spec in block["modules"].items()}
+    assert 0 < report["loss"] < 10
