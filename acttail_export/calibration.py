@@ -102,7 +102,7 @@ class Calibration:
         hook = threshold_hooks(modules, thresholds, self.samples)
 
         def hooks(i, layer):
-            return [layer.get_submodule(PROJECTION_PATHS[p.kind]).register_forward_pre_hook(hook(p.name))
+            return [_linear(layer, p).register_forward_pre_hook(hook(p.name))
                     for p in self.by_layer[i] if p.name in modules]
 
         with self._bar("thresholds") as bar:
