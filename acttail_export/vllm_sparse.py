@@ -14,6 +14,7 @@ or the mask + dense ``F.linear`` of each member, the transformers runtime's own 
 (``torch.ops.acttail.sparse_linear``), opaque to torch.compile, so vLLM's compiled graph stays whole.
 """
 
+import functools
 import math
 
 import torch
@@ -24,7 +25,8 @@ from vllm.forward_context import get_forward_context, is_forward_context_availab
 from vllm.model_executor.layers.linear import LinearBase, RowParallelLinear, UnquantizedLinearMethod
 
 from .kernels.topk import threshold_sparsify, topk_mask, topk_sparsify
-from .kernels.topk_cpu import numba_dtypes, select_cpu, sparse_linear_cpu, threshold_linear_cpu
+from .kernels.topk_cpu import DTYPES as CPU_DTYPES
+from .kernels.topk_cpu import GemvPlan, sparse_gemv_cpu
 from .modeling.activation_sparsity import ActivationSparsity
 # as the transformers runtime: a step of B rows takes the sparse GEMV while B * (kept fraction) < BATCH_BREAK_EVEN
 from .modeling.modeling_acttail import BATCH_BREAK_EVEN
@@ -76,45 +78,46 @@ def mark_step(prefill, positions: torch.Tensor) -> None:
 
 
 @torch.library.custom_op("acttail::sparse_linear", mutates_args=())
-def sparse_linear(x: torch.Tensor, x_full: torch.Tensor | None, weights_t: list[torch.Tensor], bias: torch.Tensor | None,
-                  ks: list[int], thresholds: list[float], offset: int, max_rows: int) -> torch.Tensor:
+def sparse_linear(x: torch.Tensor, x_full: torch.Tensor | None, weight_t: torch.Tensor, bias: torch.Tensor | None,
+                  widths: list[int], ks: list[int], thresholds: list[float], offset: int, max_rows: int) -> torch.Tensor:
     """The outputs of a (fused) sparse layer, members side by side: ``[tokens, sum(d_out)]``.
 
     :param x: ``[tokens, d_in]`` the layer's input (a row-parallel layer's shard of it)
     :param x_full: the whole input, gathered from every rank, when ``x`` is a shard and the selection is TopK; else None
-    :param weights_t: each member's weight, input-major ``[d_in, d_out]``
+    :param weight_t: the members' weights side by side, input-major ``[d_in, sum(d_out)]``
     :param bias: ``[sum(d_out)]`` or None
+    :param widths: each member's d_out
     :param ks: TopK mode: each member's count (of the whole input); empty in threshold mode
     :param thresholds: threshold mode: each member's threshold; empty in TopK mode
     :param offset: where ``x`` starts in ``x_full``
     :param max_rows: the most rows a step may have for the sparse GEMV (0: never)
     """
-    widths = [w.shape[1] for w in weights_t]
-    biases = bias.split(widths) if bias is not None else [None] * len(weights_t)
     dense_rows = _Step.dense_rows
     if dense_rows is not None and (dense_rows.shape[0] < x.shape[0] or not dense_rows[:x.shape[0]].any()):
         dense_rows = None  # no dense prompt token in this step (or not this step's marks: a dummy run)
-    if dense_rows is None and x.shape[0] <= max_rows and x.is_cpu and _gemv_supports(x.dtype, weights_t[0].dtype):
-        outputs = _sparse_gemv(x.contiguous(), x_full, weights_t, biases, ks, thresholds, offset)
-    else:
-        outputs = []
-        for m, (weight_t, member_bias) in enumerate(zip(weights_t, biases)):
-            xs = _sparsify(x, x_full, ks[m] if ks else None, thresholds[m] if thresholds else None, offset)
-            if dense_rows is not None:
-                xs = torch.where(dense_rows[:x.shape[0], None], x, xs)
-            outputs.append(F.linear(xs, weight_t.t(), member_bias))
+    if dense_rows is None and x.shape[0] <= max_rows and x.is_cpu and x.dtype == weight_t.dtype in CPU_DTYPES:
+        plan = _plan(tuple(widths), tuple(ks), tuple(thresholds), x.dtype)
+        return sparse_gemv_cpu(x.contiguous(), weight_t, plan, bias,
+                               None if x_full is None else x_full.contiguous(), offset)
+    outputs = []
+    for m, (part, member_bias) in enumerate(zip(weight_t.split(widths, dim=1),
+                                               bias.split(widths) if bias is not None else [None] * len(widths))):
+        xs = _sparsify(x, x_full, ks[m] if ks else None, thresholds[m] if thresholds else None, offset)
+        if dense_rows is not None:
+            xs = torch.where(dense_rows[:x.shape[0], None], x, xs)
+        outputs.append(F.linear(xs, part.t(), member_bias))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
 
 
 @sparse_linear.register_fake
-def _(x, x_full, weights_t, bias, ks, thresholds, offset, max_rows):
-    return x.new_empty(x.shape[0], sum(w.shape[1] for w in weights_t))
+def _(x, x_full, weight_t, bias, widths, ks, thresholds, offset, max_rows):
+    return x.new_empty(x.shape[0], weight_t.shape[1])
 
 
-def _gemv_supports(x_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
-    """Whether kernels/topk_cpu.py has a compiled kernel for this dtype (float32, float64, bfloat16, float16 with
-    numba); others take the masked path."""
-    return x_dtype == weight_dtype and x_dtype in numba_dtypes()
+@functools.lru_cache(maxsize=256)
+def _plan(widths: tuple, ks: tuple, thresholds: tuple, dtype: torch.dtype) -> GemvPlan:
+    """The CPU GEMV's plan of a layer shape and sparsity (one per distinct layer: its buffers are reused)."""
+    return GemvPlan(list(widths), list(ks) or None, list(thresholds) or None, dtype)
 
 
 def _sparsify(x, x_full, k, threshold, offset):
@@ -127,30 +130,10 @@ def _sparsify(x, x_full, k, threshold, offset):
     return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def _sparse_gemv(x, x_full, weights_t, biases, ks, thresholds, offset):
-    """Each member's output through kernels/topk_cpu.py, reading only the kept rows of its input-major weight."""
-    if thresholds:
-        return [threshold_linear_cpu(x, t, w, b) for t, w, b in zip(thresholds, weights_t, biases)]
-    if x_full is None:
-        selection, starts = select_cpu(x, ks)
-        return [sparse_linear_cpu(x, selection[:, s:s + k], w, b) for s, k, w, b in zip(starts, ks, weights_t, biases)]
-    # a shard: the whole input's selection, then this shard's part of each row (its own count per row)
-    selection, starts = select_cpu(x_full.contiguous(), ks)
-    outputs = []
-    for s, k, w, b in zip(starts, ks, weights_t, biases):
-        rows = []
-        for r in range(x.shape[0]):
-            idx = selection[r, s:s + k]
-            idx = idx[(idx >= offset) & (idx < offset + x.shape[1])] - offset
-            rows.append(sparse_linear_cpu(x[r:r + 1], idx.view(1, -1), w, b) if idx.numel()
-                        else (b if b is not None else w.new_zeros(w.shape[1])).expand(1, -1).to(x.dtype))
-        outputs.append(torch.cat(rows))
-    return outputs
-
-
 class SparseLinearMethod(UnquantizedLinearMethod):
     """vLLM's unquantized linear method with activation sparsity: creates and loads the weights as vLLM does, then
-    keeps each member's weight input-major (the sparse GEMV reads kept rows; ``F.linear`` takes the transposed view).
+    keeps the members' weights input-major side by side, ``[d_in, sum(d_out)]`` (the sparse GEMV reads kept rows;
+    ``F.linear`` takes each member's transposed view).
 
     :param ks: TopK mode: each member's count of the whole input; threshold mode: empty
     :param thresholds: threshold mode: each member's threshold; TopK mode: empty
@@ -166,20 +149,19 @@ class SparseLinearMethod(UnquantizedLinearMethod):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         weight = layer.weight.data  # [sum(d_out) local, d_in local]
-        for m, part in enumerate(weight.split(layer.output_partition_sizes)):
-            layer.register_buffer(f"acttail_weight_t{m}", part.t().contiguous(), persistent=False)
-        self.members = len(layer.output_partition_sizes)
+        layer.register_buffer("acttail_weight_t", weight.t().contiguous(), persistent=False)
+        self.widths = list(layer.output_partition_sizes)
         # the [out, in] weight is not used again (vLLM's CPU method drops it too after packing its own copy)
         layer.weight = nn.Parameter(torch.empty(0, dtype=weight.dtype, device=weight.device), requires_grad=False)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        weights_t = [getattr(layer, f"acttail_weight_t{m}") for m in range(self.members)]
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         x_full, offset = None, 0
         if self.gather:
             x_full, offset = tensor_model_parallel_all_gather(x, dim=-1), layer.tp_rank * layer.input_size_per_partition
-        y = torch.ops.acttail.sparse_linear(x, x_full, weights_t, bias, self.ks, self.thresholds, offset, self.max_rows)
+        y = torch.ops.acttail.sparse_linear(x, x_full, layer.acttail_weight_t, bias, self.widths, self.ks, self.thresholds,
+                                            offset, self.max_rows)
         return y.reshape(*shape[:-1], y.shape[-1])
 
 

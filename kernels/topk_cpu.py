@@ -1,51 +1,42 @@
-"""CPU decode path for TopK activation sparsity: select each row's kept inputs, then a GEMV over only those rows of the
-input-major weight ``weight_t`` (``[d_in, d_out]``), read in place.
+"""CPU decode path for activation sparsity: one GEMV per group of projections that read the same input (q/k/v,
+gate/up, o, down), reading only the kept rows of the members' input-major weight ``[d_in, sum(d_out)]``, in place.
 
-With numba, each step is one compiled call (one selection serves a group: q/k/v, gate/up). A decode step is ~200
-projections of well under a millisecond, where the few microseconds of every torch op add up. float32 / float64 GEMVs
-accumulate in their own dtype; bfloat16 / float16 ones read the weights as 16-bit patterns, widen them in registers and
-accumulate in float32 (output rounded once to the input dtype). The kernels are single-threaded: numba's thread pool is
-a second OpenMP runtime beside torch's, and the two pools' spinning workers fight for the cores (a SmolLM2 GEMV split
-over two numba threads took 2-10x as long as on one, 2026-12-02); float32 layers above ``NUMBA_MAX_BYTES`` of kept
-weights (7B-sized) go to embedding_bag, whose bags run in torch's own pool. Without numba (or with ``ACTTAIL_NUMBA=0``) the
-torch ops run. Shipped flat inside every exported checkpoint; needs only torch (numba, numpy and llvmlite are optional).
+The GEMV is torch's ``embedding_bag`` (sum mode, per-sample weights: ``sum_i x_i * table[i]``, FBGEMM's JIT kernels,
+float32 sums for bfloat16 / float16 tables). Its bags run in parallel on torch's own thread pool, so the sparse path
+uses every core that dense ``F.linear`` uses and no second thread pool competes with torch's. To give every thread a
+share, the weight's columns are cut into ``chunks`` blocks of ``width`` columns: ``weight_t.view(d_in * chunks,
+width)`` is the same memory, and its row ``i * chunks + c`` is column block c of input i. A row's kept inputs then make
+one bag per column block, and the ``[rows * chunks, width]`` output is the ``[rows, sum(d_out)]`` result, no copy.
+
+The bags (which inputs each row keeps for each member, as table rows, with their values) come from one numba call
+per step (:func:`_fill_bags`: exact TopK cut per member, ties to the lower index as ``topk.topk_order``, or a
+threshold), or, without numba, from torch ops. Shipped flat inside every exported checkpoint; needs only torch (numba
+and numpy are optional).
 """
 
-import functools
+import math
 import os
 
 import torch
 import torch.nn.functional as F
 
-from .topk import magnitude_keys, threshold_sparsify, topk_order
+from .topk import KEY_TYPES, magnitude_keys, threshold_sparsify, topk_mask, topk_sparsify
 
 try:  # optional fast path; the try block also keeps transformers' remote-code import check from requiring numba
     import numba
     import numpy as np
-    from llvmlite import ir
-    from numba.extending import intrinsic, overload
 except ImportError:
     numba = None
 
-__all__ = ["select_cpu", "sparse_linear_cpu", "threshold_linear_cpu", "numba_dtypes"]
+__all__ = ["GemvPlan", "sparse_gemv_cpu", "gemv_bags", "DTYPES"]
 
 USE_NUMBA = numba is not None and os.environ.get("ACTTAIL_NUMBA", "1") != "0"  # tests flip it to run the torch path
-
-# Kept weight bytes up to which the single-threaded numba GEMV wins; above it (7B-sized layers) embedding_bag's bags on
-# every thread stream more bandwidth than one core (4096x4096 fp32 at 50%: 1.73x dense with 4 bags, 1.1x with one).
-NUMBA_MAX_BYTES = 8 * 2**20
-MIN_BAG = 64  # torch path: kept rows per embedding_bag bag; fewer and the per-bag overhead outweighs the parallelism
-HALF = (torch.bfloat16, torch.float16)
-_FLOATS = (torch.float32, torch.float64)  # summed in their own dtype
-_BITS = {}  # dtype -> (key bits, magnitude mask as in topk.magnitude_keys, shift leaving a key's top 11 bits)
-_HALF_BITS = {}  # half dtype -> numpy type of its bit pattern: uint16 marks bfloat16, int16 float16 (see _widen)
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # embedding_bag's table dtypes
+MIN_WIDTH = 16  # narrowest column block: below it the per-bag overhead outweighs the parallelism
+BLOCKS_PER_THREAD = 2  # column blocks per thread: some balance between members of different k (SmolLM2 decode: 2 beat 1, 4 and 8)
 
 if numba is not None:
-    _BITS.update({torch.float32: (np.int32, 0x7FFFFFFF, 20), torch.float64: (np.int64, 0x7FFFFFFFFFFFFFFF, 52),
-                  torch.bfloat16: (np.int16, 0x7FFF, 4), torch.float16: (np.int16, 0x7FFF, 4)})
-    _HALF_BITS.update({torch.bfloat16: np.uint16, torch.float16: np.int16})
-    _NO_BIAS = {dtype: np.zeros(0, bits) for dtype, bits in
-                {torch.float32: np.float32, torch.float64: np.float64, **_HALF_BITS}.items()}
+    _KEY_BITS = {torch.float32: np.int32, torch.float64: np.int64, torch.bfloat16: np.int16, torch.float16: np.int16}
 
     def _jit(function):
         try:  # compiled once, then loaded from numba's on-disk cache
@@ -53,154 +44,120 @@ if numba is not None:
         except RuntimeError:  # no writable cache directory: compile in every process
             return numba.njit(nogil=True)(function)
 
-    @intrinsic
-    def _widen_half(typingctx, bits):
-        """float32 from a half's bit pattern, typed by its integer type: uint16 is bfloat16 (the top half of a float32:
-        a shift), int16 is float16 (LLVM's fpext). Plain LLVM casts, so the GEMV loop vectorises around them."""
-        def codegen(context, builder, signature, args):
-            if signature.args[0] == numba.types.uint16:
-                wide = builder.zext(args[0], ir.IntType(32))
-                return builder.bitcast(builder.shl(wide, ir.Constant(ir.IntType(32), 16)), ir.FloatType())
-            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-        if bits in (numba.types.uint16, numba.types.int16):
-            return numba.types.float32(bits), codegen
-
-    @intrinsic
-    def _float_bits(typingctx, value):
-        """The bit pattern of a float32, as uint32."""
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], ir.IntType(32))
-
-        if value == numba.types.float32:
-            return numba.types.uint32(value), codegen
-
-    @intrinsic
-    def _half_bits(typingctx, value):
-        """The bit pattern of float32 ``value`` rounded to float16 (LLVM's fptrunc: to nearest even)."""
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
-
-        if value == numba.types.float32:
-            return numba.types.int16(value), codegen
-
-    def _widen(value):
-        """``value`` as the accumulator's float: float32 / float64 as they are, a half's bits through _widen_half."""
-
-    @overload(_widen, jit_options={"cache": True})
-    def _widen_impl(value):
-        if value in (numba.types.uint16, numba.types.int16):
-            return lambda value: _widen_half(value)
-        return lambda value: value
-
-    def _narrow(out, j, value):
-        """Store the accumulated ``value`` into ``out`` at j: as it is for float32 / float64 outputs, rounded to nearest
-        even into the bits of a half output (numba only)."""
-
-    @overload(_narrow, jit_options={"cache": True})
-    def _narrow_impl(out, j, value):
-        if isinstance(out.dtype, numba.types.Float):
-            def store(out, j, value):
-                out[j] = value
-            return store
-        if out.dtype == numba.types.int16:
-            def store_float16(out, j, value):
-                out[j] = _half_bits(value)
-            return store_float16
-
-        def store_bfloat16(out, j, value):  # as torch rounds: to nearest even on the dropped 16 bits; NaN stays NaN
-            if value != value:
-                out[j] = 0x7FC0
-            else:
-                u = np.uint64(_float_bits(value))
-                out[j] = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-        return store_bfloat16
+    @_jit
+    def _topk_cut(keys, hist, top, shift, k, bin_keys):
+        """``(cut, ties)``: the k-th largest of ``keys`` and how many keys equal to it are kept (the lowest-index ones).
+        The cut's bin comes from the histogram of the keys' top bits (``key >> shift``), then ``np.partition`` among
+        the few keys in that bin: about half the time of a quickselect over the row, whose comparisons are coin flips
+        to the branch predictor."""
+        above, t = 0, top >> shift  # bins above t hold ``above`` keys, fewer than k; bin t completes k
+        while above + hist[t] < k:
+            above += hist[t]
+            t -= 1
+        c = 0
+        for i in range(keys.shape[0]):
+            if keys[i] >> shift == t:
+                bin_keys[c] = keys[i]
+                c += 1
+        p = c - (k - above)  # the k-th largest key overall is the (k - above)-th largest in bin t
+        in_bin = np.partition(bin_keys[:c], p)
+        cut = in_bin[p]
+        ties = k - above
+        for i in range(p + 1, c):
+            ties -= in_bin[i] > cut
+        return cut, ties
 
     @_jit
-    def _select(bits, mask, shift, ks, starts, out):
-        """Per row and k: the indices of the k largest keys ``bits & mask`` (ties to the lower index), ascending (the
-        GEMV then reads weight rows front to back), into ``out[row, start:start + k]``. The k-th largest key comes from
-        a histogram of the keys' top 11 bits (``key >> shift``), then ``np.partition`` among the few keys in its bin:
-        about half the time of a quickselect over the row, whose comparisons are coin flips to the branch predictor."""
-        d = bits.shape[1]
-        keys = np.empty(d, np.int64)
-        bin_keys = np.empty(d, np.int64)
+    def _fill_bags(bits, x, members, lo, idx, values, offsets):
+        """Every row's bags, in order (row, column block): the table rows ``i * chunks + c`` of the inputs i that
+        member m(c) keeps, ascending, with x's values; returns how many entries were written.
+
+        :param bits: ``[rows, d]`` the input ranked (the whole input under tensor parallel), as signed integers
+        :param x: ``[rows, d_local]`` the values (as bits for halves: they are copied, never computed on)
+        :param members: per member m, ``(k, cut, first block, end block)``: k its TopK count, or -1 to keep the keys
+            above ``cut`` (threshold mode); it owns column blocks ``first:end``. Last row: ``(mask, shift, 0, 0)``
+        :param lo: x holds inputs ``lo:lo + d_local`` of ``bits``; kept inputs outside it are another rank's
+        """
+        rows, d = bits.shape
+        d_local, chunks = x.shape[1], members[-2, 3]
+        mask, shift = members[-1, 0], members[-1, 1]
+        keys, bin_keys, kept = np.empty(d, np.int64), np.empty(d, np.int64), np.empty(d_local, np.int64)
         hist = np.zeros((mask >> shift) + 1, np.int32)
-        for b in range(bits.shape[0]):
+        n = 0
+        for b in range(rows):
             hist[:] = 0
             top = 0
             for i in range(d):
                 keys[i] = bits[b, i] & mask
                 hist[keys[i] >> shift] += 1
                 top = max(top, keys[i])
-            for m in range(ks.shape[0]):
-                k, n = ks[m], starts[m]
+            for m in range(members.shape[0] - 1):
+                k, cut, ties = members[m, 0], members[m, 1], 0
                 if k >= d:
-                    out[b, n:n + d] = np.arange(d)
-                    continue
-                above, t = 0, top >> shift  # bins above t hold ``above`` keys, fewer than k; bin t completes k
-                while above + hist[t] < k:
-                    above += hist[t]
-                    t -= 1
-                c = 0
+                    cut = -1
+                elif k >= 0:
+                    cut, ties = _topk_cut(keys, hist, top, shift, k, bin_keys)
+                count = 0
                 for i in range(d):
-                    if keys[i] >> shift == t:
-                        bin_keys[c] = keys[i]
-                        c += 1
-                p = c - (k - above)  # the k-th largest key overall is the (k - above)-th largest in bin t
-                in_bin = np.partition(bin_keys[:c], p)
-                threshold = in_bin[p]
-                ties = k - above  # keys equal to the threshold that are kept: k minus those above it
-                for i in range(p + 1, c):
-                    ties -= in_bin[i] > threshold
-                for i in range(d):
-                    if keys[i] > threshold or (keys[i] == threshold and ties > 0):
-                        ties -= keys[i] == threshold
-                        out[b, n] = i
+                    if keys[i] > cut or (keys[i] == cut and ties > 0):
+                        ties -= keys[i] == cut
+                        if lo <= i < lo + d_local:
+                            kept[count] = i - lo
+                            count += 1
+                for c in range(members[m, 2], members[m, 3]):
+                    offsets[b * chunks + c] = n
+                    for t in range(count):
+                        idx[n] = kept[t] * chunks + c
+                        values[n] = x[b, kept[t]]
                         n += 1
+        return n
 
-    @_jit
-    def _gemv_columns(x, idx, w, bias, acc, out, b, j0, j1):
-        """Columns ``j0:j1`` of row b: ``out[b] = sum_t x[b, idx[b, t]] * w[idx[b, t]] (+ bias)``, summed in ``acc``
-        (float32, or float64 for float64 inputs) and stored once into out's dtype (see _widen, _narrow).
 
-        Eight kept rows per pass over the output: eight concurrent streams from memory (one stream per row leaves the
-        core waiting on memory) and an eighth of the accumulator traffic: 1.3-1.6x the bandwidth of a row at a time."""
-        a = acc[b, j0:j1]
-        a[:] = 0
-        k = idx.shape[1]
-        for t in range(0, k - k % 8, 8):
-            i0, i1, i2, i3, i4, i5, i6, i7 = idx[b, t:t + 8]
-            v0, v1, v2, v3 = _widen(x[b, i0]), _widen(x[b, i1]), _widen(x[b, i2]), _widen(x[b, i3])
-            v4, v5, v6, v7 = _widen(x[b, i4]), _widen(x[b, i5]), _widen(x[b, i6]), _widen(x[b, i7])
-            r0, r1, r2, r3 = w[i0, j0:j1], w[i1, j0:j1], w[i2, j0:j1], w[i3, j0:j1]
-            r4, r5, r6, r7 = w[i4, j0:j1], w[i5, j0:j1], w[i6, j0:j1], w[i7, j0:j1]
-            for j in range(j1 - j0):
-                a[j] += ((v0 * _widen(r0[j]) + v1 * _widen(r1[j])) + (v2 * _widen(r2[j]) + v3 * _widen(r3[j]))) + (
-                    (v4 * _widen(r4[j]) + v5 * _widen(r5[j])) + (v6 * _widen(r6[j]) + v7 * _widen(r7[j])))
-        for t in range(k - k % 8, k):
-            v, r = _widen(x[b, idx[b, t]]), w[idx[b, t], j0:j1]
-            for j in range(j1 - j0):
-                a[j] += v * _widen(r[j])
-        if bias.shape[0]:
-            for j in range(j1 - j0):
-                a[j] += _widen(bias[j0 + j])
-        for j in range(j1 - j0):
-            _narrow(out[b], j0 + j, a[j])
+class GemvPlan:
+    """How one group's decode GEMV runs (see :func:`sparse_gemv_cpu`): the column blocks of its ``[d_in,
+    sum(widths)]`` weight, which member owns each, and the bag buffers, reused from step to step.
 
-    @_jit
-    def _check_indices(idx, d_in):
-        for b in range(idx.shape[0]):
-            for t in range(idx.shape[1]):
-                if idx[b, t] < 0 or idx[b, t] >= d_in:
-                    raise IndexError("kept index out of range")
+    :param widths: each member's d_out (its columns, in order)
+    :param ks: TopK mode: each member's count of the (whole) input; threshold mode: None
+    :param thresholds: threshold mode: each member's threshold (keep |x| > t, and NaN); TopK mode: None
+    :param threads: torch's threads, which run the bags: each gets ``BLOCKS_PER_THREAD`` column blocks
+    """
 
-    @_jit
-    def _gemv(x, idx, w, bias, acc, out):
-        """Every row, on the calling thread."""
-        _check_indices(idx, w.shape[0])
-        for b in range(idx.shape[0]):
-            _gemv_columns(x, idx, w, bias, acc, out, b, 0, w.shape[1])
+    def __init__(self, widths: list[int], ks: list[int] | None, thresholds: list[float] | None, dtype: torch.dtype,
+                 threads: int | None = None):
+        self.widths, self.ks, self.thresholds, self.dtype = list(widths), ks, thresholds, dtype
+        self.width = _block_width(self.widths, threads or torch.get_num_threads())
+        owned = [w // self.width for w in self.widths]
+        ends = [sum(owned[:m + 1]) for m in range(len(owned))]
+        self.chunks = ends[-1]
+        self.owner = [m for m, count in enumerate(owned) for _ in range(count)]  # the member of each block
+        self.buffers = {}  # (rows, entries) -> (idx, values, offsets) and their numpy views
+        if USE_NUMBA and dtype in _KEY_BITS:
+            self.bits, mask = _KEY_BITS[dtype], KEY_TYPES[dtype][1]
+            cuts = [0] * len(owned) if thresholds is None else \
+                [int(magnitude_keys(torch.tensor([t], dtype=dtype))) for t in thresholds]
+            self.members = np.array([[ks[m] if ks is not None else -1, cuts[m], ends[m] - owned[m], ends[m]]
+                                     for m in range(len(owned))] + [[mask, max(0, mask.bit_length() - 11), 0, 0]],
+                                    dtype=np.int64)  # the histogram bins the keys' top 11 bits
+
+    def bags(self, rows: int, entries: int):
+        """Buffers for ``rows`` rows of at most ``entries`` entries each (kept while the shape recurs)."""
+        key = (rows, entries)
+        if key not in self.buffers:
+            idx = torch.empty(rows * entries, dtype=torch.int32)
+            values = torch.empty(rows * entries, dtype=self.dtype)
+            offsets = torch.empty(rows * self.chunks, dtype=torch.int32)
+            self.buffers[key] = (idx, values, offsets), (_np(idx), _np(values), _np(offsets))
+        return self.buffers[key]
+
+
+def _block_width(widths: list[int], threads: int) -> int:
+    """The widest column block that divides every member's width and still gives each thread BLOCKS_PER_THREAD
+    blocks of the group (at least MIN_WIDTH columns, else one block per member)."""
+    common = math.gcd(*widths)
+    target = max(MIN_WIDTH, sum(widths) // (BLOCKS_PER_THREAD * threads))
+    fitting = [w for w in range(MIN_WIDTH, min(common, target) + 1) if common % w == 0]
+    return max(fitting) if fitting else common
 
 
 def _torch_only(*tensors: torch.Tensor | None) -> bool:
@@ -210,105 +167,84 @@ def _torch_only(*tensors: torch.Tensor | None) -> bool:
 
 
 def _np(t: torch.Tensor):
-    """A numpy view, no copy (a parameter requires grad even in no_grad); bfloat16 / float16 as their bit patterns."""
+    """A numpy view, no copy (a parameter requires grad even in no_grad); bfloat16 / float16 as int16 bit patterns."""
     t = t.detach() if t.requires_grad else t
-    return t.view(torch.int16).numpy().view(_HALF_BITS[t.dtype]) if t.dtype in HALF else t.numpy()
+    return t.view(torch.int16).numpy() if t.dtype in (torch.bfloat16, torch.float16) else t.numpy()
 
 
-def numba_dtypes() -> tuple[torch.dtype, ...]:
-    """The dtypes whose decode steps run compiled here (none without numba or with ACTTAIL_NUMBA=0)."""
-    return tuple(_BITS) if USE_NUMBA else ()
-
-
-@functools.lru_cache(maxsize=256)
-def _group(ks: tuple) -> tuple:
-    starts = [sum(ks[:i]) for i in range(len(ks))]
-    return np.array(ks, dtype=np.int64), np.array(starts, dtype=np.int64), starts, sum(ks)
-
-
-def select_cpu(rows: torch.Tensor, ks: list[int]) -> tuple[torch.Tensor, list[int]]:
-    """Kept input indices of each row for every k in ``ks`` (1 <= k), as ranked by ``topk.topk_order``.
-
-    :param rows: ``[B, d]`` activations
-    :returns: ``(selection, starts)``: member m keeps ``selection[:, starts[m]:starts[m] + ks[m]]``
-    """
-    if USE_NUMBA and rows.dtype in _BITS and rows.is_cpu and not _torch_only(rows):
-        ks_np, starts_np, starts, total = _group(tuple(ks))
-        out = torch.empty(rows.shape[0], total, dtype=torch.int64)
-        bits, mask, shift = _BITS[rows.dtype]
-        _select(_np(rows).view(bits), mask, shift, ks_np, starts_np, out.numpy())
-        return out, starts
-    return _ranking(rows, max(ks)), [0] * len(ks)  # the top max(ks) in rank order: every k is a prefix of it
-
-
-@functools.lru_cache(maxsize=16)
-def _reversed_index(d: int) -> torch.Tensor:
-    return torch.arange(d - 1, -1, -1)
-
-
-def _ranking(rows: torch.Tensor, k: int) -> torch.Tensor:
-    """The first k columns of ``topk_order(rows)``. For fp32 one ``topk`` over unique int64 keys (the magnitude bits
-    above the reversed index, so equal magnitudes rank lower index first) does it: exact, and cheaper than a sort."""
-    if rows.dtype != torch.float32 or not rows.is_cpu or torch.compiler.is_compiling():
-        return topk_order(rows)
-    keys = (magnitude_keys(rows).long() << 32) | _reversed_index(rows.shape[-1])
-    return keys.topk(k, dim=-1).indices
-
-
-@functools.lru_cache(maxsize=256)
-def _bag_offsets(rows: int, k: int, bags: int) -> torch.Tensor:
-    """Start of each bag in the flattened ``[rows, k]`` index list: ``bags`` bags per row, never crossing rows."""
-    starts = torch.arange(bags) * k // bags
-    return (torch.arange(rows)[:, None] * k + starts[None, :]).flatten()
-
-
-def sparse_linear_cpu(x: torch.Tensor, idx: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``y[b] = sum_i x[b, idx[b, i]] * weight_t[idx[b, i]] + bias``, reading only the kept rows of ``weight_t``.
-
-    :param x: ``[B, d_in]`` activations
-    :param idx: ``[B, k]`` int64 kept indices per row (a member's columns of :func:`select_cpu`, or ``topk_order``'s first k)
-    :param weight_t: ``[d_in, d_out]`` input-major weight (``linear.weight.t()`` stored contiguous)
-    :param bias: ``[d_out]`` or None
-    :returns: ``[B, d_out]`` in x's dtype
-    """
-    dtype = x.dtype
-    half = dtype in HALF  # no torch op sums half-precision rows in float32 in place: numba at every size
-    small = half or idx.numel() * weight_t.shape[1] * weight_t.element_size() <= NUMBA_MAX_BYTES
-    if (USE_NUMBA and small and dtype in _BITS and x.is_cpu and weight_t.is_cpu and weight_t.dtype == dtype
-            and (bias is None or bias.dtype == dtype) and not _torch_only(x, weight_t, bias)):
-        out = torch.empty(idx.shape[0], weight_t.shape[1], dtype=dtype)
-        acc = out if dtype in _FLOATS else torch.empty(out.shape, dtype=torch.float32)  # float32 sums for halves
-        args = _np(x), _np(idx), _np(weight_t), _NO_BIAS[dtype] if bias is None else _np(bias), _np(acc), _np(out)
-        _gemv(*args)
-        return out
-    if half:  # torch ops, float32 sums (embedding_bag would sum in half precision): copies the kept rows
-        y = torch.bmm(x.gather(1, idx).float().unsqueeze(1), weight_t[idx].float()).squeeze(1)
-        return (y if bias is None else y + bias.float()).to(dtype)
-    # torch: embedding_bag with weight_t as the table sums the kept rows where they are. It runs one bag per thread, so
-    # each row's kept indices are cut into a few bags and their sums added (one bag per row when torch.compile traces)
-    rows, k = idx.shape
-    bags = 1 if torch.compiler.is_compiling() else max(1, min(2 * torch.get_num_threads(), k // MIN_BAG))
-    values = x.gather(1, idx).to(weight_t.dtype)
-    if bags == 1:
-        y = F.embedding_bag(idx, weight_t, mode="sum", per_sample_weights=values)
+def _kept_torch(plan: GemvPlan, ranked: torch.Tensor, m: int, lo: int, d_local: int) -> list[torch.Tensor]:
+    """Without numba: each row's kept inputs of member m that lie in ``lo:lo + d_local``, local and ascending."""
+    if plan.ks is not None:
+        keep = topk_mask(ranked, plan.ks[m]) if plan.ks[m] < ranked.shape[1] else torch.ones_like(ranked, dtype=torch.bool)
     else:
-        y = F.embedding_bag(idx.flatten(), weight_t, _bag_offsets(rows, k, bags), mode="sum",
-                            per_sample_weights=values.flatten()).view(rows, bags, -1).sum(1)
-    if bias is not None:
-        y = y + bias
-    return y.to(x.dtype)
+        keep = ~(ranked.abs() <= plan.thresholds[m])
+    return [row.nonzero().view(-1) for row in keep[:, lo:lo + d_local]]
 
 
-def threshold_linear_cpu(x: torch.Tensor, threshold: float, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``y[b] = sum_{i: |x[b, i]| > t} x[b, i] * weight_t[i] + bias`` (NaN kept, as ``topk.threshold_sparsify`` keeps it),
-    reading only the kept rows of ``weight_t``. Each row has its own count, so rows go one at a time.
+def _bags_torch(plan: GemvPlan, x: torch.Tensor, ranked: torch.Tensor, lo: int):
+    """The bags of :func:`_fill_bags`, built with torch ops (no numba)."""
+    rows, d_local = x.shape
+    kept = [_kept_torch(plan, ranked, m, lo, d_local) for m in range(len(plan.widths))]
+    idx, values, sizes = [], [], []
+    for b in range(rows):
+        for c in range(plan.chunks):
+            member_kept = kept[plan.owner[c]][b]
+            idx.append(member_kept * plan.chunks + c)
+            values.append(x[b, member_kept])
+            sizes.append(member_kept.numel())
+    offsets = torch.tensor([0] + sizes[:-1], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return torch.cat(idx).int(), torch.cat(values), offsets
 
-    :param x: ``[B, d_in]`` activations
-    :param weight_t: ``[d_in, d_out]`` input-major weight
-    :returns: ``[B, d_out]`` in x's dtype
+
+def _reference(x, weight_t, plan, bias, x_full, offset):
+    """Mask + dense matmul per member, the transformers runtime's reference ops (autograd and torch.compile)."""
+    outputs = []
+    for m, part in enumerate(weight_t.split(plan.widths, dim=1)):
+        if plan.thresholds is not None:
+            xs = threshold_sparsify(x, plan.thresholds[m])
+        elif x_full is None:
+            xs = topk_sparsify(x, plan.ks[m])
+        else:
+            keep = topk_mask(x_full, plan.ks[m])[:, offset:offset + x.shape[1]]
+            xs = torch.where(keep, x, torch.zeros((), dtype=x.dtype))
+        outputs.append(xs @ part)
+    y = torch.cat(outputs, dim=-1)
+    return y if bias is None else y + bias
+
+
+def sparse_gemv_cpu(x: torch.Tensor, weight_t: torch.Tensor, plan: GemvPlan, bias: torch.Tensor | None = None,
+                    x_full: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
+    """Every member's output of one decode step, side by side: ``y[b, member m] = sum over kept i of x[b, i] *
+    weight_t[i, m's columns] (+ bias)``, reading only the kept rows of ``weight_t``.
+
+    :param x: ``[rows, d_in]`` activations, in the plan's dtype
+    :param weight_t: ``[d_in, sum(widths)]`` the members' weights, input-major and contiguous, in the plan's dtype
+    :param plan: the group's :class:`GemvPlan` (members, their counts or thresholds)
+    :param bias: ``[sum(widths)]`` or None
+    :param x_full: tensor parallel, TopK mode: the whole input, of which x is the shard starting at ``offset``
+    :returns: ``[rows, sum(widths)]`` in x's dtype (float32 sums for bfloat16 / float16; a bias is added after
+        the sum is rounded to x's dtype)
     """
-    if torch.compiler.is_compiling():  # the kept count is data: a traced graph takes the mask + dense matmul
-        return F.linear(threshold_sparsify(x, threshold), weight_t.t(), bias)
-    kept = ~(x.abs() <= threshold)
-    return torch.cat([sparse_linear_cpu(x[b:b + 1], kept[b].nonzero().view(1, -1), weight_t, bias)
-                      for b in range(x.shape[0])])
+    if _torch_only(x, weight_t, bias):
+        return _reference(x, weight_t, plan, bias, x_full, offset)
+    idx, values, offsets = gemv_bags(plan, x, x_full, offset)
+    table = weight_t.detach().view(weight_t.shape[0] * plan.chunks, plan.width)
+    # torch.embedding_bag, not F.embedding_bag: the same op without its Python checks, a few us a call
+    y = torch.embedding_bag(table, idx, offsets, False, 0, False, values, False, None)[0].view(x.shape[0], -1)
+    return y if bias is None else y + bias
+
+
+def gemv_bags(plan: GemvPlan, x: torch.Tensor, x_full: torch.Tensor | None = None, offset: int = 0):
+    """The bags of one step (see :func:`sparse_gemv_cpu`): ``(idx, values, offsets)`` for ``embedding_bag``, bag
+    ``row * plan.chunks + c`` holding the table rows ``i * plan.chunks + c`` of the inputs i that column block c's
+    member keeps in that row, ascending, with their values. Views of the plan's buffers: valid until its next call."""
+    rows, d_local = x.shape
+    if not hasattr(plan, "members"):
+        return _bags_torch(plan, x, x if x_full is None else x_full, offset)
+    whole = plan.ks is not None and x_full is None  # every row keeps exactly its counts
+    (idx, values, offsets), arrays = plan.bags(rows, sum(plan.ks[m] for m in plan.owner) if whole
+                                               else plan.chunks * d_local)
+    x_np = _np(x)
+    n = _fill_bags(x_np.view(plan.bits) if x_full is None else _np(x_full).view(plan.bits), x_np, plan.members,
+                   offset, *arrays)
+    return idx[:n], values[:n], offsets

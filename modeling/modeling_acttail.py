@@ -19,7 +19,8 @@ from .activation_sparsity import ActivationSparsity, validate_sparse_backend
 from .configuration_acttail import ActTailLlamaConfig, ActTailMistralConfig, ActTailQwen2Config, ActTailQwen3Config
 from .projections import INPUT_OF, parse_projection
 from .topk import threshold_sparsify, topk_sparsify
-from .topk_cpu import numba_dtypes, select_cpu, sparse_linear_cpu, threshold_linear_cpu
+from .topk_cpu import DTYPES as CPU_DTYPES
+from .topk_cpu import GemvPlan, sparse_gemv_cpu
 
 try:  # Triton kernels for GPU decode steps; without Triton, CUDA uses the reference path
     from .topk_triton import INTERPRET as TRITON_INTERPRET
@@ -54,8 +55,7 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
         requested = os.environ.get("ACTTAIL_SPARSE_BACKEND", "auto")
     triton_ok = sparse_gemv is not None and (device.type == "cuda" or TRITON_INTERPRET) and dtype in (
         torch.float16, torch.bfloat16, torch.float32)
-    # bfloat16 / float16 need numba's kernels (float32 sums); torch's embedding_bag would sum them in half precision
-    cpu_ok = device.type == "cpu" and dtype in (torch.float32, torch.float64, *numba_dtypes())
+    cpu_ok = device.type == "cpu" and dtype in CPU_DTYPES
     if requested == "auto":
         return "triton" if triton_ok and device.type == "cuda" else "cpu" if cpu_ok else "reference"
     if (requested == "triton" and not triton_ok) or (requested == "cpu" and not cpu_ok):
@@ -68,9 +68,9 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
 class SparseGroup:
     """Sparse projections that read one input (q/k/v, gate/up, or one alone), run as one sparse decode per step.
 
-    Built by ``prepare_sparse_decode``, which also stores the weights input-major: on the Triton path the members'
-    weights become column blocks of one ``[d_in, sum(d_out)]`` tensor (one launch finds every member's kept set and
-    computes all outputs); on the CPU path each member's weight is stored input-major on its own.
+    Built by ``prepare_sparse_decode``, which also stores the weights input-major: the members' weights become column
+    blocks of one ``[d_in, sum(d_out)]`` tensor, so one call finds every member's kept set and computes all outputs
+    (one Triton launch on GPU, one ``embedding_bag`` on CPU: kernels/topk_cpu.py).
     """
 
     def __init__(self, members: list["TopKLinear"], path: str):
@@ -81,23 +81,24 @@ class SparseGroup:
         self.kept_fraction = max(m.keep / m.in_features for m in members)
         weight = members[0].weight
         with torch.no_grad():
-            if path == "triton":
-                self.weight_t = torch.cat([m.weight.t() for m in members], dim=1).contiguous()
-                self.bias = None
-                if any(m.bias is not None for m in members):
-                    self.bias = torch.cat([m.bias if m.bias is not None else weight.new_zeros(m.out_features)
-                                           for m in members])
-                start = 0
-                for m, width in zip(members, self.widths):  # the members' weights become views: no second copy
-                    m.weight.data = self.weight_t[:, start:start + width].t()
-                    start += width
-                self.cut = threshold_cut([m.threshold for m in members], weight.dtype, weight.device) \
-                    if self.by_threshold else None
-            else:
-                for m in members:
-                    if m.weight.stride() != (1, m.in_features):
-                        m.weight.data = m.weight.data.t().contiguous().t()
+            self.weight_t = torch.cat([m.weight.t() for m in members], dim=1).contiguous()
+            self.bias = None
+            if any(m.bias is not None for m in members):
+                self.bias = torch.cat([m.bias if m.bias is not None else weight.new_zeros(m.out_features)
+                                       for m in members])
+            start = 0
+            for m, width in zip(members, self.widths):  # the members' weights become views: no second copy
+                m.weight.data = self.weight_t[:, start:start + width].t()
+                start += width
+        self.thresholds = [m.threshold for m in members] if self.by_threshold else None
+        self.cut = threshold_cut(self.thresholds, weight.dtype, weight.device) \
+            if self.by_threshold and path == "triton" else None
+        self.cpu_plan = GemvPlan(self.widths, None if self.by_threshold else self.ks, self.thresholds, weight.dtype) \
+            if path == "cpu" else None
         self.layout = [m.weight.data_ptr() for m in members]  # a moved or replaced weight shows as another pointer
+        # this decode step's outputs, computed together by the parent's pre-hook, each taken once by its member (kept
+        # here, not on the modules: nn.Module.__setattr__ costs microseconds, ~400 times a step)
+        self.step_outputs = None
 
     def is_current(self) -> bool:
         """Whether the members still hold the weights this group laid out (not moved, cast or replaced since)."""
@@ -130,12 +131,9 @@ class SparseGroup:
             gemv = sparse_gemv if torch.compiler.is_compiling() else sparse_gemv_eager
             y = gemv(rows, self.weight_t, self.bias, self.widths, [] if self.by_threshold else self.ks, self.cut,
                      self.kept_fraction)
-            return [part.unsqueeze(1) for part in y.split(self.widths, dim=-1)]
-        if self.by_threshold:
-            return [threshold_linear_cpu(rows, m.threshold, m.weight.t(), m.bias).unsqueeze(1) for m in self.members]
-        selection, starts = select_cpu(rows, self.ks)
-        return [sparse_linear_cpu(rows, selection[:, start:start + m.keep], m.weight.t(), m.bias).unsqueeze(1)
-                for m, start in zip(self.members, starts)]
+        else:
+            y = sparse_gemv_cpu(rows, self.weight_t, self.cpu_plan, self.bias)
+        return [part.unsqueeze(1) for part in y.split(self.widths, dim=-1)]
 
 
 class TopKLinear(nn.Linear):
@@ -155,7 +153,7 @@ class TopKLinear(nn.Linear):
         self.prefill = prefill
         self.threshold = threshold  # None: TopK; a float: zero |x| <= threshold
         self.group = None  # SparseGroup serving this projection's decode steps (prepare_sparse_decode), or None
-        self.step_output = None  # this decode step's output, computed with the group's other members (see the hooks)
+        self.slot = 0  # this projection's place among its group's members
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, keep: int, prefill, threshold: float | None = None) -> "TopKLinear":
@@ -189,8 +187,9 @@ class TopKLinear(nn.Linear):
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.step_output is not None:  # the group ran for this step (the parent's pre-hook): take this share
-            y, self.step_output = self.step_output, None
+        group = self.group
+        if group is not None and group.step_outputs is not None and group.step_outputs[self.slot] is not None:
+            y, group.step_outputs[self.slot] = group.step_outputs[self.slot], None  # the parent's pre-hook ran the group
             return y
         if self.group is not None and len(self.group.members) == 1 and self.group.wins(x):
             return self.group(x)[0]
@@ -209,8 +208,7 @@ def _run_group_pre_hook(group: SparseGroup):
     def hook(module, args, kwargs):
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         if group.members[0].group is group and group.wins(x):  # still planned (a moved model is not) and a decode step
-            for member, y in zip(group.members, group(x)):
-                member.step_output = y
+            group.step_outputs = group(x)
 
     return hook
 
@@ -219,8 +217,7 @@ def _clear_group_hook(group: SparseGroup):
     """A forward hook after the parent: drop outputs a member did not take (a parent that skipped a projection)."""
 
     def hook(module, args, output):
-        for member in group.members:
-            member.step_output = None
+        group.step_outputs = None
 
     return hook
 
@@ -271,7 +268,7 @@ class ActTailMixin:
             handle.remove()
         self._decode_hooks = []
         for module in self.topk_modules().values():
-            module.group, module.step_output = None, None
+            module.group = None
 
     def decode_groups(self) -> list[tuple[nn.Module | None, list[TopKLinear]]]:
         """The sparse projections grouped by the vector they read (``projections.INPUT_OF``: q/k/v, gate/up, o, down
@@ -304,8 +301,8 @@ class ActTailMixin:
             if path == "reference" or offloaded or weight.device.type == "meta" or not same_place:
                 continue
             group = SparseGroup(members, path)
-            for member in members:
-                member.group = group
+            for slot, member in enumerate(members):
+                member.group, member.slot = group, slot
             if parent is not None:
                 self._decode_hooks += [
                     parent.register_forward_pre_hook(_run_group_pre_hook(group), with_kwargs=True),

@@ -99,20 +99,20 @@ def test_unavailable_backend_warns_once_and_runs_the_reference_path(tiny_qwen2_5
     catcher = logging.Handler()
     catcher.emit = lambda record: warnings.append(record.getMessage())
     logging.getLogger().addHandler(catcher)
-    model = load("cpu", dtype=torch.bfloat16)  # without numba no CPU kernel sums bf16 rows in float32
+    model = load("triton")  # no GPU and no interpreter: Triton cannot run on CPU tensors
     model.prepare_sparse_decode()
-    model.set_sparse_backend("cpu")
+    model.set_sparse_backend("triton")
     model.prepare_sparse_decode()
     report(paths=sorted({m.group.path if m.group else "reference" for m in model.topk_modules().values()}),
            warnings=[w for w in warnings if "sparse_backend" in w])
-    """, tmp_path, env={"ACTTAIL_NUMBA": "0"})
+    """, tmp_path, env={"TRITON_INTERPRET": "0"})
     assert report["paths"] == ["reference"]
-    assert report["warnings"] == ["sparse_backend='cpu' cannot run here (cpu torch.bfloat16): decode steps use the reference path"]
+    assert report["warnings"] == ["sparse_backend='triton' cannot run here (cpu torch.float32): decode steps use the reference path"]
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_cpu_path_matches_the_reference_path(dtype, tiny_qwen2_50, tmp_path):
-    """bfloat16 / float16 on CPU take the numba path ("auto" picks it) and decode as the reference path does: a decode
+    """bfloat16 / float16 on CPU take the CPU path ("auto" picks it) and decode as the reference path does: a decode
     step's logits within half-precision rounding, and the same greedy tokens."""
     report = run_fresh_json(PATHS.format(path=str(tiny_qwen2_50)) + f"""
     steps, tokens = {{}}, {{}}

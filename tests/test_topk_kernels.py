@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from acttail_export.kernels.topk import threshold_sparsify, topk_mask, topk_order
-from acttail_export.kernels.topk_cpu import sparse_linear_cpu, threshold_linear_cpu
 from acttail_export.kernels import topk_triton
 from acttail_export.kernels.topk_triton import gemv_blocks, sparse_gemv, threshold_cut, topk_cut
 from conftest import DEVICE, EPS, assert_gemv_close
@@ -149,39 +148,6 @@ def test_triton_nan_input_gives_nan_output_in_its_row_only(tiles, poisoned_empty
     weight_t = random_input(128, 64, torch.bfloat16, seed=6)
     y = sparse_gemv(x, weight_t, None, [64], [10], None, 10 / 128)
     assert torch.isnan(y[0]).all() and not torch.isnan(y[1]).any()
-
-
-GEMV_CPU_CASES = [(1, 576, 1536, 0.5), (1, 1536, 576, 0.7), (3, 97, 70, 0.37), (2, 200, 33, 0.9), (1, 64, 48, 0.0)]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cpu_threshold_gemv_matches_float64(dtype):
-    x = torch.randn(3, 300, generator=torch.Generator().manual_seed(0)).to(dtype)
-    x[1, :3] = torch.tensor([0.5, -0.5, 0.0])
-    x[2] = 0.1  # nothing kept in this row
-    weight_t = torch.randn(300, 40, dtype=dtype)
-    bias = torch.randn(40, dtype=dtype)
-    y = threshold_linear_cpu(x, 0.5, weight_t, bias)
-    ref = threshold_sparsify(x, 0.5).double() @ weight_t.double() + bias.double()
-    assert y.dtype == dtype and torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize(("rows", "d_in", "d_out", "sparsity"), GEMV_CPU_CASES + [(2, 4096, 512, 0.8)])
-def test_cpu_gather_matches_float64(rows, d_in, d_out, sparsity, dtype, poisoned_empty):
-    x = random_input(rows, d_in, dtype, seed=d_in).cpu()
-    weight_t = random_input(d_in, d_out, dtype, seed=d_out).cpu()
-    bias = random_input(1, d_out, dtype, seed=3)[0].cpu() if rows != 1 else None
-    k = max(1, round((1 - sparsity) * d_in))
-    y = sparse_linear_cpu(x, topk_order(x)[:, :k], weight_t, bias)
-    assert_gemv_close(y, x, k, weight_t, bias)
-
-
-def test_cpu_gather_nan_input_gives_nan_output():
-    x = torch.randn(2, 256)
-    x[1, 3] = float("nan")
-    y = sparse_linear_cpu(x, topk_order(x)[:, :100], torch.randn(256, 32), None)
-    assert torch.isnan(y[1]).all() and not torch.isnan(y[0]).any()
 
 
 def test_two_kernel_files_in_one_process_each_register_their_own_ops(tmp_path):
