@@ -56,15 +56,16 @@ def synthetic_7b(layers: int):
     return model.eval()
 
 
-def smollm2_exports(sparsities: list[float], folder: Path, mode: str = "topk") -> tuple[Path, dict[float, dict]]:
-    """Export SmolLM2 at each sparsity with the CLI (TopK, or calibrated thresholds); return the first checkpoint and
-    every block."""
+def smollm2_exports(sparsities: list[float], folder: Path, mode: str = "topk",
+                    model: Path | None = None) -> tuple[Path, dict[float, dict]]:
+    """Export SmolLM2 (or the model folder ``model``) at each sparsity with the CLI (TopK, or calibrated thresholds);
+    return the first checkpoint and every block."""
     cli = str(Path(sys.executable).parent / "acttail-export")
     blocks = {}
     for sparsity in sparsities:
         out = folder / f"s{sparsity}"
-        subprocess.run([cli, "export", str(out), "--sparsity", str(sparsity), "--mode", mode], check=True,
-                       capture_output=True)
+        subprocess.run([cli, "export", *([str(model)] if model else []), str(out), "--sparsity", str(sparsity),
+                        "--mode", mode], check=True, capture_output=True)
         blocks[sparsity] = json.loads((out / "config.json").read_text())["activation_sparsity"]
     return folder / f"s{sparsities[0]}", blocks
 

@@ -57,6 +57,20 @@ def child(checkpoint: Path, blocks: dict[str, dict], dtype: str, new_tokens: int
     return best
 
 
+def random_llama(shape: str, folder: Path) -> Path:
+    """A Llama checkpoint of the given shapes with random bf16 weights and SmolLM2's tokenizer (built once)."""
+    from bench_export_7b import LLAMA2_7B, generate_model
+
+    from acttail_export.weights import resolve_model
+
+    hidden, intermediate, layers, heads, kv_heads = (int(v) for v in shape.split(","))
+    tokenizer_dir = resolve_model(None).folder  # the embedded SmolLM2, converted once into the cache
+    config = {**LLAMA2_7B, "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+              "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": 49152}
+    generate_model(folder, config, tokenizer_dir)
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--processes", type=int, default=10)
@@ -65,6 +79,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="timed generate() calls per row and process")
     parser.add_argument("--exports", type=Path, default=None, help="reuse the exports in this folder (one per sparsity)")
+    parser.add_argument("--random-llama", default=None, metavar="HIDDEN,INTERMEDIATE,LAYERS,HEADS,KV_HEADS",
+                        help="instead of SmolLM2, a Llama of these shapes with random weights (SmolLM2's tokenizer), "
+                             "built once into --exports: a model whose decode is mostly weight reads")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # JSON arguments of one measuring process
     args = parser.parse_args()
     if args.child:
@@ -80,7 +97,8 @@ def main() -> None:
             blocks = {s: json.loads((folder / f"s{s}" / "config.json").read_text())["activation_sparsity"]
                       for s in sparsities}
         else:
-            _, blocks = smollm2_exports(sparsities, folder)
+            model = random_llama(args.random_llama, folder / "model") if args.random_llama else None
+            _, blocks = smollm2_exports(sparsities, folder, model=model)
         spec = {"checkpoint": str(folder / f"s{sparsities[0]}"),
                 "blocks": {"dense": dense_block(blocks[sparsities[0]]), **{str(s): blocks[s] for s in sparsities}}}
         runs = []
@@ -92,7 +110,8 @@ def main() -> None:
                 sys.exit(f"a measuring process failed:\n{out.stderr[-3000:]}")
             runs.append(json.loads(out.stdout.splitlines()[-1]))
             print("process", len(runs), " ".join(f"{k}={v:.2f}" for k, v in runs[-1].items()), flush=True)
-    print(f"SmolLM2-135M {args.dtype}, generate() of {args.new_tokens} tokens, best of {args.rounds} per row, "
+    name = f"random Llama {args.random_llama}" if args.random_llama else "SmolLM2-135M"
+    print(f"{name} {args.dtype}, generate() of {args.new_tokens} tokens, best of {args.rounds} per row, "
           f"{args.processes} fresh processes, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print("| sparsity | dense tok/s (median) | sparse tok/s (median) | speed-up min | median | max |")
     print("|---|---:|---:|---:|---:|---:|")
