@@ -87,18 +87,17 @@ def first_flips(got: dict, want: dict, windows: list[list[int]]) -> list[int]:
         end = start + len(window)
         flipped = [t for layer in got for g, w in zip(got[layer], want[layer], strict=True)
                    for t in range(start, end) if g[t] != w[t]]
-        if flipped:
-            print("first flip", min(flipped) - start, [layer for layer in got for g, w in zip(got[layer], want[layer])
-                                                       if g[min(flipped)] != w[min(flipped)]])
         flips.append(min(flipped) - start if flipped else len(window))
         start = end
     return flips
 
 
 def assert_logprobs_match(got: list[list[float]], want: list[list[float]], flips: list[int], atol: float = 1e-3,
-                          min_share: float = 0.6):
+                          min_share: float = 0.3):
     """Equal to ``atol`` at every position before the window's first flipped kept set (log-prob i scores token i + 1
-    from tokens 0..i), and those positions are at least ``min_share`` of the windows."""
+    from tokens 0..i), and those positions are at least ``min_share`` of the windows. Where the first flip falls
+    depends on the CPU's kernels: on SmolLM2 at 50%, 2 x 96 tokens, the first flips came at tokens 65 and later on an
+    AMD EPYC and at tokens 35 and 6 on an Intel Xeon (2026-12-02); a semantic error flips at the first token."""
     compared = 0
     for g, w, flip in zip(got, want, flips, strict=True):
         assert len(g) == len(w)
@@ -111,5 +110,6 @@ def assert_logprobs_match(got: list[list[float]], want: list[list[float]], flips
 
 @pytest.fixture(scope="session")
 def tokenizer_windows(smollm2, wiki_text):
-    """Two windows of 96 Wikipedia tokens (SmolLM2's tokenizer)."""
-    return text_windows(smollm2.folder, wiki_text, 2, 96)
+    """Twelve windows of 16 Wikipedia tokens (SmolLM2's tokenizer): a flipped near tie spoils the rest of its window
+    only, so short windows keep most positions comparable (see assert_logprobs_match)."""
+    return text_windows(smollm2.folder, wiki_text, 12, 16)
