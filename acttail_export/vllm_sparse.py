@@ -10,7 +10,8 @@ from every rank), so tp=2 keeps what tp=1 keeps; prompt tokens follow the block'
 always sparse.
 
 A step either runs the CPU sparse GEMV over kept weight rows (``kernels/topk_cpu.py``: few rows, a dtype it supports),
-or the mask + dense ``F.linear`` of each member, the transformers runtime's own ops. Both run inside one custom op
+or the mask + dense ``F.linear`` of each member (on CPU the masks of every member from one compiled selection, else the
+transformers runtime's own ops). Both run inside one custom op
 (``torch.ops.acttail.sparse_linear``), opaque to torch.compile, so vLLM's compiled graph stays whole.
 """
 
@@ -26,7 +27,7 @@ from vllm.model_executor.layers.linear import LinearBase, RowParallelLinear, Unq
 
 from .kernels.topk import threshold_sparsify, topk_mask, topk_sparsify
 from .kernels.topk_cpu import DTYPES as CPU_DTYPES
-from .kernels.topk_cpu import GemvPlan, sparse_gemv_cpu
+from .kernels.topk_cpu import GemvPlan, kept_masks, sparse_gemv_cpu
 from .modeling.activation_sparsity import ActivationSparsity
 # as the transformers runtime: a step of B rows takes the sparse GEMV while B * (kept fraction) < BATCH_BREAK_EVEN
 from .modeling.modeling_acttail import BATCH_BREAK_EVEN
@@ -95,14 +96,19 @@ def sparse_linear(x: torch.Tensor, x_full: torch.Tensor | None, weight_t: torch.
     dense_rows = _Step.dense_rows
     if dense_rows is not None and (dense_rows.shape[0] < x.shape[0] or not dense_rows[:x.shape[0]].any()):
         dense_rows = None  # no dense prompt token in this step (or not this step's marks: a dummy run)
-    if dense_rows is None and x.shape[0] <= max_rows and x.is_cpu and x.dtype == weight_t.dtype in CPU_DTYPES:
-        plan = _plan(tuple(widths), tuple(ks), tuple(thresholds), x.dtype)
-        return sparse_gemv_cpu(x.contiguous(), weight_t, plan, bias,
-                               None if x_full is None else x_full.contiguous(), offset)
+    compiled = x.is_cpu and x.dtype == weight_t.dtype and x.dtype in CPU_DTYPES
+    plan = _plan(tuple(widths), tuple(ks), tuple(thresholds), x.dtype) if compiled else None
+    x_full = None if x_full is None else x_full.contiguous()
+    if dense_rows is None and x.shape[0] <= max_rows and compiled:
+        return sparse_gemv_cpu(x.contiguous(), weight_t, plan, bias, x_full, offset)
+    masks = kept_masks(plan, x.contiguous(), x_full, offset) if compiled else None  # every member's, in one call
     outputs = []
     for m, (part, member_bias) in enumerate(zip(weight_t.split(widths, dim=1),
                                                bias.split(widths) if bias is not None else [None] * len(widths))):
-        xs = _sparsify(x, x_full, ks[m] if ks else None, thresholds[m] if thresholds else None, offset)
+        if masks is not None:
+            xs = torch.where(masks[m], x, torch.zeros((), dtype=x.dtype))
+        else:
+            xs = _sparsify(x, x_full, ks[m] if ks else None, thresholds[m] if thresholds else None, offset)
         if dense_rows is not None:
             xs = torch.where(dense_rows[:x.shape[0], None], x, xs)
         outputs.append(F.linear(xs, part.t(), member_bias))

@@ -41,10 +41,12 @@ SHARD_BYTES = 4 * 2**30  # four shards of at most 4 GiB, like a hub upload split
 
 def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     d, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    kv = d // config["num_attention_heads"] * config["num_key_value_heads"]  # k/v width under grouped-query attention
     shapes = {"model.embed_tokens.weight": (v, d)}
     for i in range(config["num_hidden_layers"]):
         prefix = f"model.layers.{i}"
-        shapes |= {f"{prefix}.self_attn.{p}_proj.weight": (d, d) for p in "qkvo"}
+        shapes |= {f"{prefix}.self_attn.{p}_proj.weight": (d, d) for p in "qo"}
+        shapes |= {f"{prefix}.self_attn.{p}_proj.weight": (kv, d) for p in "kv"}
         shapes |= {f"{prefix}.mlp.gate_proj.weight": (f, d), f"{prefix}.mlp.up_proj.weight": (f, d),
                    f"{prefix}.mlp.down_proj.weight": (d, f)}
         shapes |= {f"{prefix}.input_layernorm.weight": (d,), f"{prefix}.post_attention_layernorm.weight": (d,)}

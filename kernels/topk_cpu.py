@@ -28,7 +28,7 @@ try:  # optional fast path; the try block also keeps transformers' remote-code i
 except ImportError:
     numba = None
 
-__all__ = ["GemvPlan", "sparse_gemv_cpu", "gemv_bags", "DTYPES"]
+__all__ = ["GemvPlan", "sparse_gemv_cpu", "gemv_bags", "kept_masks", "DTYPES"]
 
 USE_NUMBA = numba is not None and os.environ.get("ACTTAIL_NUMBA", "1") != "0"  # tests flip it to run the torch path
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # embedding_bag's table dtypes
@@ -113,6 +113,36 @@ if numba is not None:
         return n
 
 
+    @_jit
+    def _fill_masks(bits, members, lo, masks):
+        """``masks[m, b, i]``: whether member m keeps input ``lo + i`` of row b (as :func:`_fill_bags` selects)."""
+        rows, d = bits.shape
+        d_local = masks.shape[2]
+        mask, shift = members[-1, 0], members[-1, 1]
+        keys, bin_keys = np.empty(d, np.int64), np.empty(d, np.int64)
+        hist = np.zeros((mask >> shift) + 1, np.int32)
+        for b in range(rows):
+            hist[:] = 0
+            top = 0
+            for i in range(d):
+                keys[i] = bits[b, i] & mask
+                hist[keys[i] >> shift] += 1
+                top = max(top, keys[i])
+            for m in range(members.shape[0] - 1):
+                k, cut, ties = members[m, 0], members[m, 1], 0
+                if k >= d:
+                    cut = -1
+                elif k >= 0:
+                    cut, ties = _topk_cut(keys, hist, top, shift, k, bin_keys)
+                for i in range(lo, lo + d_local):
+                    masks[m, b, i - lo] = False
+                for i in range(d):
+                    if keys[i] > cut or (keys[i] == cut and ties > 0):
+                        ties -= keys[i] == cut
+                        if lo <= i < lo + d_local:
+                            masks[m, b, i - lo] = True
+
+
 class GemvPlan:
     """How one group's decode GEMV runs (see :func:`sparse_gemv_cpu`): the column blocks of its ``[d_in,
     sum(widths)]`` weight, which member owns each, and the bag buffers, reused from step to step.
@@ -172,13 +202,18 @@ def _np(t: torch.Tensor):
     return t.view(torch.int16).numpy() if t.dtype in (torch.bfloat16, torch.float16) else t.numpy()
 
 
-def _kept_torch(plan: GemvPlan, ranked: torch.Tensor, m: int, lo: int, d_local: int) -> list[torch.Tensor]:
-    """Without numba: each row's kept inputs of member m that lie in ``lo:lo + d_local``, local and ascending."""
+def _kept_mask_torch(plan: GemvPlan, ranked: torch.Tensor, m: int, lo: int, d_local: int) -> torch.Tensor:
+    """Without numba: ``[rows, d_local]`` whether member m keeps each input in ``lo:lo + d_local``."""
     if plan.ks is not None:
         keep = topk_mask(ranked, plan.ks[m]) if plan.ks[m] < ranked.shape[1] else torch.ones_like(ranked, dtype=torch.bool)
     else:
         keep = ~(ranked.abs() <= plan.thresholds[m])
-    return [row.nonzero().view(-1) for row in keep[:, lo:lo + d_local]]
+    return keep[:, lo:lo + d_local]
+
+
+def _kept_torch(plan: GemvPlan, ranked: torch.Tensor, m: int, lo: int, d_local: int) -> list[torch.Tensor]:
+    """Without numba: each row's kept inputs of member m that lie in ``lo:lo + d_local``, local and ascending."""
+    return [row.nonzero().view(-1) for row in _kept_mask_torch(plan, ranked, m, lo, d_local)]
 
 
 def _bags_torch(plan: GemvPlan, x: torch.Tensor, ranked: torch.Tensor, lo: int):
@@ -232,6 +267,18 @@ def sparse_gemv_cpu(x: torch.Tensor, weight_t: torch.Tensor, plan: GemvPlan, bia
     # torch.embedding_bag, not F.embedding_bag: the same op without its Python checks, a few us a call
     y = torch.embedding_bag(table, idx, offsets, False, 0, False, values, False, None)[0].view(x.shape[0], -1)
     return y if bias is None else y + bias
+
+
+def kept_masks(plan: GemvPlan, x: torch.Tensor, x_full: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
+    """``[members, rows, d_local]`` bool: which inputs of x each member keeps (as in :func:`sparse_gemv_cpu`), for the
+    masked dense matmul of prompts and large batches: one compiled call for every member instead of a TopK per member
+    in torch ops (``topk.topk_mask``: 60-70 us a member for one SmolLM2 row)."""
+    ranked = x if x_full is None else x_full
+    if not hasattr(plan, "members") or _torch_only(x):
+        return torch.stack([_kept_mask_torch(plan, ranked, m, offset, x.shape[1]) for m in range(len(plan.widths))])
+    masks = torch.empty(len(plan.widths), *x.shape, dtype=torch.bool)
+    _fill_masks(_np(ranked.contiguous()).view(plan.bits), plan.members, offset, masks.numpy())
+    return masks
 
 
 def gemv_bags(plan: GemvPlan, x: torch.Tensor, x_full: torch.Tensor | None = None, offset: int = 0):

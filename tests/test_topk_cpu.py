@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from acttail_export.kernels import topk_cpu
 from acttail_export.kernels.topk import threshold_sparsify, topk_mask
-from acttail_export.kernels.topk_cpu import MIN_WIDTH, GemvPlan, gemv_bags, sparse_gemv_cpu
+from acttail_export.kernels.topk_cpu import MIN_WIDTH, GemvPlan, gemv_bags, kept_masks, sparse_gemv_cpu
 from conftest import assert_gemv_close
 
 
@@ -130,6 +130,23 @@ def test_bags_of_a_shard_keep_the_whole_inputs_topk(dtype, path):
         masks = kept_sets(plan, 3, *gemv_bags(plan, shard, x_full, lo), shard)
         for m, k in enumerate(plan.ks):
             assert torch.equal(torch.stack([masks[b][m] for b in range(3)]), topk_mask(x_full, k)[:, lo:lo + 50])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "d", "widths", "ks"), SELECT_CASES + [(40, 576, [576, 192], [288, 100])])
+def test_masks_are_the_reference_topk_and_threshold(rows, d, widths, ks, dtype, path, poisoned_empty):
+    """kept_masks (the masked dense path of prompts and large batches): every member's TopK, threshold, and a shard's
+    part of the whole input's TopK, each written in full (poisoned_empty: an unwritten entry shows)."""
+    x = make_input(rows, d, dtype, "tied", seed=d + rows)
+    masks = kept_masks(GemvPlan(widths, ks, None, dtype), x)
+    assert torch.equal(masks, torch.stack([topk_mask(x, k) for k in ks]))
+    thresholds = [1.5, 3.5][:len(widths)]
+    masks = kept_masks(GemvPlan(widths[:2], None, thresholds, dtype), x)
+    assert torch.equal(masks, torch.stack([threshold_sparsify(x, t) != 0 for t in thresholds]))
+    lo = d // 3
+    shard = x[:, lo:lo + d // 2].contiguous()
+    masks = kept_masks(GemvPlan(widths, ks, None, dtype), shard, x, lo)
+    assert torch.equal(masks, torch.stack([topk_mask(x, k)[:, lo:lo + d // 2] for k in ks]))
 
 
 GEMV_CASES = [  # rows, d_in, widths, ks, bias
