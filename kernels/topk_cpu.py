@@ -18,7 +18,6 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 
 from .topk import KEY_TYPES, magnitude_keys, threshold_sparsify, topk_mask, topk_sparsify
 
@@ -68,6 +67,35 @@ if numba is not None:
         return cut, ties
 
     @_jit
+    def _rank_row(bits, b, mask, keys, hist, shift):
+        """Row b's keys (``bits & mask``) and the histogram of their top bits; returns the largest key."""
+        hist[:] = 0
+        top = 0
+        for i in range(bits.shape[1]):
+            keys[i] = bits[b, i] & mask
+            hist[keys[i] >> shift] += 1
+            top = max(top, keys[i])
+        return top
+
+    @_jit
+    def _kept_inputs(keys, hist, top, shift, k, cut, lo, bin_keys, kept):
+        """The inputs in ``lo:lo + len(kept)`` that a member keeps, as local indices, ascending, into ``kept``;
+        returns how many. k: its TopK count (k >= d keeps all), or -1 to keep the keys above ``cut`` (threshold)."""
+        ties = 0
+        if k >= keys.shape[0]:
+            cut = -1
+        elif k >= 0:
+            cut, ties = _topk_cut(keys, hist, top, shift, k, bin_keys)
+        count = 0
+        for i in range(keys.shape[0]):
+            if keys[i] > cut or (keys[i] == cut and ties > 0):
+                ties -= keys[i] == cut
+                if lo <= i < lo + kept.shape[0]:
+                    kept[count] = i - lo
+                    count += 1
+        return count
+
+    @_jit
     def _fill_bags(bits, x, members, lo, idx, values, offsets):
         """Every row's bags, in order (row, column block): the table rows ``i * chunks + c`` of the inputs i that
         member m(c) keeps, ascending, with x's values; returns how many entries were written.
@@ -78,32 +106,14 @@ if numba is not None:
             above ``cut`` (threshold mode); it owns column blocks ``first:end``. Last row: ``(mask, shift, 0, 0)``
         :param lo: x holds inputs ``lo:lo + d_local`` of ``bits``; kept inputs outside it are another rank's
         """
-        rows, d = bits.shape
-        d_local, chunks = x.shape[1], members[-2, 3]
-        mask, shift = members[-1, 0], members[-1, 1]
-        keys, bin_keys, kept = np.empty(d, np.int64), np.empty(d, np.int64), np.empty(d_local, np.int64)
+        d, chunks, (mask, shift) = bits.shape[1], members[-2, 3], members[-1, :2]
+        keys, bin_keys, kept = np.empty(d, np.int64), np.empty(d, np.int64), np.empty(x.shape[1], np.int64)
         hist = np.zeros((mask >> shift) + 1, np.int32)
         n = 0
-        for b in range(rows):
-            hist[:] = 0
-            top = 0
-            for i in range(d):
-                keys[i] = bits[b, i] & mask
-                hist[keys[i] >> shift] += 1
-                top = max(top, keys[i])
+        for b in range(bits.shape[0]):
+            top = _rank_row(bits, b, mask, keys, hist, shift)
             for m in range(members.shape[0] - 1):
-                k, cut, ties = members[m, 0], members[m, 1], 0
-                if k >= d:
-                    cut = -1
-                elif k >= 0:
-                    cut, ties = _topk_cut(keys, hist, top, shift, k, bin_keys)
-                count = 0
-                for i in range(d):
-                    if keys[i] > cut or (keys[i] == cut and ties > 0):
-                        ties -= keys[i] == cut
-                        if lo <= i < lo + d_local:
-                            kept[count] = i - lo
-                            count += 1
+                count = _kept_inputs(keys, hist, top, shift, members[m, 0], members[m, 1], lo, bin_keys, kept)
                 for c in range(members[m, 2], members[m, 3]):
                     offsets[b * chunks + c] = n
                     for t in range(count):
@@ -112,35 +122,19 @@ if numba is not None:
                         n += 1
         return n
 
-
     @_jit
     def _fill_masks(bits, members, lo, masks):
         """``masks[m, b, i]``: whether member m keeps input ``lo + i`` of row b (as :func:`_fill_bags` selects)."""
-        rows, d = bits.shape
-        d_local = masks.shape[2]
-        mask, shift = members[-1, 0], members[-1, 1]
-        keys, bin_keys = np.empty(d, np.int64), np.empty(d, np.int64)
+        d, (mask, shift) = bits.shape[1], members[-1, :2]
+        keys, bin_keys, kept = np.empty(d, np.int64), np.empty(d, np.int64), np.empty(masks.shape[2], np.int64)
         hist = np.zeros((mask >> shift) + 1, np.int32)
-        for b in range(rows):
-            hist[:] = 0
-            top = 0
-            for i in range(d):
-                keys[i] = bits[b, i] & mask
-                hist[keys[i] >> shift] += 1
-                top = max(top, keys[i])
+        for b in range(bits.shape[0]):
+            top = _rank_row(bits, b, mask, keys, hist, shift)
             for m in range(members.shape[0] - 1):
-                k, cut, ties = members[m, 0], members[m, 1], 0
-                if k >= d:
-                    cut = -1
-                elif k >= 0:
-                    cut, ties = _topk_cut(keys, hist, top, shift, k, bin_keys)
-                for i in range(lo, lo + d_local):
-                    masks[m, b, i - lo] = False
-                for i in range(d):
-                    if keys[i] > cut or (keys[i] == cut and ties > 0):
-                        ties -= keys[i] == cut
-                        if lo <= i < lo + d_local:
-                            masks[m, b, i - lo] = True
+                count = _kept_inputs(keys, hist, top, shift, members[m, 0], members[m, 1], lo, bin_keys, kept)
+                masks[m, b, :] = False
+                for t in range(count):
+                    masks[m, b, kept[t]] = True
 
 
 class GemvPlan:
@@ -162,7 +156,8 @@ class GemvPlan:
         self.chunks = ends[-1]
         self.owner = [m for m, count in enumerate(owned) for _ in range(count)]  # the member of each block
         self.buffers = {}  # (rows, entries) -> (idx, values, offsets) and their numpy views
-        if USE_NUMBA and dtype in _KEY_BITS:
+        self.compiled = USE_NUMBA and dtype in _KEY_BITS  # bags and masks from numba; else from torch ops
+        if self.compiled:
             self.bits, mask = _KEY_BITS[dtype], KEY_TYPES[dtype][1]
             cuts = [0] * len(owned) if thresholds is None else \
                 [int(magnitude_keys(torch.tensor([t], dtype=dtype))) for t in thresholds]
@@ -274,7 +269,7 @@ def kept_masks(plan: GemvPlan, x: torch.Tensor, x_full: torch.Tensor | None = No
     masked dense matmul of prompts and large batches: one compiled call for every member instead of a TopK per member
     in torch ops (``topk.topk_mask``: 60-70 us a member for one SmolLM2 row)."""
     ranked = x if x_full is None else x_full
-    if not hasattr(plan, "members") or _torch_only(x):
+    if not plan.compiled or _torch_only(x):
         return torch.stack([_kept_mask_torch(plan, ranked, m, offset, x.shape[1]) for m in range(len(plan.widths))])
     masks = torch.empty(len(plan.widths), *x.shape, dtype=torch.bool)
     _fill_masks(_np(ranked.contiguous()).view(plan.bits), plan.members, offset, masks.numpy())
@@ -286,7 +281,7 @@ def gemv_bags(plan: GemvPlan, x: torch.Tensor, x_full: torch.Tensor | None = Non
     ``row * plan.chunks + c`` holding the table rows ``i * plan.chunks + c`` of the inputs i that column block c's
     member keeps in that row, ascending, with their values. Views of the plan's buffers: valid until its next call."""
     rows, d_local = x.shape
-    if not hasattr(plan, "members"):
+    if not plan.compiled:
         return _bags_torch(plan, x, x if x_full is None else x_full, offset)
     whole = plan.ks is not None and x_full is None  # every row keeps exactly its counts
     (idx, values, offsets), arrays = plan.bags(rows, sum(plan.ks[m] for m in plan.owner) if whole
