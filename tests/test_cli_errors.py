@@ -6,11 +6,12 @@ import shutil
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import invoke_cli, run_cli
 
 
 def assert_one_line_failure(result, message: str) -> None:
-    assert result.returncode != 0
+    """``result``: a finished ``run_cli`` process or an ``invoke_cli`` result."""
+    assert (result.returncode if hasattr(result, "returncode") else result.exit_code) != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("acttail-export: error: ") and message in lines[0], lines[0]
@@ -119,10 +120,12 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_export_input(case, tiny_models, tmp_path):
+    """In this process (the console entry point with its error handling, without 24 interpreter start-ups); the tests
+    below run the installed script in a process of its own."""
     make_input, args, message = CASES[case]
     model = make_input(tiny_models["llama"], tmp_path)
     out = tmp_path / "out"
-    result = run_cli("export", model, out, *args, check=False)
+    result = invoke_cli("export", model, out, *args)
     assert_one_line_failure(result, message)
     assert not out.exists()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]
