@@ -131,28 +131,32 @@ def test_bad_export_input(case, tiny_models, tmp_path):
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
+def export_in_process(*args) -> None:
+    result = invoke_cli("export", *args)
+    assert result.exit_code == 0, result.stderr[-3000:]
+
+
 def test_existing_out_is_never_replaced_unless_a_previous_export(tiny_models, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep-me").write_text("user data")
     for overwrite in ([], ["--overwrite"]):
-        result = run_cli("export", tiny_models["llama"], out, "--sparsity", "0.5", *overwrite, check=False)
+        result = invoke_cli("export", tiny_models["llama"], out, "--sparsity", "0.5", *overwrite)
         assert_one_line_failure(result, "is not an acttail-export checkpoint (--overwrite replaces only those)")
         assert (out / "keep-me").read_text() == "user data"
     shutil.rmtree(out)
-    run_cli("export", tiny_models["llama"], out, "--sparsity", "0.5")
-    result = run_cli("export", tiny_models["llama"], out, "--sparsity", "0.5", check=False)
+    export_in_process(tiny_models["llama"], out, "--sparsity", "0.5")
+    result = invoke_cli("export", tiny_models["llama"], out, "--sparsity", "0.5")
     assert_one_line_failure(result, "already exists; pass --overwrite")
-    run_cli("export", tiny_models["llama"], out, "--sparsity", "0.3", "--overwrite")
+    export_in_process(tiny_models["llama"], out, "--sparsity", "0.3", "--overwrite")
     assert json.loads((out / "config.json").read_text())["activation_sparsity"]["target_sparsity"] == 0.3
 
 
 def test_failed_overwrite_keeps_the_old_checkpoint(tiny_models, tmp_path):
     out = tmp_path / "out"
-    run_cli("export", tiny_models["llama"], out, "--sparsity", "0.5")
+    export_in_process(tiny_models["llama"], out, "--sparsity", "0.5")
     before = (out / "config.json").read_bytes()
-    result = run_cli("export", truncated(tiny_models["llama"], tmp_path), out, "--sparsity", "0.3", "--overwrite",
-                     check=False)
+    result = invoke_cli("export", truncated(tiny_models["llama"], tmp_path), out, "--sparsity", "0.3", "--overwrite")
     assert_one_line_failure(result, "not a readable safetensors file")
     assert (out / "config.json").read_bytes() == before
 
