@@ -6,11 +6,12 @@ import shutil
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import invoke_cli, run_cli
 
 
 def assert_one_line_failure(result, message: str) -> None:
-    assert result.returncode != 0
+    """``result``: a finished ``run_cli`` process or an ``invoke_cli`` result."""
+    assert (result.returncode if hasattr(result, "returncode") else result.exit_code) != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("acttail-export: error: ") and message in lines[0], lines[0]
@@ -119,13 +120,20 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_export_input(case, tiny_models, tmp_path):
+    """In this process (the console entry point with its error handling, without 24 interpreter start-ups); the tests
+    below run the installed script in a process of its own."""
     make_input, args, message = CASES[case]
     model = make_input(tiny_models["llama"], tmp_path)
     out = tmp_path / "out"
-    result = run_cli("export", model, out, *args, check=False)
+    result = invoke_cli("export", model, out, *args)
     assert_one_line_failure(result, message)
     assert not out.exists()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def export_in_process(*args) -> None:
+    result = invoke_cli("export", *args)
+    assert result.exit_code == 0, result.stderr[-3000:]
 
 
 def test_existing_out_is_never_replaced_unless_a_previous_export(tiny_models, tmp_path):
@@ -133,23 +141,22 @@ def test_existing_out_is_never_replaced_unless_a_previous_export(tiny_models, tm
     out.mkdir()
     (out / "keep-me").write_text("user data")
     for overwrite in ([], ["--overwrite"]):
-        result = run_cli("export", tiny_models["llama"], out, "--sparsity", "0.5", *overwrite, check=False)
+        result = invoke_cli("export", tiny_models["llama"], out, "--sparsity", "0.5", *overwrite)
         assert_one_line_failure(result, "is not an acttail-export checkpoint (--overwrite replaces only those)")
         assert (out / "keep-me").read_text() == "user data"
     shutil.rmtree(out)
-    run_cli("export", tiny_models["llama"], out, "--sparsity", "0.5")
-    result = run_cli("export", tiny_models["llama"], out, "--sparsity", "0.5", check=False)
+    export_in_process(tiny_models["llama"], out, "--sparsity", "0.5")
+    result = invoke_cli("export", tiny_models["llama"], out, "--sparsity", "0.5")
     assert_one_line_failure(result, "already exists; pass --overwrite")
-    run_cli("export", tiny_models["llama"], out, "--sparsity", "0.3", "--overwrite")
+    export_in_process(tiny_models["llama"], out, "--sparsity", "0.3", "--overwrite")
     assert json.loads((out / "config.json").read_text())["activation_sparsity"]["target_sparsity"] == 0.3
 
 
 def test_failed_overwrite_keeps_the_old_checkpoint(tiny_models, tmp_path):
     out = tmp_path / "out"
-    run_cli("export", tiny_models["llama"], out, "--sparsity", "0.5")
+    export_in_process(tiny_models["llama"], out, "--sparsity", "0.5")
     before = (out / "config.json").read_bytes()
-    result = run_cli("export", truncated(tiny_models["llama"], tmp_path), out, "--sparsity", "0.3", "--overwrite",
-                     check=False)
+    result = invoke_cli("export", truncated(tiny_models["llama"], tmp_path), out, "--sparsity", "0.3", "--overwrite")
     assert_one_line_failure(result, "not a readable safetensors file")
     assert (out / "config.json").read_bytes() == before
 
