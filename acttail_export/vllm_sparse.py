@@ -10,8 +10,8 @@ from every rank), so tp=2 keeps what tp=1 keeps; prompt tokens follow the block'
 always sparse.
 
 A step either runs the CPU sparse GEMV over kept weight rows (``kernels/topk_cpu.py``: few rows, a dtype it supports),
-or the mask + dense ``F.linear`` of each member (on CPU the masks of every member from one compiled selection, else the
-transformers runtime's own ops). Both run inside one custom op
+or the mask + dense ``F.linear`` of each member (every member's mask from ``kept_masks``: one compiled selection on
+CPU, torch ops elsewhere). Both run inside one custom op
 (``torch.ops.acttail.sparse_linear``), opaque to torch.compile, so vLLM's compiled graph stays whole.
 """
 
@@ -25,7 +25,6 @@ from vllm.distributed import tensor_model_parallel_all_gather
 from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.layers.linear import LinearBase, RowParallelLinear, UnquantizedLinearMethod
 
-from .kernels.topk import threshold_sparsify, topk_mask, topk_sparsify
 from .kernels.topk_cpu import DTYPES as CPU_DTYPES
 from .kernels.topk_cpu import GemvPlan, kept_masks, sparse_gemv_cpu
 from .modeling.activation_sparsity import ActivationSparsity
@@ -96,19 +95,17 @@ def sparse_linear(x: torch.Tensor, x_full: torch.Tensor | None, weight_t: torch.
     dense_rows = _Step.dense_rows
     if dense_rows is not None and (dense_rows.shape[0] < x.shape[0] or not dense_rows[:x.shape[0]].any()):
         dense_rows = None  # no dense prompt token in this step (or not this step's marks: a dummy run)
-    compiled = x.is_cpu and x.dtype == weight_t.dtype and x.dtype in CPU_DTYPES
-    plan = _plan(tuple(widths), tuple(ks), tuple(thresholds), x.dtype) if compiled else None
-    x_full = None if x_full is None else x_full.contiguous()
-    if dense_rows is None and x.shape[0] <= max_rows and compiled:
-        return sparse_gemv_cpu(x.contiguous(), weight_t, plan, bias, x_full, offset)
-    masks = kept_masks(plan, x.contiguous(), x_full, offset) if compiled else None  # every member's, in one call
+    plan = _plan(tuple(widths), tuple(ks), tuple(thresholds), x.dtype)
+    x, x_full = x.contiguous(), None if x_full is None else x_full.contiguous()
+    if (dense_rows is None and x.shape[0] <= max_rows and x.is_cpu and x.dtype == weight_t.dtype
+            and x.dtype in CPU_DTYPES):
+        return sparse_gemv_cpu(x, weight_t, plan, bias, x_full, offset)
+    masks = kept_masks(plan, x, x_full, offset)  # every member's (on CPU in one compiled call)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
     outputs = []
-    for m, (part, member_bias) in enumerate(zip(weight_t.split(widths, dim=1),
-                                               bias.split(widths) if bias is not None else [None] * len(widths))):
-        if masks is not None:
-            xs = torch.where(masks[m], x, torch.zeros((), dtype=x.dtype))
-        else:
-            xs = _sparsify(x, x_full, ks[m] if ks else None, thresholds[m] if thresholds else None, offset)
+    for mask, part, member_bias in zip(masks, weight_t.split(widths, dim=1),
+                                       bias.split(widths) if bias is not None else [None] * len(widths)):
+        xs = torch.where(mask, x, zero)
         if dense_rows is not None:
             xs = torch.where(dense_rows[:x.shape[0], None], x, xs)
         outputs.append(F.linear(xs, part.t(), member_bias))
@@ -122,18 +119,8 @@ def _(x, x_full, weight_t, bias, widths, ks, thresholds, offset, max_rows):
 
 @functools.lru_cache(maxsize=256)
 def _plan(widths: tuple, ks: tuple, thresholds: tuple, dtype: torch.dtype) -> GemvPlan:
-    """The CPU GEMV's plan of a layer shape and sparsity (one per distinct layer: its buffers are reused)."""
+    """The plan of a layer shape and sparsity (kernels/topk_cpu.py; one per distinct layer: its buffers are reused)."""
     return GemvPlan(list(widths), list(ks) or None, list(thresholds) or None, dtype)
-
-
-def _sparsify(x, x_full, k, threshold, offset):
-    """x with the dropped entries zeroed: the same ops as the transformers runtime's TopKLinear."""
-    if threshold is not None:
-        return threshold_sparsify(x, threshold)
-    if x_full is None:
-        return topk_sparsify(x, k)
-    keep = topk_mask(x_full, k)[:, offset:offset + x.shape[1]]  # the whole input's TopK, this shard's part
-    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 class SparseLinearMethod(UnquantizedLinearMethod):

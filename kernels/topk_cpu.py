@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from .topk import KEY_TYPES, magnitude_keys, threshold_sparsify, topk_mask, topk_sparsify
+from .topk import KEY_TYPES, magnitude_keys, topk_mask
 
 try:  # optional fast path; the try block also keeps transformers' remote-code import check from requiring numba
     import numba
@@ -155,6 +155,7 @@ class GemvPlan:
         ends = [sum(owned[:m + 1]) for m in range(len(owned))]
         self.chunks = ends[-1]
         self.owner = [m for m, count in enumerate(owned) for _ in range(count)]  # the member of each block
+        self.entries = None if ks is None else sum(ks[m] for m in self.owner)  # bag entries of a row, TopK mode
         self.buffers = {}  # (rows, entries) -> (idx, values, offsets) and their numpy views
         self.compiled = USE_NUMBA and dtype in _KEY_BITS  # bags and masks from numba; else from torch ops
         if self.compiled:
@@ -227,18 +228,10 @@ def _bags_torch(plan: GemvPlan, x: torch.Tensor, ranked: torch.Tensor, lo: int):
 
 
 def _reference(x, weight_t, plan, bias, x_full, offset):
-    """Mask + dense matmul per member, the transformers runtime's reference ops (autograd and torch.compile)."""
-    outputs = []
-    for m, part in enumerate(weight_t.split(plan.widths, dim=1)):
-        if plan.thresholds is not None:
-            xs = threshold_sparsify(x, plan.thresholds[m])
-        elif x_full is None:
-            xs = topk_sparsify(x, plan.ks[m])
-        else:
-            keep = topk_mask(x_full, plan.ks[m])[:, offset:offset + x.shape[1]]
-            xs = torch.where(keep, x, torch.zeros((), dtype=x.dtype))
-        outputs.append(xs @ part)
-    y = torch.cat(outputs, dim=-1)
+    """Mask + dense matmul per member, in torch ops alone (autograd and torch.compile)."""
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    y = torch.cat([torch.where(mask, x, zero) @ part
+                   for mask, part in zip(kept_masks(plan, x, x_full, offset), weight_t.split(plan.widths, dim=1))], -1)
     return y if bias is None else y + bias
 
 
@@ -266,10 +259,10 @@ def sparse_gemv_cpu(x: torch.Tensor, weight_t: torch.Tensor, plan: GemvPlan, bia
 
 def kept_masks(plan: GemvPlan, x: torch.Tensor, x_full: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
     """``[members, rows, d_local]`` bool: which inputs of x each member keeps (as in :func:`sparse_gemv_cpu`), for the
-    masked dense matmul of prompts and large batches: one compiled call for every member instead of a TopK per member
-    in torch ops (``topk.topk_mask``: 60-70 us a member for one SmolLM2 row)."""
+    masked dense matmul of prompts and large batches: on CPU one compiled call for every member instead of a TopK per
+    member in torch ops (``topk.topk_mask``: 60-70 us a member for one SmolLM2 row); on other devices torch ops."""
     ranked = x if x_full is None else x_full
-    if not plan.compiled or _torch_only(x):
+    if not plan.compiled or not x.is_cpu or _torch_only(x):
         return torch.stack([_kept_mask_torch(plan, ranked, m, offset, x.shape[1]) for m in range(len(plan.widths))])
     masks = torch.empty(len(plan.widths), *x.shape, dtype=torch.bool)
     _fill_masks(_np(ranked.contiguous()).view(plan.bits), plan.members, offset, masks.numpy())
@@ -284,8 +277,7 @@ def gemv_bags(plan: GemvPlan, x: torch.Tensor, x_full: torch.Tensor | None = Non
     if not plan.compiled:
         return _bags_torch(plan, x, x if x_full is None else x_full, offset)
     whole = plan.ks is not None and x_full is None  # every row keeps exactly its counts
-    (idx, values, offsets), arrays = plan.bags(rows, sum(plan.ks[m] for m in plan.owner) if whole
-                                               else plan.chunks * d_local)
+    (idx, values, offsets), arrays = plan.bags(rows, plan.entries if whole else plan.chunks * d_local)
     x_np = _np(x)
     n = _fill_bags(x_np.view(plan.bits) if x_full is None else _np(x_full).view(plan.bits), x_np, plan.members,
                    offset, *arrays)

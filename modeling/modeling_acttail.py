@@ -191,8 +191,8 @@ class TopKLinear(nn.Linear):
         if group is not None and group.step_outputs is not None and group.step_outputs[self.slot] is not None:
             y, group.step_outputs[self.slot] = group.step_outputs[self.slot], None  # the parent's pre-hook ran the group
             return y
-        if self.group is not None and len(self.group.members) == 1 and self.group.wins(x):
-            return self.group(x)[0]
+        if group is not None and len(group.members) == 1 and group.wins(x):
+            return group(x)[0]
         return F.linear(self.sparsify(x), self.weight, self.bias)
 
     def extra_repr(self) -> str:
