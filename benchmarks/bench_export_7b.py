@@ -92,8 +92,8 @@ def generate_model(folder: Path, config: dict = LLAMA2_7B, tokenizer: Path | Non
     tmp.rename(folder)
 
 
-def run_measured(command: list[str], env: dict) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS in GiB, stdout) of one child process."""
+def run_measured(command: list[str], env: dict) -> tuple[float, float, float, str]:
+    """(wall seconds, CPU seconds (user + system), peak RSS in GiB, stdout) of one child process."""
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
     stdout = process.stdout.read()
@@ -101,7 +101,7 @@ def run_measured(command: list[str], env: dict) -> tuple[float, float, str]:
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"failed: {' '.join(command)}")
-    return wall, usage.ru_maxrss / 2**20, stdout  # ru_maxrss is in KiB on Linux
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 2**20, stdout  # ru_maxrss is in KiB on Linux
 
 
 def spectra_seconds(stdout: str) -> str:
@@ -136,6 +136,7 @@ def main() -> None:
     parser.add_argument("--mode", default="topk", help="export --mode.")
     parser.add_argument("--layers", type=int, default=32, help="Decoder layers kept of Llama-2-7B's 32.")
     parser.add_argument("--keep", action="store_true", help="Keep the generated model and the export.")
+    parser.add_argument("--cold-only", action="store_true", help="Only the cold export (no re-export from the cache).")
     args = parser.parse_args()
 
     cli = str(Path(sys.executable).with_name("acttail-export"))
@@ -160,23 +161,26 @@ def main() -> None:
                 ("re-export, cached, --link-weights", args.resparsity, ["--link-weights"]))
         if calibrates:  # every export calibrates again; the copy of the weights is measured above
             runs = (runs[0], runs[2])
+        if args.cold_only:
+            runs = runs[:1]
         for label, sparsity, extra in runs:
             print(f"export: {label}", flush=True)
-            wall, rss, stdout = run_measured([*base, "--sparsity", str(sparsity), *extra], env)
-            rows.append((label, sparsity, wall, spectra_seconds(stdout), rss))
-            print(f"  {wall:.1f} s wall, spectra {spectra_seconds(stdout)} s, peak RSS {rss:.2f} GiB", flush=True)
+            wall, cpu, rss, stdout = run_measured([*base, "--sparsity", str(sparsity), *extra], env)
+            rows.append((label, sparsity, wall, cpu, spectra_seconds(stdout), rss))
+            print(f"  {wall:.1f} s wall, {cpu:.0f} CPU-s, spectra {spectra_seconds(stdout)} s, peak RSS {rss:.2f} GiB",
+                  flush=True)
     if not args.skip_load:
         print("load check", flush=True)
-        wall, rss, stdout = run_measured([sys.executable, "-c", LOAD_CHECK, str(args.out)], dict(os.environ))
-        rows.append(("load device_map=auto bf16 + forward", args.resparsity, wall, "-", rss))
+        wall, cpu, rss, stdout = run_measured([sys.executable, "-c", LOAD_CHECK, str(args.out)], dict(os.environ))
+        rows.append(("load device_map=auto bf16 + forward", args.resparsity, wall, cpu, "-", rss))
         print(stdout.strip())
     print(f"\nLlama-2-7B-shaped, {args.layers} layers, vocabulary {config['vocab_size']} "
           f"({sum(torch.Size(s).numel() for s in tensor_shapes(config).values()) / 1e9:.2f} B parameters, bf16), "
           f"{os.cpu_count()} CPUs, spectra on {args.device}, --allocation {args.allocation} --mode {args.mode}")
-    print(f"| {'step':38s} | sparsity | wall s | spectra s | peak RSS GiB |")
-    print(f"|{'-' * 40}|---------:|-------:|----------:|-------------:|")
-    for label, sparsity, wall, spectra, rss in rows:
-        print(f"| {label:38s} | {sparsity:8.2f} | {wall:6.1f} | {spectra:>9s} | {rss:12.2f} |")
+    print(f"| {'step':38s} | sparsity | wall s | CPU s | spectra s | peak RSS GiB |")
+    print(f"|{'-' * 40}|---------:|-------:|------:|----------:|-------------:|")
+    for label, sparsity, wall, cpu, spectra, rss in rows:
+        print(f"| {label:38s} | {sparsity:8.2f} | {wall:6.1f} | {cpu:5.0f} | {spectra:>9s} | {rss:12.2f} |")
     if not args.keep:
         shutil.rmtree(args.out, ignore_errors=True)
         shutil.rmtree(args.model_dir, ignore_errors=True)
