@@ -24,11 +24,22 @@ FIGURE_HISTOGRAM = "figures/sparsity_histogram.png"
 _ABOUT = (
     "This checkpoint runs with **ActTail** activation sparsity (arXiv 2603.12272): at every q, k, v, o, gate, up and down "
     "projection only the TopK largest-magnitude entries of the input vector are kept per token, so a decode step reads only "
-    "the matching weight columns. Each projection gets its own sparsity, set from the heavy-tail exponent alpha of the "
-    "empirical spectral density of its weight matrix (HT-SR theory), under a global budget over all projection weights. "
+    "the matching weight columns. {allocation} "
     "The weights are the input model's, unchanged (dequantized if it was a GGUF file, converted if `--dtype` was given); "
     "the sparsity lives in `config.json` and the code shipped beside it."
 )
+_ALPHA = "the heavy-tail exponent alpha of the empirical spectral density of its weight matrix (HT-SR theory)"
+_BUDGET = "under a global budget over all projection weights."
+# How each allocation (the block's `method`) set the sparsities, for the paragraph above
+_ALLOCATIONS = {
+    "acttail": f"Each projection gets its own sparsity, set from {_ALPHA}, {_BUDGET}",
+    "calibrated": "Each projection gets its own sparsity from its loss-increase curve (one backward pass over "
+                  f"calibration text), guided by {_ALPHA}, {_BUDGET}",
+    "block": "Each decoder block gets its own sparsity, set from the mean heavy-tail exponent alpha of its projections' "
+             f"weight matrices (HT-SR theory), {_BUDGET}",
+    "teal-greedy": f"Each projection gets its own sparsity from TEAL's block-wise greedy search on calibration text, {_BUDGET}",
+    "uniform": "Every projection gets the same sparsity, the target.",
+}
 
 _THRESHOLD_MODE = (
     "- runtime mode `threshold` (TEAL): instead of TopK, every input entry with |x| <= its projection's threshold is "
@@ -114,7 +125,7 @@ def _readme(facts: CardFacts, block: dict, modules: dict[str, ModuleSparsity]) -
         "",
         f"# {facts.origin}, ActTail {block['effective_sparsity']:.1%} activation sparsity",
         "",
-        _ABOUT,
+        _ABOUT.format(allocation=_ALLOCATIONS[block["method"]]),
         "",
         f"- input model: {facts.origin}",
         f"- target sparsity {block['target_sparsity']}, effective {block['effective_sparsity']:.4f} "

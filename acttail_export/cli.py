@@ -2,10 +2,11 @@
 
 Examples::
 
-    acttail-export export out/smollm2-acttail-50 --sparsity 0.5          # the embedded SmolLM2-135M-Instruct
-    acttail-export export ./my-llama out/my-llama-70 --sparsity 0.7 --estimator peak
+    acttail-export export out/smollm2-calibrated-50 --sparsity 0.5       # the embedded SmolLM2-135M-Instruct
+    acttail-export export out/smollm2-acttail-50 --sparsity 0.5 --allocation acttail   # from the weights alone
+    acttail-export export ./my-llama out/my-llama-70 --sparsity 0.7 --allocation acttail --estimator peak
     acttail-export export out/smollm2-teal-50 --sparsity 0.5 --allocation teal-greedy --mode threshold   # TEAL
-    acttail-export export out/smollm2-calibrated-50 --sparsity 0.5 --allocation calibrated --mode threshold
+    acttail-export export out/smollm2-calibrated-threshold-50 --sparsity 0.5 --mode threshold
     acttail-export export out/smollm2-dhar-30 --sparsity 0.3 --allocation uniform --mode threshold --sites mlp
     acttail-export analyze ./my-llama
     acttail-export eval out/smollm2-acttail-50 --windows 8 --dense-baseline
@@ -42,7 +43,7 @@ from .hub import push_checkpoint
 from .modeling.activation_sparsity import MODES, PREFILL_MODES, validate_prefill
 from .patterns import (DEFAULT_PATTERN_SPARSITY, capture_masks, format_table, model_sites, pattern_rows, plot_patterns,
                        write_csv)
-from .pipeline import DTYPES, EVAL_SEQLEN, EVAL_WINDOWS, ExportOptions, add_perplexity, check_device
+from .pipeline import DEFAULT_ALLOCATION, DTYPES, EVAL_SEQLEN, EVAL_WINDOWS, ExportOptions, add_perplexity, check_device
 from .pipeline import export as export_model
 from .spectra import DEFAULT_ESTIMATOR, ESTIMATORS, SPECTRA_DTYPES, estimator_alphas, spectra_dtype
 from .text import read_text
@@ -137,10 +138,12 @@ def push(checkpoint, repo_id, private, revision, commit_message, endpoint) -> No
 @click.argument("paths", nargs=-1, metavar="[MODEL] OUT")
 @click.option("--sparsity", type=Number(0, 1, max_open=True), required=True,
               help="Target sparsity S: mean over all projection parameters, in [0, 1).")
-@click.option("--allocation", type=click.Choice(ALLOCATIONS), default="acttail", show_default=True,
-              help="acttail: per-projection alpha; block: per-block mean alpha; uniform: S everywhere; teal-greedy: "
-                   "TEAL's block-wise greedy search on calibration text; calibrated: per-projection loss-increase "
-                   "curves from one backward pass on calibration text (best quality, under a minute on SmolLM2).")
+@click.option("--allocation", type=click.Choice(ALLOCATIONS), default=DEFAULT_ALLOCATION, show_default=True,
+              help="calibrated (the default): per-projection loss-increase curves from one backward pass on calibration "
+                   "text (--calibration-text, else the bundled text), guided by alpha (best quality, under a minute on "
+                   "SmolLM2); acttail: per-projection alpha from the weights alone (no text, no forward pass); block: "
+                   "per-block mean alpha; uniform: S everywhere; teal-greedy: TEAL's block-wise greedy search on "
+                   "calibration text.")
 @click.option("--mode", type=click.Choice(MODES), default="topk", show_default=True,
               help="topk: keep exactly k inputs per token; threshold: zero |x| <= a threshold calibrated per projection "
                    "(TEAL).")
@@ -161,7 +164,7 @@ def push(checkpoint, repo_id, private, revision, commit_message, endpoint) -> No
 @click.option("--prefill", default="sparse", show_default=True, callback=lambda ctx, p, v: _parse_prefill(v),
               help="Which prompt tokens are sparse: sparse (all), dense (none), or a fraction f (the last f).")
 @click.option("--calibration-text", type=click.Path(), default=None,
-              help="UTF-8 text for threshold mode, teal-greedy, calibrated and --epsilon auto; windows come from its end "
+              help="UTF-8 text for calibrated, teal-greedy, threshold mode and --epsilon auto; windows come from its end "
                    "(default: the bundled Wikipedia text, whose start eval uses).")
 @click.option("--calibration-windows", type=click.IntRange(1), default=DEFAULT_WINDOWS, show_default=True,
               help="Calibration windows (TEAL used 10 x 2048 tokens; the default is sized for a CPU).")

@@ -31,10 +31,13 @@ from .trust import check_input_code
 from .tuning import tune_block
 from .weights import SourceModel, check_complete, resolve_model
 
-__all__ = ["DTYPES", "DEFAULT_MODEL_ID", "EVAL_WINDOWS", "EVAL_SEQLEN", "ExportOptions", "ExportResult", "check_device",
-           "export", "add_perplexity"]
+__all__ = ["DTYPES", "DEFAULT_ALLOCATION", "DEFAULT_MODEL_ID", "EVAL_WINDOWS", "EVAL_SEQLEN", "ExportOptions",
+           "ExportResult", "check_device", "export", "add_perplexity"]
 
 DTYPES = ("float32", "float16", "bfloat16")
+# export's allocation when none is named (the CLI's default too): per-projection loss-gradient curves on calibration text,
+# guided by alpha; "acttail" is the calibration-free choice (docs/RESULTS.md, "The `calibrated` allocation")
+DEFAULT_ALLOCATION = "calibrated"
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_MODEL_LICENSE = "apache-2.0"
 # add_perplexity: the eval command's default windows, so the card's number is the one `acttail-export eval` reproduces
@@ -46,10 +49,13 @@ class ExportOptions:
     """Every option of an export, named and defaulted as ``acttail-export export`` names them.
 
     :param sparsity: target S, the parameter-weighted mean sparsity of all projections, in [0, 1)
+    :param allocation: see allocation.ALLOCATIONS; the default, ``calibrated``, runs the model on calibration text,
+        ``acttail`` needs the weights only
     :param estimator: xmin rule of the Hill alpha; None: not named, i.e. ``mid``, or every estimator for ``auto``
     :param epsilon: spread in [0, 1], or ``"auto"`` to choose estimator, sparser and epsilon by calibration perplexity
     :param sparser: ``heavy-tail`` or ``light-tail``; None: not named, i.e. ``heavy-tail``, or both for ``auto``
-    :param calibration_text: path of a UTF-8 text for threshold mode, teal-greedy and ``auto``; None: the bundled text
+    :param calibration_text: path of a UTF-8 text for calibrated, teal-greedy, threshold mode and ``auto``; None: the
+        bundled text
     :param dtype: ``float32``, ``float16`` or ``bfloat16`` to convert the weights; None keeps the files byte-identical
     :param device: where the spectra and the ``auto`` trials run
     :param spectra_dtype: ``auto`` (float64 for ``peak``, else float32), ``float32`` or ``float64``
@@ -63,7 +69,7 @@ class ExportOptions:
     """
 
     sparsity: float
-    allocation: str = "acttail"
+    allocation: str = DEFAULT_ALLOCATION
     mode: str = "topk"
     sites: str = "all"
     estimator: str | None = None
@@ -128,15 +134,32 @@ def _check(model: str | None, out: Path, options: ExportOptions) -> None:
         if value is not None and value not in allowed:
             raise BadOption(f"unknown {name} {value!r}; choose from {', '.join(allowed)}")
     if options.auto and (options.allocation, options.mode) != ("acttail", "topk"):
-        raise BadOption(f"--epsilon auto needs --allocation acttail --mode topk, got {options.allocation} / "
+        raise BadOption(f"--epsilon auto needs --allocation acttail --mode topk, got {_named(options.allocation)} / "
                         f"{options.mode}")
 
 
-def _tune(source: SourceModel, alphas: dict[str, dict[str, float]], text: str, options: ExportOptions,
+def _named(allocation: str) -> str:
+    """An allocation's name for an error line, saying when it is the default (so one not asked for is explained)."""
+    return f"{allocation} (the default)" if allocation == DEFAULT_ALLOCATION else allocation
+
+
+def _calibration_ids(source: SourceModel, text: str, options: ExportOptions) -> torch.Tensor:
+    """The calibration windows' token ids; where a model cannot give them (too few positions, no tokenizer) and the
+    allocation is what calibrates, the error names the calibration-free choice."""
+    try:
+        check_seqlen(source.folder, options.calibration_seqlen, "--calibration-seqlen")
+        return calibration_ids(source, text, options.calibration_windows, options.calibration_seqlen)
+    except ExportError as e:
+        if options.mode != "topk" or options.allocation not in ("calibrated", "teal-greedy"):
+            raise  # thresholds and --epsilon auto calibrate whatever the allocation
+        raise type(e)(f"{str(e).rstrip('.')}; --allocation {_named(options.allocation)} runs the model on "
+                      "calibration text, --allocation acttail needs none") from e
+
+
+def _tune(source: SourceModel, alphas: dict[str, dict[str, float]], windows: torch.Tensor, options: ExportOptions,
           log: Callable[[str], None]) -> tuple[Method, dict]:
     """``auto``: the method with the estimator, sparser and epsilon of the lowest calibration perplexity, and the record."""
     model = load_in_process(source).to(options.device)
-    windows = calibration_ids(source, text, options.calibration_windows, options.calibration_seqlen)
     block = tune_block(model, source.projections, alphas, options.sparsity, windows,
                        sparsers=(options.sparser,) if options.sparser else DIRECTIONS,
                        s_min=options.min_sparsity, s_max=options.max_sparsity,
@@ -165,19 +188,17 @@ def export(model: str | None, out: str | Path, options: ExportOptions, *, comman
     log(f"model: {source.origin}" + (" (no MODEL given: the default)" if model is None else ""))
     check_input_code(source.folder)
     check_complete(source)
-    if calibrates:
-        check_seqlen(source.folder, options.calibration_seqlen, "--calibration-seqlen")
     site_target(source.projections, options.sparsity, options.sites, options.max_sparsity)
+    ids = _calibration_ids(source, text, options) if calibrates else None  # before the spectra: fail at once
     calibration = None
     if method.needs_calibration:
-        ids = calibration_ids(source, text, options.calibration_windows, options.calibration_seqlen)
         calibration = Calibration(source, ids, options.calibration_text or "bundled Wikipedia text",
                                   options.greedy_windows)
     estimators = (method.estimator,) if not options.auto or options.estimator else ESTIMATORS
     alphas = estimator_alphas(source, estimators, options.spectra_dtype, options.device, options.spectra_cache, log)
     tuning = None
     if options.auto:
-        method, tuning = _tune(source, alphas, text, options, log)
+        method, tuning = _tune(source, alphas, ids, options, log)
     block, modules = build_block(source, options.sparsity, method, alphas[method.estimator], calibration)
     if tuning is not None:
         block["tuning"] = tuning

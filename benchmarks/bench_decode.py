@@ -58,14 +58,14 @@ def synthetic_7b(layers: int):
 
 def smollm2_exports(sparsities: list[float], folder: Path, mode: str = "topk",
                     model: Path | None = None) -> tuple[Path, dict[float, dict]]:
-    """Export SmolLM2 (or the model folder ``model``) at each sparsity with the CLI (TopK, or calibrated thresholds);
-    return the first checkpoint and every block."""
+    """Export SmolLM2 (or the model folder ``model``) at each sparsity with the CLI (ActTail allocation; TopK, or
+    calibrated thresholds); return the first checkpoint and every block."""
     cli = str(Path(sys.executable).parent / "acttail-export")
     blocks = {}
     for sparsity in sparsities:
         out = folder / f"s{sparsity}"
         subprocess.run([cli, "export", *([str(model)] if model else []), str(out), "--sparsity", str(sparsity),
-                        "--mode", mode], check=True, capture_output=True)
+                        "--allocation", "acttail", "--mode", mode], check=True, capture_output=True)
         blocks[sparsity] = json.loads((out / "config.json").read_text())["activation_sparsity"]
     return folder / f"s{sparsities[0]}", blocks
 

@@ -15,8 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-EXPORTS = {"topk-50": ["--sparsity", "0.5"], "topk-70": ["--sparsity", "0.7"],
-           "threshold-50": ["--sparsity", "0.5", "--mode", "threshold"]}
+EXPORTS = {"topk-50": ["--sparsity", "0.5", "--allocation", "acttail"],
+           "topk-70": ["--sparsity", "0.7", "--allocation", "acttail"],
+           "threshold-50": ["--sparsity", "0.5", "--allocation", "acttail", "--mode", "threshold"]}
 PROMPT = "The history of the city begins in the Roman period, when"
 
 

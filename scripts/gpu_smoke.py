@@ -34,7 +34,8 @@ def main() -> None:
         worst = max(abs(cpu[n] - gpu[n]) / cpu[n] for n in cpu)
         print(f"alpha cpu vs cuda: max relative difference {worst:.2e}")
         assert worst < 1e-3
-        subprocess.run([CLI, "export", f"{tmp}/tiny", f"{tmp}/out", "--sparsity", "0.5", "--device", "cuda"], check=True)
+        subprocess.run([CLI, "export", f"{tmp}/tiny", f"{tmp}/out", "--sparsity", "0.5", "--allocation", "acttail",
+                        "--device", "cuda"], check=True)
         reference = AutoModelForCausalLM.from_pretrained(f"{tmp}/out", trust_remote_code=True, dtype=torch.float32)
         ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
         for dtype in (torch.float32, torch.bfloat16):

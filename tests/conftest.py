@@ -141,9 +141,11 @@ def wiki_text() -> str:
 
 @pytest.fixture(scope="session")
 def smollm2_50(smollm2, tmp_path_factory) -> Path:
-    """SmolLM2 exported at 50% by the real CLI (default allocation), perplexity measured into the card."""
+    """SmolLM2 exported at 50% by the real CLI with the calibration-free ActTail allocation (named: the default,
+    calibrated, is tested in test_calibrated.py), perplexity measured into the card."""
     out = tmp_path_factory.mktemp("export") / "smollm2-acttail-50"
-    run_cli("export", smollm2.folder, out, "--sparsity", "0.5", "--eval", "--base-model", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    run_cli("export", smollm2.folder, out, "--sparsity", "0.5", "--allocation", "acttail", "--eval",
+            "--base-model", "HuggingFaceTB/SmolLM2-135M-Instruct")
     return out
 
 

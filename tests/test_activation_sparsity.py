@@ -36,7 +36,7 @@ def exported(tmp_path_factory):
     """A tiny Llama exported at 50% by the CLI: a format_version 1 checkpoint as users have them."""
     tiny_model = make_tiny_model("llama", tmp_path_factory.mktemp("src") / "llama")
     out = tmp_path_factory.mktemp("export") / "ckpt"
-    run_cli("export", tiny_model, out, "--sparsity", "0.5")
+    run_cli("export", tiny_model, out, "--sparsity", "0.5", "--allocation", "acttail")
     return out
 
 

@@ -37,7 +37,7 @@ CHECK = """
 def test_tiny_architecture_round_trip(arch, tiny_models, tmp_path):
     dense, sparse = tmp_path / "dense", tmp_path / "sparse"
     export(tiny_models[arch], dense, "--sparsity", "0", "--allocation", "uniform")
-    export(tiny_models[arch], sparse, "--sparsity", "0.5")
+    export(tiny_models[arch], sparse, "--sparsity", "0.5", "--allocation", "acttail")
     config = json.loads((sparse / "config.json").read_text())
     assert config["model_type"] == f"acttail_{arch}"
     assert len(read_block(sparse)["modules"]) == 14
@@ -59,7 +59,7 @@ def test_sharded_bf16_input_and_dtype_conversion(tmp_path):
     model.save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     out = tmp_path / "out"
-    export(tmp_path / "sharded", out, "--sparsity", "0.4", "--dtype", "float16")
+    export(tmp_path / "sharded", out, "--sparsity", "0.4", "--allocation", "acttail", "--dtype", "float16")
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {p.name for p in out.glob("model-*.safetensors")}
@@ -92,7 +92,7 @@ def test_input_model_code_is_never_run(tiny_models, tmp_path):
 @pytest.mark.parametrize("prefill", ["dense", "0.5"])
 def test_prefill_policy_sparsifies_the_right_tokens(prefill, tiny_models, tmp_path):
     out = tmp_path / "out"
-    export(tiny_models["llama"], out, "--sparsity", "0.5", "--prefill", prefill)
+    export(tiny_models["llama"], out, "--sparsity", "0.5", "--allocation", "acttail", "--prefill", prefill)
     assert read_block(out)["prefill"] == (prefill if prefill == "dense" else 0.5)
     report = run_fresh_json(f"""
         import math, torch

@@ -161,13 +161,14 @@ def test_bad_calibrated_options_are_one_line(smollm2, tmp_path, flags, message):
     assert not out.exists()
 
 
-def test_calibrated_export_loads_in_a_fresh_process(smollm2, tmp_path):
+def test_default_export_is_calibrated_and_loads_in_a_fresh_process(smollm2, tmp_path):
     out = tmp_path / "calibrated"
-    run_cli("export", smollm2.folder, out, "--sparsity", "0.5", "--allocation", "calibrated", "--calibration-windows",
-            "1", "--calibration-seqlen", SEQLEN, "--link-weights")
+    run_cli("export", smollm2.folder, out, "--sparsity", "0.5", "--calibration-windows", "1", "--calibration-seqlen",
+            SEQLEN, "--link-weights")  # no --allocation: the default is calibrated
     block = read_block(out)
     assert block["method"] == "calibrated" and abs(block["effective_sparsity"] - 0.5) <= BUDGET_TOLERANCE
-    assert "Fisher estimate of the loss increase" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "Fisher estimate of the loss increase" in card and "from its loss-increase curve" in card
     report = run_fresh_json(f"""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -94,7 +94,8 @@ CASES = {
     "pickle-only weights": (pickle_only, ["--sparsity", "0.5"], "safetensors only"),
     "truncated safetensors": (truncated, ["--sparsity", "0.5"], "not a readable safetensors file"),
     "corrupt safetensors": (corrupt_header, ["--sparsity", "0.5"], "not a readable safetensors file"),
-    "NaN in a weight": (nan_weights, ["--sparsity", "0.5"], "model.layers.1.self_attn.q_proj: the weight holds NaN"),
+    "NaN in a weight": (nan_weights, ["--sparsity", "0.5", "--allocation", "acttail"],  # found by the spectra
+                        "model.layers.1.self_attn.q_proj: the weight holds NaN"),
     "no num_hidden_layers": (no_layers, ["--sparsity", "0.5"], "no valid num_hidden_layers"),
     "bad prefill": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--prefill", "2"], "--prefill"),
     "min above target": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--min-sparsity", "0.6"], "--min-sparsity"),
@@ -113,8 +114,9 @@ CASES = {
     "epsilon negative": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--epsilon", "-0.1"], "must be auto or a number"),
     "epsilon auto with uniform": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--epsilon", "auto", "--allocation",
                                                            "uniform"], "auto needs --allocation acttail"),
-    "missing auto calibration text": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--epsilon", "auto", "--calibration-text",
-                                                          "/nonexistent/calibration.txt"], "cannot read text file"),
+    "missing auto calibration text": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--allocation", "acttail", "--epsilon",
+                                                          "auto", "--calibration-text", "/nonexistent/calibration.txt"],
+                                      "cannot read text file"),
 }
 
 
@@ -131,6 +133,21 @@ def test_bad_export_input(case, tiny_models, tmp_path):
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
+@pytest.mark.parametrize(("args", "cause", "code"), [
+    (["--calibration-seqlen", "64"], "calibration needs the model's tokenizer, and", 1),  # the tiny models have none
+    ([], "--calibration-seqlen 512 is more than the 128 positions of", 2),
+])
+def test_default_allocation_on_a_model_it_cannot_calibrate(args, cause, code, tiny_models, tmp_path):
+    """The default allocation, calibrated, runs the model on text: where that cannot be done, one line says why and
+    names the calibration-free choice (nothing else runs in its place)."""
+    out = tmp_path / "out"
+    result = invoke_cli("export", tiny_models["llama"], out, "--sparsity", "0.5", *args)
+    assert_one_line_failure(result, "; --allocation calibrated (the default) runs the model on calibration text, "
+                                    "--allocation acttail needs none")
+    assert cause in result.stderr and result.exit_code == code
+    assert not out.exists() and "spectra" not in result.stdout  # refused before the spectra
+
+
 def export_in_process(*args) -> None:
     result = invoke_cli("export", *args)
     assert result.exit_code == 0, result.stderr[-3000:]
@@ -141,22 +158,23 @@ def test_existing_out_is_never_replaced_unless_a_previous_export(tiny_models, tm
     out.mkdir()
     (out / "keep-me").write_text("user data")
     for overwrite in ([], ["--overwrite"]):
-        result = invoke_cli("export", tiny_models["llama"], out, "--sparsity", "0.5", *overwrite)
+        result = invoke_cli("export", tiny_models["llama"], out, "--sparsity", "0.5", "--allocation", "acttail", *overwrite)
         assert_one_line_failure(result, "is not an acttail-export checkpoint (--overwrite replaces only those)")
         assert (out / "keep-me").read_text() == "user data"
     shutil.rmtree(out)
-    export_in_process(tiny_models["llama"], out, "--sparsity", "0.5")
-    result = invoke_cli("export", tiny_models["llama"], out, "--sparsity", "0.5")
+    export_in_process(tiny_models["llama"], out, "--sparsity", "0.5", "--allocation", "acttail")
+    result = invoke_cli("export", tiny_models["llama"], out, "--sparsity", "0.5", "--allocation", "acttail")
     assert_one_line_failure(result, "already exists; pass --overwrite")
-    export_in_process(tiny_models["llama"], out, "--sparsity", "0.3", "--overwrite")
+    export_in_process(tiny_models["llama"], out, "--sparsity", "0.3", "--allocation", "acttail", "--overwrite")
     assert json.loads((out / "config.json").read_text())["activation_sparsity"]["target_sparsity"] == 0.3
 
 
 def test_failed_overwrite_keeps_the_old_checkpoint(tiny_models, tmp_path):
     out = tmp_path / "out"
-    export_in_process(tiny_models["llama"], out, "--sparsity", "0.5")
+    export_in_process(tiny_models["llama"], out, "--sparsity", "0.5", "--allocation", "acttail")
     before = (out / "config.json").read_bytes()
-    result = invoke_cli("export", truncated(tiny_models["llama"], tmp_path), out, "--sparsity", "0.3", "--overwrite")
+    result = invoke_cli("export", truncated(tiny_models["llama"], tmp_path), out, "--sparsity", "0.3",
+                        "--allocation", "acttail", "--overwrite")
     assert_one_line_failure(result, "not a readable safetensors file")
     assert (out / "config.json").read_bytes() == before
 
@@ -164,7 +182,8 @@ def test_failed_overwrite_keeps_the_old_checkpoint(tiny_models, tmp_path):
 def test_unwritable_out_parent(tiny_models, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    result = run_cli("export", tiny_models["llama"], blocker / "out", "--sparsity", "0.5", check=False)
+    result = run_cli("export", tiny_models["llama"], blocker / "out", "--sparsity", "0.5", "--allocation", "acttail",
+                     check=False)
     assert_one_line_failure(result, "a-file")
 
 

@@ -30,10 +30,10 @@ def test_compare_rows_match_exported_checkpoints(smollm2, smollm2_50, tmp_path):
     assert set(rows) == {(m, p) for m in ("dense", "uniform", "acttail", "auto") for p in ("sparse", "0.5")}
     ppl = {key: float(r["perplexity"]) for key, r in rows.items()}
 
-    # the acttail row is the default export at 50%, the auto row `export --epsilon auto` on the same calibration
-    # windows, each evaluated through the shipped modeling code on the same windows
+    # the acttail row is `export --allocation acttail` at 50%, the auto row `export --allocation acttail --epsilon auto`
+    # on the same calibration windows, each evaluated through the shipped modeling code on the same windows
     auto = export(str(smollm2.folder), tmp_path / "auto", ExportOptions(
-        sparsity=0.5, epsilon="auto", calibration_windows=CALIBRATION_WINDOWS, calibration_seqlen=128,
+        sparsity=0.5, allocation="acttail", epsilon="auto", calibration_windows=CALIBRATION_WINDOWS, calibration_seqlen=128,
         link_weights=True))
     # the same search: every trial of compare's auto scored what export's recorded (peak's on float64 spectra in both)
     trials = [f"tune: estimator {t['estimator']:4s} sparser {t['sparser']:10s} epsilon {t['epsilon']:.3f}  "

@@ -27,7 +27,7 @@ PATHS = """
 @pytest.fixture(scope="module")
 def tiny_qwen2_50(tiny_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("decode") / "qwen2-50"
-    run_cli("export", tiny_models["qwen2"], out, "--sparsity", "0.5")
+    run_cli("export", tiny_models["qwen2"], out, "--sparsity", "0.5", "--allocation", "acttail")
     return out
 
 

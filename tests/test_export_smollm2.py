@@ -148,7 +148,8 @@ def test_gguf_path_and_gguf_file_name_are_inputs(smollm2, tmp_path):
 
 
 def test_export_peak_memory_stays_bounded(smollm2, tmp_path):
-    """Peak RSS of a whole export process (cold spectra, from the converted folder): 514 MB on 2026-12-02 (torch,
+    """Peak RSS of a whole `--allocation acttail` export process (cold spectra, from the converted folder; calibration's
+    memory is in BENCHMARKS.md and docs/RESULTS.md): 514 MB on 2026-12-02 (torch,
     transformers' Llama modeling for the completeness check, matplotlib for the card, one weight and its Gram at a
     time). An eager import or a whole-model copy that creeps in shows here first; the 7B-shaped figures are in
     BENCHMARKS.md.
@@ -160,7 +161,8 @@ def test_export_peak_memory_stays_bounded(smollm2, tmp_path):
             f"atexit.register(lambda: Path({str(report)!r}).write_text(Path('/proc/self/status').read_text())); "
             "from acttail_export.cli import main; sys.argv[0] = 'acttail-export'; main()")
     result = subprocess.run([sys.executable, "-c", code, "export", str(smollm2.folder), str(tmp_path / "out"),
-                             "--sparsity", "0.5", "--no-spectra-cache"], capture_output=True, text=True)
+                             "--sparsity", "0.5", "--allocation", "acttail", "--no-spectra-cache"], capture_output=True,
+                            text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     peak_kib = next(int(line.split()[1]) for line in report.read_text().splitlines() if line.startswith("VmHWM:"))
     assert peak_kib / 1024 < 600  # MB

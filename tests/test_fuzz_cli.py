@@ -129,6 +129,7 @@ def test_bad_export_options(workspace, data):
     options = {name: data.draw(BAD_EXPORT[name], label=name) for name in bad}
     options |= {name: data.draw(GOOD_EXPORT[name], label=name) for name in good}
     options.setdefault("--sparsity", "0.5")
+    options.setdefault("--allocation", "acttail")  # no calibration: a check the bad value slips past must show
     before = digest(workspace.parent)
     result = invoke_cli("export", workspace, workspace.parent / "out", *[f"{k}={v}" for k, v in options.items()])
     assert_untouched(result, workspace, before)
@@ -197,7 +198,7 @@ def test_validation_of_random_blocks(block):
 @pytest.fixture(scope="module")
 def checkpoint(tiny_models, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fuzz") / "checkpoint"
-    result = invoke_cli("export", tiny_models["llama"], out, "--sparsity", "0.5",
+    result = invoke_cli("export", tiny_models["llama"], out, "--sparsity", "0.5", "--allocation", "acttail",
                         env={"ACTTAIL_CACHE": str(out.parent / "cache")})
     assert result.exit_code == 0, result.stderr
     return out
@@ -278,7 +279,7 @@ def test_export_of_corrupted_input(tiny_models, data, monkeypatch, tmp_path):
         model = shutil.copytree(tiny_models["llama"], Path(folder) / "model")
         corrupt(model)
         before = digest(model)
-        result = invoke_cli("export", model, Path(folder) / "out", "--sparsity", "0.5")
+        result = invoke_cli("export", model, Path(folder) / "out", "--sparsity", "0.5", "--allocation", "acttail")
         assert_fails_any(result)
         assert digest(model) == before
         assert sorted(p.name for p in Path(folder).iterdir()) == ["model"], "something was written"

@@ -39,7 +39,7 @@ def hub():
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tiny_models, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("hub") / "tiny-acttail-50"
-    run_cli("export", tiny_models["llama"], out, "--sparsity", "0.5")
+    run_cli("export", tiny_models["llama"], out, "--sparsity", "0.5", "--allocation", "acttail")
     return out
 
 
@@ -93,7 +93,8 @@ def test_push_then_fresh_process_downloads_and_generates(smollm2_50, hub, tmp_pa
 def test_export_push_to_hub(tiny_models, hub, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
     out = tmp_path / "out"
-    result = run_cli("export", tiny_models["llama"], out, "--sparsity", "0.5", "--push-to-hub", REPO, "--endpoint", hub.url)
+    result = run_cli("export", tiny_models["llama"], out, "--sparsity", "0.5", "--allocation", "acttail",
+                     "--push-to-hub", REPO, "--endpoint", hub.url)
     assert f"pushed {out} to {REPO} (main)" in result.stdout
     assert digests(hub.files(REPO)) == folder_digest(out)
     assert "config.json" in hub.files(REPO) and "modeling_acttail.py" in hub.files(REPO)
@@ -145,7 +146,7 @@ def test_not_a_checkpoint_fails_before_the_network(tiny_models, hub, monkeypatch
 
 def test_export_checks_push_options_before_the_spectra(tiny_models, hub, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    args = ["export", tiny_models["llama"], out, "--sparsity", "0.5", "--endpoint", hub.url]
+    args = ["export", tiny_models["llama"], out, "--sparsity", "0.5", "--allocation", "acttail", "--endpoint", hub.url]
     assert_one_line_failure(run_cli(*args, "--push-to-hub", REPO, check=False), "no Hugging Face token found")
     monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
     assert_one_line_failure(run_cli(*args, "--push-to-hub", "bad--id", check=False), "bad Hub repo id")
@@ -157,8 +158,8 @@ def test_export_push_failure_keeps_out_and_the_retry_works(tiny_models, hub, tmp
     monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
     out = tmp_path / "out"
     hub.faults["commit"] = 500
-    result = run_cli("export", tiny_models["llama"], out, "--sparsity", "0.5", "--push-to-hub", REPO,
-                     "--endpoint", hub.url, check=False)
+    result = run_cli("export", tiny_models["llama"], out, "--sparsity", "0.5", "--allocation", "acttail",
+                     "--push-to-hub", REPO, "--endpoint", hub.url, check=False)
     assert_one_line_failure(result, f"the local checkpoint at {out} is intact; "
                                     f"retry with `acttail-export push {out} {REPO} --endpoint {hub.url}`")
     assert json.loads((out / "config.json").read_text())["activation_sparsity"]["effective_sparsity"] > 0.4

@@ -15,9 +15,9 @@ def digest(path) -> str:
 
 
 @pytest.mark.parametrize("args, options", [
-    ([], {}),
-    (["--estimator", "peak", "--epsilon", "0.5", "--sparser", "light-tail", "--min-sparsity", "0.1"],
-     {"estimator": "peak", "epsilon": 0.5, "sparser": "light-tail", "min_sparsity": 0.1}),
+    (["--allocation", "acttail"], {"allocation": "acttail"}),  # every other option at its default
+    (["--allocation", "acttail", "--estimator", "peak", "--epsilon", "0.5", "--sparser", "light-tail", "--min-sparsity",
+      "0.1"], {"allocation": "acttail", "estimator": "peak", "epsilon": 0.5, "sparser": "light-tail", "min_sparsity": 0.1}),
     (["--allocation", "block", "--prefill", "0.5", "--spectra-dtype", "float64"],
      {"allocation": "block", "prefill": 0.5, "spectra_dtype": "float64"}),
 ])
@@ -59,7 +59,8 @@ def test_bad_options_are_refused_before_the_input_is_read(options, message, tmp_
 @pytest.mark.parametrize("estimator", ["mid", "peak"])
 def test_analyze_prints_the_alphas_export_writes(estimator, smollm2, tmp_path):
     out = tmp_path / estimator
-    result = invoke_cli("export", smollm2.folder, out, "--sparsity", "0.5", "--estimator", estimator, "--link-weights")
+    result = invoke_cli("export", smollm2.folder, out, "--sparsity", "0.5", "--allocation", "acttail", "--estimator",
+                        estimator, "--link-weights")
     assert result.exit_code == 0, result.stderr
     written = {name: m["alpha"] for name, m in read_block(out)["modules"].items()}
 

@@ -34,7 +34,7 @@ def test_shard_missing_from_disk(tmp_path):
     assert len(shards) > 2
     (tmp_path / "shards" / shards[1]).unlink()
     out = tmp_path / "out"
-    result = run_cli("export", tmp_path / "shards", out, "--sparsity", "0.5", check=False)
+    result = run_cli("export", tmp_path / "shards", out, "--sparsity", "0.5", "--allocation", "acttail", check=False)
     assert_one_line_failure(result, f"lists shards that are missing: {shards[1]}")
     assert_nothing_written(out)
 
@@ -61,7 +61,7 @@ def test_header_that_lies_about_sizes(lie, tiny_models, tmp_path):
 
     lying_header(tiny_models["llama"], tmp_path / "liar", change)
     out = tmp_path / "out"
-    result = run_cli("export", tmp_path / "liar", out, "--sparsity", "0.5", check=False)
+    result = run_cli("export", tmp_path / "liar", out, "--sparsity", "0.5", "--allocation", "acttail", check=False)
     assert_one_line_failure(result, "liar/model.safetensors is not a readable safetensors file")
     assert_nothing_written(out)
 
@@ -74,8 +74,8 @@ def test_disk_full_while_writing(tiny_models, tmp_path):
 
     out = tmp_path / "out"
     env = {**os.environ, "ACTTAIL_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run([CLI, "export", tiny_models["llama"], out, "--sparsity", "0.5"], capture_output=True,
-                            text=True, env=env, preexec_fn=limit_file_size, stdin=subprocess.DEVNULL)
+    result = subprocess.run([CLI, "export", tiny_models["llama"], out, "--sparsity", "0.5", "--allocation", "acttail"],
+                            capture_output=True, text=True, env=env, preexec_fn=limit_file_size, stdin=subprocess.DEVNULL)
     assert_one_line_failure(result, f"no space left to write {out}")
     assert_nothing_written(out)
 
@@ -88,7 +88,8 @@ def test_permission_denied_on_out(tiny_models, tmp_path):
         if subprocess.run(["chattr", "+i", parent], capture_output=True).returncode != 0:
             pytest.skip("running as root and chattr +i is not permitted here: no way to deny a write")
     try:
-        result = run_cli("export", tiny_models["llama"], parent / "out", "--sparsity", "0.5", check=False)
+        result = run_cli("export", tiny_models["llama"], parent / "out", "--sparsity", "0.5", "--allocation", "acttail",
+                         check=False)
     finally:
         if os.geteuid() == 0:
             subprocess.run(["chattr", "-i", parent], check=True)
@@ -108,7 +109,8 @@ def test_ctrl_c_during_spectra(smollm2, tmp_path):
     """SIGINT (what Ctrl-C sends) once the spectra have started: exit 130, one line, no checkpoint, no cache file."""
     out = tmp_path / "out"
     env = {**os.environ, "ACTTAIL_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([CLI, "export", smollm2.folder, out, "--sparsity", "0.5", "--spectra-dtype", "float64"],
+    process = subprocess.Popen([CLI, "export", smollm2.folder, out, "--sparsity", "0.5", "--allocation", "acttail",
+                                "--spectra-dtype", "float64"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                stdin=subprocess.DEVNULL, preexec_fn=default_sigint)
     assert process.stdout.readline() == f"model: {smollm2.folder}\n"
@@ -130,7 +132,7 @@ def test_spectra_cache_is_reused_and_invalidated_and_weights_linked(tiny_models,
     env = {**os.environ, "ACTTAIL_CACHE": str(tmp_path / "cache")}
 
     def export(out, *args):
-        result = run_cli("export", model, tmp_path / out, "--sparsity", "0.5", *args, env=env)
+        result = run_cli("export", model, tmp_path / out, "--sparsity", "0.5", "--allocation", "acttail", *args, env=env)
         return result.stdout, json.loads((tmp_path / out / "config.json").read_text())["activation_sparsity"]
 
     first, block = export("a")

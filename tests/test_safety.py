@@ -59,7 +59,7 @@ def tiny(tiny_models, tmp_path):
 @pytest.fixture
 def exported(tiny, tmp_path, env):
     out = tmp_path / "export"
-    result = invoke_cli("export", tiny, out, "--sparsity", "0.5", env=env)
+    result = invoke_cli("export", tiny, out, "--sparsity", "0.5", "--allocation", "acttail", env=env)
     assert result.exit_code == 0, result.stderr
     return out
 
@@ -99,7 +99,7 @@ def test_overwrite_refuses_a_folder_that_is_not_an_export(tiny, tmp_path, env):
 def test_overwrite_replaces_a_previous_export(tiny, exported, env):
     before = json.loads((exported / "config.json").read_text())["activation_sparsity"]["target_sparsity"]
     assert invoke_cli("export", tiny, exported, "--sparsity", "0.5", env=env).exit_code == 1  # no --overwrite
-    result = invoke_cli("export", tiny, exported, "--sparsity", "0.3", "--overwrite", env=env)
+    result = invoke_cli("export", tiny, exported, "--sparsity", "0.3", "--allocation", "acttail", "--overwrite", env=env)
     assert result.exit_code == 0, result.stderr
     after = json.loads((exported / "config.json").read_text())["activation_sparsity"]["target_sparsity"]
     assert (before, after) == (0.5, 0.3)
@@ -115,7 +115,7 @@ def test_one_path_that_is_a_model_is_refused(tiny, overwrite, env):
 
 
 def test_every_export_names_the_model_it_read(tiny, tmp_path, env):
-    result = invoke_cli("export", tiny, tmp_path / "out", "--sparsity", "0.5", env=env)
+    result = invoke_cli("export", tiny, tmp_path / "out", "--sparsity", "0.5", "--allocation", "acttail", env=env)
     assert result.stdout.splitlines()[0] == f"model: {tiny}"
 
 
@@ -192,7 +192,8 @@ def test_input_that_ships_its_own_code_is_refused(command, tiny, tmp_path, env, 
 
 
 def test_link_weights_is_a_hard_link(tiny, tmp_path, env):
-    result = invoke_cli("export", tiny, tmp_path / "out", "--sparsity", "0.5", "--link-weights", env=env)
+    result = invoke_cli("export", tiny, tmp_path / "out", "--sparsity", "0.5", "--allocation", "acttail", "--link-weights",
+                        env=env)
     assert result.exit_code == 0, result.stderr
     assert (tmp_path / "out" / "model.safetensors").stat().st_ino == (tiny / "model.safetensors").stat().st_ino
     assert "copied the weights instead" not in result.stdout
@@ -204,7 +205,7 @@ def test_link_weights_across_filesystems_copies_and_says_so(tiny, tmp_path, env,
 
     monkeypatch.setattr(checkpoint.os, "link", cross_device)
     out = tmp_path / "out"
-    result = invoke_cli("export", tiny, out, "--sparsity", "0.5", "--link-weights", env=env)
+    result = invoke_cli("export", tiny, out, "--sparsity", "0.5", "--allocation", "acttail", "--link-weights", env=env)
     assert result.exit_code == 0, result.stderr
     weights = out / "model.safetensors"
     assert not weights.is_symlink() and weights.stat().st_ino != (tiny / "model.safetensors").stat().st_ino
@@ -241,7 +242,7 @@ def test_input_tensor_of_the_wrong_shape_is_refused(tiny, tmp_path, env):
 
 def test_tied_embeddings_need_no_head(tmp_path, env):
     model = make_tiny_model("llama", tmp_path / "tied", tie_word_embeddings=True)
-    result = invoke_cli("export", model, tmp_path / "out", "--sparsity", "0.5", env=env)
+    result = invoke_cli("export", model, tmp_path / "out", "--sparsity", "0.5", "--allocation", "acttail", env=env)
     assert result.exit_code == 0, result.stderr
 
 
@@ -259,7 +260,7 @@ def test_kill_during_the_copy_keeps_the_old_checkpoint(signum, tiny, exported, e
 
     monkeypatch.setattr(checkpoint, "_copy_weights", copy_then_killed)
     handler = signal.getsignal(signum)
-    result = invoke_cli("export", tiny, exported, "--sparsity", "0.3", "--overwrite", env=env)
+    result = invoke_cli("export", tiny, exported, "--sparsity", "0.3", "--allocation", "acttail", "--overwrite", env=env)
     assert_fails(result, f"interrupted by {signal.Signals(signum).name}", 128 + signum)
     assert signal.getsignal(signum) is handler  # restored for whoever called main()
     assert digest(exported) == before
@@ -274,7 +275,7 @@ def test_stale_partial_of_a_dead_export_is_removed(tiny, tmp_path, env):
         for pid in (dead.pid, alive.pid):
             (tmp_path / f".out.partial-{pid}").mkdir()
             (tmp_path / f".out.partial-{pid}" / "model.safetensors").write_bytes(b"half")
-        result = invoke_cli("export", tiny, tmp_path / "out", "--sparsity", "0.5", env=env)
+        result = invoke_cli("export", tiny, tmp_path / "out", "--sparsity", "0.5", "--allocation", "acttail", env=env)
         assert result.exit_code == 0, result.stderr
         assert not (tmp_path / f".out.partial-{dead.pid}").exists()
         assert (tmp_path / f".out.partial-{alive.pid}" / "model.safetensors").read_bytes() == b"half"

@@ -45,7 +45,7 @@ def test_mode_is_optional_and_thresholds_only_needed_in_threshold_mode():
 ])
 def test_checkpoint_with_bad_block_is_refused_in_one_line(tiny_models, tmp_path, edit, message):
     out = tmp_path / "bad"
-    run_cli("export", tiny_models["llama"], out, "--sparsity", "0.5")
+    run_cli("export", tiny_models["llama"], out, "--sparsity", "0.5", "--allocation", "acttail")
     config = json.loads((out / "config.json").read_text())
     edit(config["activation_sparsity"])
     (out / "config.json").write_text(json.dumps(config))

@@ -82,8 +82,8 @@ def test_trials_the_clip_bounds_cannot_meet_are_skipped(tmp_path):
 
 def test_cli_epsilon_auto_writes_the_chosen_setting_and_its_search(smollm2, tmp_path):
     out = tmp_path / "auto"
-    result = run_cli("export", smollm2.folder, out, "--sparsity", "0.5", "--epsilon", "auto", "--estimator", "mid",
-                     "--calibration-windows", "1", "--calibration-seqlen", SEQLEN)
+    result = run_cli("export", smollm2.folder, out, "--sparsity", "0.5", "--allocation", "acttail", "--epsilon", "auto",
+                     "--estimator", "mid", "--calibration-windows", "1", "--calibration-seqlen", SEQLEN)
     block = read_block(out)
     tuning = block["tuning"]
     assert {t["estimator"] for t in tuning["trials"]} == {"mid"}  # an explicit --estimator narrows the search

@@ -15,7 +15,7 @@ from vllm_helpers import assert_logprobs_match, first_flips, reference_logprobs,
 def qwen2_50(tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen2")
     make_tiny_model("qwen2", root / "dense", hidden_size=256, intermediate_size=512)  # head_dim 64: vLLM's CPU attention
-    run_cli("export", root / "dense", root / "acttail-50", "--sparsity", "0.5")
+    run_cli("export", root / "dense", root / "acttail-50", "--sparsity", "0.5", "--allocation", "acttail")
     return root / "acttail-50"
 
 
@@ -45,7 +45,8 @@ def smollm2_shaped(smollm2, tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(root / "dense")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(smollm2.folder / name, root / "dense" / name)
-    run_cli("export", root / "dense", root / "acttail-50", "--sparsity", "0.5", "--prefill", "0.5")
+    run_cli("export", root / "dense", root / "acttail-50", "--sparsity", "0.5", "--allocation", "acttail", "--prefill",
+            "0.5")
     return root / "acttail-50"
 
 

@@ -16,7 +16,7 @@ from vllm_helpers import VLLM_ENV
 def tiny_export(tmp_path_factory):
     root = tmp_path_factory.mktemp("refusals")
     make_tiny_model("llama", root / "dense")
-    run_cli("export", root / "dense", root / "acttail-50", "--sparsity", "0.5")
+    run_cli("export", root / "dense", root / "acttail-50", "--sparsity", "0.5", "--allocation", "acttail")
     return root / "acttail-50"
 
 

@@ -29,7 +29,7 @@ CAPTURE = (f"{LAYER}.self_attn.qkv_proj", f"{LAYER}.mlp.down_proj")
 @pytest.fixture(scope="module")
 def export_50(smollm2, tmp_path_factory):
     out = tmp_path_factory.mktemp("vllm") / "smollm2-acttail-50"
-    run_cli("export", smollm2.folder, out, "--sparsity", "0.5")
+    run_cli("export", smollm2.folder, out, "--sparsity", "0.5", "--allocation", "acttail")
     return out
 
 

@@ -16,7 +16,7 @@ DOWN = "model.layers.12.mlp.down_proj"
 @pytest.fixture(scope="module")
 def threshold_50(smollm2, tmp_path_factory):
     out = tmp_path_factory.mktemp("vllm-threshold") / "smollm2-teal-50"
-    run_cli("export", smollm2.folder, out, "--sparsity", "0.5", "--mode", "threshold")
+    run_cli("export", smollm2.folder, out, "--sparsity", "0.5", "--allocation", "acttail", "--mode", "threshold")
     return out
 
 
