@@ -5,7 +5,9 @@ teacher-forced (prompt log-probabilities), prompts and chats to answer greedily,
 to capture during the scoring. Run in its own process: vLLM spawns its engine, and a finished one frees its memory.
 """
 
+import gc
 import json
+import os
 import sys
 
 import torch
@@ -90,6 +92,8 @@ def main(request: dict) -> dict:
         report["tokens"] = [list(out.outputs[0].token_ids) for out in outputs]
     if chats := request.get("chats"):
         report["chat_texts"] = [out.outputs[0].text for out in llm.chat(chats, greedy, use_tqdm=False)]
+    del llm  # shut the engine down here (its finalizer), while the interpreter is whole
+    gc.collect()
     return report
 
 
@@ -97,4 +101,8 @@ if __name__ == "__main__":
     torch.set_num_threads(1)  # this process only sends requests; the engine process computes
     with open(sys.argv[1]) as file:
         result = main(json.load(file))
-    print("\nREPORT " + json.dumps(result))
+    print("\nREPORT " + json.dumps(result), flush=True)
+    # Leave without the interpreter's teardown: there, vLLM's front end now and then aborts the process ("terminate
+    # called without an active exception", exit -6, after the report was computed: once in CI, once in 16 runs of
+    # this script here), a race in vLLM's shutdown that is not what these tests check.
+    os._exit(0)

@@ -25,7 +25,8 @@ def run_engine(request: dict, tmp_path: Path, env: dict | None = None, timeout: 
                             env={**os.environ, **VLLM_ENV, **(env or {})}, stdin=subprocess.DEVNULL, timeout=timeout)
     reports = [line for line in result.stdout.splitlines() if line.startswith("REPORT ")]
     if result.returncode != 0 or not reports:
-        raise AssertionError(f"vLLM engine failed ({result.returncode}):\n{result.stderr[-5000:]}")
+        when = "after its report" if reports else "before its report"
+        raise AssertionError(f"vLLM engine failed ({result.returncode}, {when}):\n{result.stderr[-5000:]}")
     return json.loads(reports[-1].removeprefix("REPORT "))
 
 
