@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .allocation import SITES, GreedyRow, ModuleSparsity
 from .errors import ExportError
 from .evaluate import calibration_windows
-from .fisher import threshold_curve, topk_curve
+from .fisher import threshold_curves, topk_curves
 from .greedy import search_block
 from .kernels.topk import threshold_sparsify
 from .layerwise import LayerwiseModel
@@ -156,7 +156,7 @@ class Calibration:
                 bar.update()
         _, grad = self.model.loss_gradient(out, ids)
         del out
-        curve = topk_curve if mode == "topk" else threshold_curve
+        curves_of = topk_curves if mode == "topk" else threshold_curves
         curves = {}
         with self._bar("calibrated: backward") as bar:
             for i in reversed(range(len(inputs))):
@@ -171,10 +171,15 @@ class Calibration:
                         for handle in handles:
                             handle.remove()
                     grad = hidden.grad
+                    readers = defaultdict(list)  # q/k/v (gate/up) read one input: it is ranked once for them
+                    for p in self.by_layer[i]:
+                        readers[seen[p.name].data_ptr()].append(p)
                     with torch.no_grad():
-                        for p in self.by_layer[i]:
-                            u = grads[p.name].flatten(0, -2) @ _linear(layer, p).weight  # the gradient at p's input
-                            curves[p.name] = curve(seen[p.name].flatten(0, -2), u)
+                        for members in readers.values():
+                            # the gradient at each member's input
+                            us = [grads[p.name].flatten(0, -2) @ _linear(layer, p).weight for p in members]
+                            for p, curve in zip(members, curves_of(seen[members[0].name].flatten(0, -2), us)):
+                                curves[p.name] = curve
                 bar.update()
         self._curves[mode] = curves
         return curves

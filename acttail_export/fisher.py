@@ -21,34 +21,48 @@ from .allocation import keep_count
 # Weight of ActTail's allocation (from alpha) blended into the calibrated one; chosen in docs/RESULTS.md.
 DEFAULT_PRIOR = 0.25
 
-__all__ = ["DEFAULT_PRIOR", "topk_curve", "threshold_curve", "split_budget", "calibrated_sparsity"]
+__all__ = ["DEFAULT_PRIOR", "topk_curves", "threshold_curves", "split_budget", "calibrated_sparsity"]
 
 
-def topk_curve(x: torch.Tensor, u: torch.Tensor) -> np.ndarray:
-    """C(j) for j = 0 ... d_in dropped inputs per token under TopK.
+def topk_curves(x: torch.Tensor, us: list[torch.Tensor]) -> list[np.ndarray]:
+    """C(j) for j = 0 ... d_in dropped inputs per token under TopK, for each projection reading x (one ranking).
 
-    :param x: the projection's input ``[tokens, d_in]``
-    :param u: the loss gradient at its input, W^T g, ``[tokens, d_in]``
+    :param x: the projections' input ``[tokens, d_in]``
+    :param us: per projection, the loss gradient at its input, W^T g, ``[tokens, d_in]``
     """
-    order = x.abs().argsort(dim=-1, stable=True)  # ascending |x|: TopK drops a prefix of this order
-    dropped = (u * x).gather(-1, order).double().cumsum(-1)  # [tokens, d_in]: the first-order loss change
-    return np.concatenate([[0.0], dropped.pow(2).sum(0).numpy()])
+    order = torch.from_numpy(_stable_order(x.detach().abs()))  # ascending |x|: TopK drops a prefix of this order
+    curves = []
+    for u in us:
+        dropped = (u * x).gather(-1, order).double().cumsum(-1)  # [tokens, d_in]: the first-order loss change
+        curves.append(np.concatenate([[0.0], dropped.pow(2).sum(0).numpy()]))
+    return curves
 
 
-def threshold_curve(x: torch.Tensor, u: torch.Tensor) -> np.ndarray:
-    """C(j) for j = 0 ... d_in, where level j drops the j / d_in fraction of smallest |x| over all tokens (a threshold).
+def threshold_curves(x: torch.Tensor, us: list[torch.Tensor]) -> list[np.ndarray]:
+    """C(j) for j = 0 ... d_in, where level j drops the j / d_in fraction of smallest |x| over all tokens (a threshold),
+    for each projection reading x (one ranking).
 
-    :param x: the projection's input ``[tokens, d_in]``
-    :param u: the loss gradient at its input, ``[tokens, d_in]``
+    :param x: the projections' input ``[tokens, d_in]``
+    :param us: per projection, the loss gradient at its input, ``[tokens, d_in]``
     """
     tokens, d_in = x.shape
-    rank = torch.empty(x.numel(), dtype=torch.long)
-    rank[x.abs().flatten().argsort(stable=True)] = torch.arange(x.numel())
+    rank = np.empty(x.numel(), dtype=np.int64)
+    rank[_stable_order(x.detach().abs().flatten())] = np.arange(x.numel())
     # the entry of global rank r is dropped from level r // tokens + 1 on (level j drops the j * tokens smallest)
-    level = (rank // tokens + 1).view(tokens, d_in)
-    per_level = torch.zeros(tokens, d_in + 2, dtype=torch.float64).scatter_add_(-1, level, (u * x).double())
-    dropped = per_level[:, :d_in + 1].cumsum(-1)
-    return dropped.pow(2).sum(0).numpy()
+    level = torch.from_numpy(rank // tokens + 1).view(tokens, d_in)
+    curves = []
+    for u in us:
+        per_level = torch.zeros(tokens, d_in + 2, dtype=torch.float64).scatter_add_(-1, level, (u * x).double())
+        curves.append(per_level[:, :d_in + 1].cumsum(-1).pow(2).sum(0).numpy())
+    return curves
+
+
+def _stable_order(values: torch.Tensor) -> np.ndarray:
+    """The ascending stable order of non-negative ``values`` along their last dimension (torch's
+    ``argsort(stable=True)``), as one numpy sort of int64 keys (a float32's bits above its index): 3-10x faster than a
+    stable argsort, which made the curves most of a calibrated export's time."""
+    bits = values.float().numpy().view(np.int32).astype(np.int64)  # non-negative floats order as their bits
+    return np.sort(bits << 32 | np.arange(values.shape[-1], dtype=np.int64), axis=-1) & 0xFFFFFFFF
 
 
 def _choice(curves: list[np.ndarray], weights: np.ndarray, lo: np.ndarray, hi: np.ndarray, lam: float) -> np.ndarray:

@@ -10,7 +10,7 @@ import torch
 
 from acttail_export.allocation import BUDGET_TOLERANCE, allocate, effective_sparsity
 from acttail_export.calibration import SAMPLES_PER_INPUT, Calibration, calibration_ids, threshold_hooks
-from acttail_export.fisher import split_budget, threshold_curve, topk_curve
+from acttail_export.fisher import split_budget, threshold_curves, topk_curves
 from acttail_export.greedy import search_block
 from acttail_export.kernels.topk import topk_sparsify
 from acttail_export.methods import Method, build_block
@@ -96,21 +96,28 @@ def test_layerwise_greedy_rows_equal_the_whole_model_search(smollm2, calibration
         assert rows[i] == expected, i
 
 
-@pytest.mark.parametrize("shape", [(7, 16), (33, 40)])
-def test_curves_equal_their_definition(shape):
-    """C(j) = sum_t (u_t . (x_t - x_t kept))^2, with TopK or the global |x| quantile deciding what is kept."""
+@pytest.mark.parametrize("shape,ties", [((7, 16), False), ((33, 40), False), ((33, 40), True)])
+def test_curves_equal_their_definition(shape, ties):
+    """C(j) = sum_t (u_t . (x_t - x_t kept))^2, with TopK or the global |x| quantile deciding what is kept (level j
+    drops the j * tokens smallest |x|, equal ones in index order), for each of several projections reading one input
+    (ranked once); with many equal |x| too."""
     generator = torch.Generator().manual_seed(sum(shape))
-    x, u = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+    x = torch.randn(shape, generator=generator)
+    if ties:
+        x = (x * 2).round() / 2  # a few distinct magnitudes: most quantiles fall inside a run of equal |x|
+    us = [torch.randn(shape, generator=generator) for _ in range(3)]
     tokens, d_in = shape
-    topk, threshold = topk_curve(x, u), threshold_curve(x, u)
-    assert topk.shape == threshold.shape == (d_in + 1,)
-    flat = x.abs().flatten().sort().values
-    for j in range(d_in + 1):
-        dropped = x - topk_sparsify(x, d_in - j) if j < d_in else x
-        assert topk[j] == pytest.approx(float(((u * dropped).sum(-1).double() ** 2).sum()), rel=1e-5, abs=1e-6)
-        below = x.abs() <= flat[j * tokens - 1] if j else torch.zeros_like(x, dtype=torch.bool)
-        expected = float(((u * x * below).sum(-1).double() ** 2).sum())
-        assert threshold[j] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    rank = torch.empty(x.numel(), dtype=torch.long)
+    rank[x.abs().flatten().argsort(stable=True)] = torch.arange(x.numel())
+    for u, topk, threshold in zip(us, topk_curves(x, us), threshold_curves(x, us)):
+        assert topk.shape == threshold.shape == (d_in + 1,)
+        for j in range(d_in + 1):
+            dropped = x - topk_sparsify(x, d_in - j) if j < d_in else x
+            if not ties:  # TopK's order among equal |x| is its own (lower index kept); the curve's is its sort's
+                assert topk[j] == pytest.approx(float(((u * dropped).sum(-1).double() ** 2).sum()), rel=1e-5, abs=1e-6)
+            below = (rank < j * tokens).view(shape)
+            expected = float(((u * x * below).sum(-1).double() ** 2).sum())
+            assert threshold[j] == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
 def test_split_budget_is_optimal_on_convex_curves():
