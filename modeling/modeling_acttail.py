@@ -173,6 +173,8 @@ class TopKLinear(nn.Linear):
 
     def sparsify(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., S, d_in]
+        if not self.sparse:
+            return x  # x itself, not a copy: a copy's other alignment can change a dense GEMM's rounding
         if x.dim() < 2 or x.shape[-2] == 1 or self.prefill == "sparse":
             return self.sparsify_all(x)
         if self.prefill == "dense":

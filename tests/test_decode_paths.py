@@ -185,3 +185,21 @@ def test_threshold_groups_autotune_on_steps_that_keep_their_planned_share():
         x = SparseGroup([member], "cpu").typical_step(4)
         assert x.shape == (4, 1, 4096) and x.dtype == member.weight.dtype
         assert abs(float((x.abs() > threshold).float().mean()) - keep / 4096) < 0.02
+
+
+@pytest.mark.parametrize("prefill", ["sparse", "dense", 0.5])
+@pytest.mark.parametrize("keep, threshold", [(16, None), (16, 0.0), (4, None), (4, 0.5)])
+def test_every_prefill_policy_passes_the_input_itself_exactly_where_the_projection_is_dense(prefill, keep, threshold):
+    """A projection that keeps all its inputs gets x itself at every policy and length (no copy: a copy can land at
+    another alignment and change the dense GEMM's rounding, so compare's dense rows would differ by policy)."""
+    import torch
+
+    from acttail_export.modeling.modeling_acttail import TopKLinear
+
+    member = TopKLinear.from_linear(torch.nn.Linear(16, 8), keep=keep, prefill=prefill, threshold=threshold)
+    for tokens in (1, 2, 9):
+        x = torch.randn(1, tokens, 16)
+        x[..., 0] = 0.1  # below the threshold: a sparse member zeroes it
+        kept = member.sparsify(x)
+        assert (kept is x) == (not member.sparse or (prefill == "dense" and tokens > 1))
+        assert torch.equal(kept, x) == (kept is x)
