@@ -160,7 +160,7 @@ def test_export_peak_memory_stays_bounded(smollm2, tmp_path):
     code = ("import atexit, sys; from pathlib import Path; "
             f"atexit.register(lambda: Path({str(report)!r}).write_text(Path('/proc/self/status').read_text())); "
             "from acttail_export.cli import main; sys.argv[0] = 'acttail-export'; main()")
-    result = subprocess.run([sys.executable, "-c", code, "export", str(smollm2.folder), str(tmp_path / "out"),
+    result = subprocess.run([sys.executable, "-P", "-c", code, "export", str(smollm2.folder), str(tmp_path / "out"),
                              "--sparsity", "0.5", "--allocation", "acttail", "--no-spectra-cache"], capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -173,7 +173,7 @@ def test_gguf_conversion_draws_no_bar_into_a_pipe(tmp_path):
     is: transformers' "Converting and de-quantizing GGUF tensors" bar, like every other bar, only on a terminal."""
     code = ("from acttail_export.weights import convert_gguf, default_gguf; "
             "print((convert_gguf(default_gguf()) / 'config.json').is_file())")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+    result = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, stdin=subprocess.DEVNULL,
                             env={**os.environ, "ACTTAIL_CACHE": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["True"]

@@ -72,7 +72,7 @@ def test_esd_never_converts_the_whole_weight():
     """Peak memory added by one spectrum of a 32 MB bfloat16 weight (a fresh process): the 2048 x 2048 Gram, one
     converted slice, eigvalsh's and BLAS's buffers came to 100 MB; converting the whole weight first (its float32 copy
     and NaN mask, 80 MB more) to 176 MB."""
-    result = subprocess.run([sys.executable, "-c", ESD_MEMORY], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-P", "-c", ESD_MEMORY], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert int(result.stdout) < 140
 

@@ -254,7 +254,7 @@ sys.meta_path.insert(0, Block())
 
 
 def run_python(code: str, **env) -> str:
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
+    result = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, env={**os.environ, **env})
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
