@@ -82,16 +82,17 @@ def main(request: dict) -> dict:
                               for out, w in zip(outputs, windows)]
         if request.get("capture"):
             report["captured"] = llm.apply_model(partial(_collect))[0]  # a partial: pickled by reference
-        if request.get("signatures"):
-            report["signatures"] = llm.apply_model(partial(_collect_signatures))[0]
     greedy = SamplingParams(max_tokens=request.get("max_tokens", 16), temperature=0)
     if prompts := request.get("prompts"):
         # one at a time, as a server answers one request: a batch of one takes the same decode path
         outputs = [llm.generate([prompt], greedy, use_tqdm=False)[0] for prompt in prompts]
         report["texts"] = [out.outputs[0].text for out in outputs]
         report["tokens"] = [list(out.outputs[0].token_ids) for out in outputs]
+        report["prompt_tokens"] = [list(out.prompt_token_ids) for out in outputs]
     if chats := request.get("chats"):
         report["chat_texts"] = [out.outputs[0].text for out in llm.chat(chats, greedy, use_tqdm=False)]
+    if request.get("signatures"):  # every token row in order: the windows', then each prompt's forward passes
+        report["signatures"] = llm.apply_model(partial(_collect_signatures))[0]
     del llm  # shut the engine down here (its finalizer), while the interpreter is whole
     gc.collect()
     return report

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from conftest import run_cli
-from vllm_helpers import assert_logprobs_match, first_flips, reference_logprobs, run_engine, tokenizer_windows  # noqa: F401
+from vllm_helpers import (assert_greedy_before_flips, assert_logprobs_match, first_flips, reference_logprobs,  # noqa: F401
+                          run_engine, runtime_greedy, tokenizer_windows)
 
 DOWN = "model.layers.12.mlp.down_proj"
+PROMPTS = ["The river flows through the old town and", "In 1905 the physicist published", "The recipe calls for"]
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +23,8 @@ def threshold_50(smollm2, tmp_path_factory):
 
 
 def test_threshold_mode_equals_the_transformers_runtime(threshold_50, tokenizer_windows, tmp_path):
-    prompt = "The river flows through the old town and"
     report = run_engine({"model": str(threshold_50), "windows": tokenizer_windows, "capture": [DOWN],
-                         "prompts": [prompt], "max_tokens": 12, "signatures": True}, tmp_path)
+                         "prompts": PROMPTS, "max_tokens": 12, "signatures": True}, tmp_path)
     want, hf_inputs, signatures = reference_logprobs(threshold_50, tokenizer_windows, (DOWN,))
     flips = first_flips(report["signatures"], signatures, tokenizer_windows)
     # every entry within rounding of its projection's threshold may flip: with ~10^5 entries a token, flips come
@@ -37,10 +38,8 @@ def test_threshold_mode_equals_the_transformers_runtime(threshold_50, tokenizer_
     assert torch.equal(kept[rows], (hf_inputs[DOWN].abs() > threshold)[rows])
     assert 0.2 < kept.float().mean() < 0.8  # the threshold drops a real share of the inputs
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(threshold_50)
-    model = AutoModelForCausalLM.from_pretrained(threshold_50, trust_remote_code=True, dtype=torch.float32).eval()
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    tokens = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()
-    assert report["tokens"][0] == tokens
+    # greedy decode steps (the sparse GEMV) give the runtime's tokens up to the first flipped kept set: measured on an
+    # AMD EPYC, one input of layer 21's down_proj sat 2e-7 from its threshold at the third decode step and the token
+    # after it changed (2026-12-05), so the tokens are compared where the kept sets agree, not to the end
+    want_next, want_signatures = runtime_greedy(threshold_50, report)
+    assert_greedy_before_flips(report, tokenizer_windows, want_next, want_signatures)

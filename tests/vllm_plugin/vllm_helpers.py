@@ -47,6 +47,12 @@ def reference_logprobs(checkpoint: Path, windows: list[list[int]], capture: tupl
     """The transformers runtime's teacher-forced log-probabilities of each window's tokens (float32, the checkpoint's
     own code with ``trust_remote_code``), the inputs of the ``capture`` projections (all windows, in order), and every
     sparse projection's kept-set signatures (engine.kept_signature), keyed as vLLM's layers: ``{layer: [member]}``."""
+    logprobs, _, inputs, signatures = _runtime_pass(checkpoint, windows, capture)
+    return logprobs, inputs, signatures
+
+
+def _runtime_pass(checkpoint: Path, windows: list[list[int]], capture: tuple[str, ...] = ()):
+    """reference_logprobs' three results and, second, each window's greedy next token at every position."""
     from transformers import AutoModelForCausalLM
 
     from engine import kept_signature
@@ -66,16 +72,56 @@ def reference_logprobs(checkpoint: Path, windows: list[list[int]], capture: tupl
                 mask = topk_mask(x, m.keep) if m.threshold is None else x.abs() > m.threshold
                 signatures.setdefault(key, []).extend(kept_signature(mask))
             module.register_forward_pre_hook(hook)
-    logprobs = []
+    logprobs, greedy = [], []
     with torch.inference_mode():
         for window in windows:
             ids = torch.tensor([window])
-            scores = model(ids).logits[0, :-1].float().log_softmax(-1)
-            logprobs.append(scores.gather(1, ids[0, 1:, None])[:, 0].tolist())
+            scores = model(ids).logits[0].float().log_softmax(-1)
+            logprobs.append(scores[:-1].gather(1, ids[0, 1:, None])[:, 0].tolist())
+            greedy.append(scores.argmax(-1).tolist())
     by_layer = {}
     for (layer, member), signature in sorted(signatures.items()):
         by_layer.setdefault(layer, []).append(signature)
-    return logprobs, {name: torch.cat(xs) for name, xs in inputs.items()}, by_layer
+    return logprobs, greedy, {name: torch.cat(xs) for name, xs in inputs.items()}, by_layer
+
+
+def served_sequences(report: dict) -> list[list[int]]:
+    """Per prompt the engine answered, the tokens its forward passes read: the prompt, then every generated token but
+    the last (no forward pass reads that one)."""
+    return [ids + tokens[:-1] for ids, tokens in zip(report["prompt_tokens"], report["tokens"], strict=True)]
+
+
+def served_signatures(report: dict, windows: list[list[int]]) -> dict:
+    """The engine's kept-set signatures of its served sequences' rows (after the scored windows' rows)."""
+    first_row = sum(len(w) for w in windows)
+    return {layer: [member[first_row:] for member in members] for layer, members in report["signatures"].items()}
+
+
+def assert_greedy_before_flips(report: dict, windows: list[list[int]], want_next: list[list[int]], want_signatures: dict,
+                               min_decode_steps: int = 1):
+    """The engine's greedy tokens are ``want_next`` (per served sequence, the greedy next token at each position) at
+    every step before the sequence's first flipped kept set, and at least ``min_decode_steps`` decode steps (one-token
+    forward passes: the sparse GEMV path) came before a flip. A flip of a near tie changes the logits by far more than
+    rounding (one input at a threshold, times its weight row), so later tokens may part without an error.
+
+    :param want_signatures: the kept-set signatures of the served sequences' rows (their first row first)
+    """
+    got = served_signatures(report, windows)
+    sequences = served_sequences(report)
+    decode_steps = 0
+    for ids, tokens, want, flip in zip(report["prompt_tokens"], report["tokens"], want_next,
+                                       first_flips(got, want_signatures, sequences), strict=True):
+        compared = [j for j in range(len(tokens)) if len(ids) - 1 + j < flip]  # token j comes from position P-1+j
+        assert [tokens[j] for j in compared] == [want[len(ids) - 1 + j] for j in compared], (tokens, flip)
+        decode_steps += max(len(compared) - 1, 0)
+    assert decode_steps >= min_decode_steps, f"only {decode_steps} decode steps before a flipped kept set"
+
+
+def runtime_greedy(checkpoint: Path, report: dict) -> tuple[list[list[int]], dict]:
+    """The transformers runtime's greedy next token at every position of the engine's served sequences, and the kept
+    sets of their rows (for :func:`assert_greedy_before_flips`)."""
+    _, greedy, _, signatures = _runtime_pass(checkpoint, served_sequences(report))
+    return greedy, signatures
 
 
 def first_flips(got: dict, want: dict, windows: list[list[int]]) -> list[int]:
