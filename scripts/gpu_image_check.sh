@@ -11,5 +11,5 @@ VENV=.venv-gpu-image
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q torch==2.11.0 triton==3.6.0 transformers==5.17.0 accelerate==1.15.0 "numpy<2.3" -e ".[test]"
 "$VENV/bin/python" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_kernel_compile.py tests/test_topk_kernels.py \
+exec "$VENV/bin/python" -P -m pytest -q -p no:cacheprovider tests/test_kernel_compile.py tests/test_topk_kernels.py \
   tests/test_decode_paths.py tests/test_gpu_check.py "$@"
