@@ -163,11 +163,12 @@ GEMV_CASES = [  # rows, d_in, widths, ks, bias
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("rows", "d_in", "widths", "ks", "with_bias"), GEMV_CASES)
 @pytest.mark.parametrize("make", ["randn", "tied"])
-def test_gemv_matches_float64(rows, d_in, widths, ks, with_bias, dtype, make, path):
+@pytest.mark.parametrize("threads", [1, 4])  # the column blocks: one per member, or several (the suite runs one thread)
+def test_gemv_matches_float64(rows, d_in, widths, ks, with_bias, dtype, make, threads, path):
     x = make_input(rows, d_in, dtype, make, seed=d_in + sum(widths))
     linear = torch.nn.Linear(d_in, sum(widths), bias=with_bias, dtype=dtype)  # parameters require grad, as in a model
     weight_t = linear.weight.detach().t().contiguous()
-    plan = GemvPlan(widths, ks, None, dtype)
+    plan = GemvPlan(widths, ks, None, dtype, threads)
     with torch.no_grad():
         for _ in range(2):
             poison(plan)

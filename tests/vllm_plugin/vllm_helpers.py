@@ -15,6 +15,11 @@ from acttail_export.kernels.topk import topk_mask
 ENGINE_SCRIPT = Path(__file__).parent / "engine.py"
 # The vLLM engine in its own process: no remote code anywhere, insecure serialization only to send apply_model's hooks.
 VLLM_ENV = {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
+# Under pytest-xdist (scripts/test.sh runs two workers) each worker's engines bind their OpenMP threads to a core of its
+# own: vLLM's default binds every engine to every core, and two engines' spinning threads on one core slow both.
+if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
+    _cores = sorted(os.sched_getaffinity(0))
+    VLLM_ENV["VLLM_CPU_OMP_THREADS_BIND"] = str(_cores[int(os.environ["PYTEST_XDIST_WORKER"][2:]) % len(_cores)])
 
 
 def run_engine(request: dict, tmp_path: Path, env: dict | None = None, timeout: int = 600) -> dict:
