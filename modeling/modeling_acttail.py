@@ -40,9 +40,12 @@ __all__ = [
     "ActTailQwen3ForCausalLM",
 ]
 
-# A decode step of B rows takes the sparse path while B * (kept fraction) < 1: each row reads its own kept weight rows,
-# so past that the rows together read more bytes than one dense pass (Polar Sparsity; KNOWLEDGE.md).
-BATCH_BREAK_EVEN = 1.0
+# A decode step of B rows takes the sparse path while B * (kept fraction) < BATCH_BREAK_EVEN[path]: each row reads its
+# own kept weight rows (Polar Sparsity; KNOWLEDGE.md). On the GPU, past 1 the rows together read more bytes than one
+# dense pass. On the CPU a row often finds its kept rows in cache, brought there by an earlier row of the step, while
+# the dense matmul of a few rows runs several times slower than the one-row GEMV: the sparse GEMV beat the mask + dense
+# matmul up to B x kept of about 3.5 at 7B shapes and past 8 at SmolLM2's (BENCHMARKS.md, bench_topk_kernels.py --rows).
+BATCH_BREAK_EVEN = {"triton": 1.0, "cpu": 3.0}
 
 
 def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -107,7 +110,7 @@ class SparseGroup:
     @property
     def max_rows(self) -> int:
         """The most rows a decode step may have and still take the sparse path."""
-        return math.ceil(BATCH_BREAK_EVEN / self.kept_fraction) - 1
+        return math.ceil(BATCH_BREAK_EVEN[self.path] / self.kept_fraction) - 1
 
     def typical_step(self, rows: int) -> torch.Tensor:
         """A random decode step ``[rows, 1, d_in]`` keeping about the planned fraction of inputs, to autotune on: with

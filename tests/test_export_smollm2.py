@@ -204,17 +204,26 @@ def test_sparse_decode_path_equals_the_reference_path(smollm2_50, wiki_text, tmp
         handles = [m.register_forward_hook(hook) for m in model.topk_modules().values()]
         with torch.inference_mode():
             fast = model.generate(ids, max_new_tokens=24, do_sample=False)
+            report(checked=len(worst))
+            # a batch of 3 rows: a group serves it sparse while 3 x its kept fraction < BATCH_BREAK_EVEN["cpu"]
+            rows = tok({wiki_text[2000:6000]!r}, return_tensors="pt").input_ids[:, :96].reshape(3, 32)
+            groups = {{m.group for m in model.topk_modules().values() if m.sparse}}
+            report(batch_sparse_groups=sum(g.wins(torch.zeros(3, 1, 1)) for g in groups), groups=len(groups))
+            fast_rows = model.generate(rows, max_new_tokens=6, do_sample=False)
             for h in handles:
                 h.remove()
             report(planned=sorted({{m.group.path if m.group else "reference" for m in model.topk_modules().values() if m.sparse}}))
             model.set_sparse_backend("reference")
             ref = model.generate(ids, max_new_tokens=24, do_sample=False)
+            ref_rows = model.generate(rows, max_new_tokens=6, do_sample=False)
         report(groups_after=sorted({{repr(m.group) for m in model.topk_modules().values()}}),
-               backend_after=model.config.sparse_backend, checked=len(worst), worst=max(worst),
-               same_tokens=torch.equal(fast, ref))
+               backend_after=model.config.sparse_backend, checked_with_batch=len(worst), worst=max(worst),
+               same_tokens=torch.equal(fast, ref), same_batch_tokens=torch.equal(fast_rows, ref_rows))
     """, tmp_path)
     assert report["planned"] == ["cpu"]
     assert report["groups_after"] == ["None"] and report["backend_after"] == "reference"
     assert report["checked"] == 4830  # 23 decode steps x 210 projections
+    assert report["checked_with_batch"] == 4830 + 5 * 210
+    assert 0 < report["batch_sparse_groups"] <= report["groups"]  # the batch took the sparse path in those groups
     assert report["worst"] < 1e-12
-    assert report["same_tokens"] is True
+    assert report["same_tokens"] is True and report["same_batch_tokens"] is True
