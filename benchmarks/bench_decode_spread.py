@@ -2,6 +2,7 @@
 
     python benchmarks/bench_decode_spread.py --processes 10 --dtype float32
     python benchmarks/bench_decode_spread.py --processes 10 --dtype bfloat16
+    python benchmarks/bench_decode_spread.py --processes 3 --batch 4   # 4 sequences decoded together
 
 The CLI exports SmolLM2-135M at each sparsity once; then every process loads the first export in ``--dtype`` (as a
 user would: ``from_pretrained(..., trust_remote_code=True)``), times ``generate()`` of ``--new-tokens`` greedy tokens
@@ -27,24 +28,26 @@ from bench_decode import checkpoint_layout, smollm2_exports  # noqa: E402
 
 
 def tokens_per_s(model, ids: torch.Tensor, new_tokens: int) -> float:
-    """Decode tokens/s of one ``generate()``: new tokens after the first over the time past the prefill's."""
+    """Decode tokens/s of one ``generate()`` (every row of ``ids`` together): new tokens after the first over the time
+    past the prefill's."""
     def run(n: int) -> float:
         start = time.perf_counter()
         model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         return time.perf_counter() - start
 
     prefill = min(run(1) for _ in range(2))
-    return (new_tokens - 1) / (run(new_tokens) - prefill)
+    return ids.shape[0] * (new_tokens - 1) / (run(new_tokens) - prefill)
 
 
-def child(checkpoint: Path, blocks: dict[str, dict], dtype: str, new_tokens: int, rounds: int) -> dict:
-    """One fresh process: best tokens/s of each row (``blocks``: name -> activation_sparsity block)."""
+def child(checkpoint: Path, blocks: dict[str, dict], dtype: str, new_tokens: int, rounds: int, batch: int = 1) -> dict:
+    """One fresh process: best tokens/s of each row (``blocks``: name -> activation_sparsity block), ``batch``
+    sequences of 64 prompt tokens (consecutive pieces of the text) decoded together."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from acttail_export.text import wikipedia_text
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True, dtype=getattr(torch, dtype)).eval()
-    ids = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=True)(wikipedia_text()[:4000], return_tensors="pt").input_ids[:, :64]
+    ids = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=True)(wikipedia_text()[:20000], return_tensors="pt").input_ids[:, :64 * batch].reshape(batch, 64)
     best = {name: 0.0 for name in blocks}
     for round_ in range(rounds + 1):  # round 0 warms up every row (numba's cache, allocator, lazy imports)
         for name, block in (list(blocks.items()) if round_ % 2 else list(blocks.items())[::-1]):
@@ -78,6 +81,7 @@ def main() -> None:
     parser.add_argument("--sparsity", default="0.5,0.7", help="comma-separated sparsities of the exports")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="timed generate() calls per row and process")
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     parser.add_argument("--exports", type=Path, default=None, help="reuse the exports in this folder (one per sparsity)")
     parser.add_argument("--random-llama", default=None, metavar="HIDDEN,INTERMEDIATE,LAYERS,HEADS,KV_HEADS",
                         help="instead of SmolLM2, a Llama of these shapes with random weights (SmolLM2's tokenizer), "
@@ -86,7 +90,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         spec = json.loads(args.child)
-        print(json.dumps(child(Path(spec["checkpoint"]), spec["blocks"], args.dtype, args.new_tokens, args.rounds)))
+        print(json.dumps(child(Path(spec["checkpoint"]), spec["blocks"], args.dtype, args.new_tokens, args.rounds,
+                               args.batch)))
         return
     from acttail_export.evaluate import dense_block
 
@@ -104,14 +109,14 @@ def main() -> None:
         runs = []
         for _ in range(args.processes):
             out = subprocess.run([sys.executable, __file__, "--dtype", args.dtype, "--new-tokens", str(args.new_tokens),
-                                  "--rounds", str(args.rounds), "--child", json.dumps(spec)],
+                                  "--rounds", str(args.rounds), "--batch", str(args.batch), "--child", json.dumps(spec)],
                                  capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
             if out.returncode:
                 sys.exit(f"a measuring process failed:\n{out.stderr[-3000:]}")
             runs.append(json.loads(out.stdout.splitlines()[-1]))
             print("process", len(runs), " ".join(f"{k}={v:.2f}" for k, v in runs[-1].items()), flush=True)
     name = f"random Llama {args.random_llama}" if args.random_llama else "SmolLM2-135M"
-    print(f"{name} {args.dtype}, generate() of {args.new_tokens} tokens, best of {args.rounds} per row, "
+    print(f"{name} {args.dtype}, batch {args.batch}, generate() of {args.new_tokens} tokens, best of {args.rounds} per row, "
           f"{args.processes} fresh processes, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print("| sparsity | dense tok/s (median) | sparse tok/s (median) | speed-up min | median | max |")
     print("|---|---:|---:|---:|---:|---:|")
