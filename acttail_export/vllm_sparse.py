@@ -28,8 +28,8 @@ from vllm.model_executor.layers.linear import LinearBase, RowParallelLinear, Unq
 from .kernels.topk_cpu import DTYPES as CPU_DTYPES
 from .kernels.topk_cpu import GemvPlan, kept_masks, sparse_gemv_cpu
 from .modeling.activation_sparsity import ActivationSparsity
-# as the transformers runtime: a step of B rows takes the CPU sparse GEMV while B * (kept fraction) < BATCH_BREAK_EVEN["cpu"]
-from .modeling.modeling_acttail import BATCH_BREAK_EVEN
+# as the transformers runtime: how many rows a step may have for the CPU sparse GEMV
+from .modeling.modeling_acttail import max_sparse_rows
 from .modeling.projections import parse_projection
 
 __all__ = ["SparseLinearMethod", "apply_activation_sparsity", "projection_shapes", "mark_step"]
@@ -142,7 +142,7 @@ class SparseLinearMethod(UnquantizedLinearMethod):
     def __init__(self, ks: list[int], thresholds: list[float], kept_fraction: float, gather: bool, backend: str):
         super().__init__()
         self.ks, self.thresholds, self.gather = ks, thresholds, gather
-        self.max_rows = 0 if backend == "reference" else math.ceil(BATCH_BREAK_EVEN["cpu"] / kept_fraction) - 1
+        self.max_rows = 0 if backend == "reference" else max_sparse_rows("cpu", kept_fraction)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         weight = layer.weight.data  # [sum(d_out) local, d_in local]

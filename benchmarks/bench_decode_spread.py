@@ -47,7 +47,8 @@ def child(checkpoint: Path, blocks: dict[str, dict], dtype: str, new_tokens: int
     from acttail_export.text import wikipedia_text
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True, dtype=getattr(torch, dtype)).eval()
-    ids = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=True)(wikipedia_text()[:20000], return_tensors="pt").input_ids[:, :64 * batch].reshape(batch, 64)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=True)
+    ids = tokenizer(wikipedia_text()[:20000], return_tensors="pt").input_ids[:, :64 * batch].reshape(batch, 64)
     best = {name: 0.0 for name in blocks}
     for round_ in range(rounds + 1):  # round 0 warms up every row (numba's cache, allocator, lazy imports)
         for name, block in (list(blocks.items()) if round_ % 2 else list(blocks.items())[::-1]):
@@ -109,15 +110,17 @@ def main() -> None:
         runs = []
         for _ in range(args.processes):
             out = subprocess.run([sys.executable, __file__, "--dtype", args.dtype, "--new-tokens", str(args.new_tokens),
-                                  "--rounds", str(args.rounds), "--batch", str(args.batch), "--child", json.dumps(spec)],
+                                  "--rounds", str(args.rounds), "--batch", str(args.batch),
+                                  "--child", json.dumps(spec)],
                                  capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
             if out.returncode:
                 sys.exit(f"a measuring process failed:\n{out.stderr[-3000:]}")
             runs.append(json.loads(out.stdout.splitlines()[-1]))
             print("process", len(runs), " ".join(f"{k}={v:.2f}" for k, v in runs[-1].items()), flush=True)
     name = f"random Llama {args.random_llama}" if args.random_llama else "SmolLM2-135M"
-    print(f"{name} {args.dtype}, batch {args.batch}, generate() of {args.new_tokens} tokens, best of {args.rounds} per row, "
-          f"{args.processes} fresh processes, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{name} {args.dtype}, batch {args.batch}, generate() of {args.new_tokens} tokens, "
+          f"best of {args.rounds} per row, {args.processes} fresh processes, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}")
     print("| sparsity | dense tok/s (median) | sparse tok/s (median) | speed-up min | median | max |")
     print("|---|---:|---:|---:|---:|---:|")
     for s in sparsities:

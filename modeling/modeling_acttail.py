@@ -48,6 +48,12 @@ __all__ = [
 BATCH_BREAK_EVEN = {"triton": 1.0, "cpu": 3.0}
 
 
+def max_sparse_rows(path: str, kept_fraction: float) -> int:
+    """The most rows a decode step may have and still take ``path``'s sparse GEMV ("triton" or "cpu"), for a group
+    whose widest member keeps ``kept_fraction`` of its inputs."""
+    return math.ceil(BATCH_BREAK_EVEN[path] / kept_fraction) - 1
+
+
 def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     """The decode path for weights on ``device`` in ``dtype``: "triton", "cpu" or "reference".
 
@@ -110,7 +116,7 @@ class SparseGroup:
     @property
     def max_rows(self) -> int:
         """The most rows a decode step may have and still take the sparse path."""
-        return math.ceil(BATCH_BREAK_EVEN[self.path] / self.kept_fraction) - 1
+        return max_sparse_rows(self.path, self.kept_fraction)
 
     def typical_step(self, rows: int) -> torch.Tensor:
         """A random decode step ``[rows, 1, d_in]`` keeping about the planned fraction of inputs, to autotune on: with
