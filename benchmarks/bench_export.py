@@ -1,30 +1,26 @@
 """Wall time and peak RSS of `acttail-export export` on SmolLM2-135M, from the GGUF and from its safetensors folder.
 
-Each export runs in its own process; its peak RSS is read from the kernel (wait4 rusage). The GGUF row starts from an
+Each export runs in its own process; its peak RSS is its own ``VmHWM`` (``bench_export_7b.run_measured``). The GGUF row starts from an
 empty conversion cache, so it includes dequantizing the GGUF with transformers.
 
     .venv/bin/python benchmarks/bench_export.py
 """
 
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_export_7b import run_measured  # noqa: E402
 
 CLI = str(Path(sys.executable).parent / "acttail-export")
 
 
 def measure(args: list[str], env: dict) -> tuple[float, float]:
     """(wall seconds, peak RSS in GiB) of one CLI run."""
-    start = time.perf_counter()
-    process = subprocess.Popen([CLI, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"acttail-export {' '.join(args)} failed")
-    return wall, usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+    wall, _, peak, _ = run_measured([CLI, *args], env)
+    return wall, peak
 
 
 ACTTAIL_50 = ["--sparsity", "0.5", "--allocation", "acttail"]  # the rows BENCHMARKS.md records (no calibration)
