@@ -4,12 +4,17 @@ Run under .venv-vllm (``bash scripts/setup_vllm.sh``): ``.venv-vllm/bin/python b
 SmolLM2 (TopK 50% and 70%, threshold 50%) into ``--out`` unless there, then runs one engine per checkpoint in its own
 process and prints a markdown table: decode tokens/s and per-token latency (ms per step), and the speed-up over dense.
 Decode time is the time of a greedy generation of ``--tokens`` + 1 tokens minus that of 1 token (the prompt's
-prefill and the first token). A 2-layer, 64-wide random model gives vLLM's own per-step cost (scheduling, sampling,
+prefill and the first token). A 2-layer, 128-wide random model gives vLLM's own per-step cost (scheduling, sampling,
 Python), which no kernel can remove.
+
+``--random-llama 2048,5632,22,32,4`` serves a larger model instead of SmolLM2 (random bf16 weights in those shapes,
+TinyLlama-1.1B's here, built once into ``--out``): one whose decode step is mostly weight reads, where vLLM's per-step
+cost no longer hides what the sparse GEMV saves.
 """
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -21,11 +26,11 @@ EXPORTS = {"topk-50": ["--sparsity", "0.5", "--allocation", "acttail"],
 PROMPT = "The history of the city begins in the Roman period, when"
 
 
-def measure(model: str, batches: list[int], tokens: int, dtype: str, repeats: int) -> dict:
+def measure(model: str, batches: list[int], tokens: int, dtype: str, repeats: int, memory: float) -> dict:
     """One engine: per batch size, the best of ``repeats`` decode timings (``tokens`` steps of ``batch`` rows)."""
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model, dtype=dtype, enforce_eager=True, gpu_memory_utilization=0.1, max_model_len=512, seed=0,
+    llm = LLM(model, dtype=dtype, enforce_eager=True, gpu_memory_utilization=memory, max_model_len=512, seed=0,
               skip_tokenizer_init=True)
     results = {}
     for batch in batches:
@@ -45,12 +50,14 @@ def measure(model: str, batches: list[int], tokens: int, dtype: str, repeats: in
 
 def in_process(args) -> None:
     batches = [int(b) for b in args.batches.split(",")]
-    print("RESULT " + json.dumps(measure(args.model, batches, args.tokens, args.dtype, args.repeats)))
+    result = measure(args.model, batches, args.tokens, args.dtype, args.repeats, args.gpu_memory_utilization)
+    print("RESULT " + json.dumps(result))
 
 
 def subprocess_measure(model, args) -> dict:
     command = [sys.executable, __file__, "--one", "--model", str(model), "--batches", args.batches, "--tokens",
-               str(args.tokens), "--dtype", args.dtype, "--repeats", str(args.repeats)]
+               str(args.tokens), "--dtype", args.dtype, "--repeats", str(args.repeats),
+               "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
@@ -58,17 +65,27 @@ def subprocess_measure(model, args) -> dict:
     return {int(b): r for b, r in json.loads(lines[-1].removeprefix("RESULT ")).items()}
 
 
-def prepare(out: Path) -> dict[str, Path]:
+def prepare(out: Path, only: list[str] | None, random_llama: str | None) -> dict[str, Path]:
+    """The checkpoints of the rows: the dense model, its exports (made unless there) and the per-step floor model."""
     from acttail_export.weights import resolve_model
 
-    dense = resolve_model(None).folder
+    if random_llama:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from bench_decode_spread import random_llama as build_random_llama
+
+        prefix = "llama-" + random_llama.replace(",", "-")
+        dense = build_random_llama(random_llama, out / prefix)
+    else:
+        prefix, dense = "smollm2", resolve_model(None).folder
     models = {"dense": dense}
     cli = Path(sys.executable).parent / "acttail-export"
     for name, options in EXPORTS.items():
-        folder = out / f"smollm2-{name}"
+        folder = out / f"{prefix}-{name}"
+        if only and name not in only:
+            continue
         if not (folder / "config.json").exists():
             subprocess.run([str(cli), "export", str(dense), str(folder), *options], check=True,
-                           capture_output=True)
+                           capture_output=True, env={**os.environ, "TQDM_DISABLE": "1"})
         models[name] = folder
     tiny = out / "tiny-overhead"
     if not (tiny / "config.json").exists():
@@ -76,10 +93,11 @@ def prepare(out: Path) -> dict[str, Path]:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
-        LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+        # head_dim 64: vLLM's CPU attention refuses 16
+        LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512)
                          ).save_pretrained(tiny)
-    models["per-step floor (2x64 random)"] = tiny
+    models["floor"] = tiny
     return models
 
 
@@ -90,23 +108,33 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--only", default=None, help="comma-separated subset of the rows (dense, topk-50, ...)")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated subset of the rows (dense, topk-50, topk-70, threshold-50, floor)")
+    parser.add_argument("--random-llama", default=None, metavar="HIDDEN,INTERMEDIATE,LAYERS,HEADS,KV_HEADS",
+                        help="instead of SmolLM2, a Llama of these shapes with random weights (built once into --out)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.1,
+                        help="vLLM's flag; on CPU the share of RAM for the weights and the KV cache (0.35 for 1.1 B in float32)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         return in_process(args)
-    models = prepare(args.out)
-    if args.only:
-        models = {name: path for name, path in models.items() if name in args.only.split(",")}
+    only = args.only.split(",") if args.only else None
+    models = prepare(args.out, only, args.random_llama)
+    if only:
+        models = {name: path for name, path in models.items() if name in only}
     batches = [int(b) for b in args.batches.split(",")]
     per_model = {name: subprocess_measure(path, args) for name, path in models.items()}
     results = {(name, b): per_model[name][b] for b in batches for name in models}
+    print(f"{'random Llama ' + args.random_llama if args.random_llama else 'SmolLM2-135M'}, {args.dtype}, "
+          f"{args.tokens} decode steps, best of {args.repeats}; floor: a 2-layer 128-wide random Llama (vLLM's own "
+          "cost of a step)")
     print(f"| checkpoint ({args.dtype}) | batch | decode tokens/s | ms per step | vs dense |")
     print("|---|---:|---:|---:|---:|")
     for (name, batch), r in results.items():
         dense = results.get(("dense", batch))
-        ratio = f"{r['tokens_per_s'] / dense['tokens_per_s']:.2f}x" if dense and name != "dense" else ""
+        compared = dense and name not in ("dense", "floor")
+        ratio = f"{r['tokens_per_s'] / dense['tokens_per_s']:.2f}x" if compared else ""
         print(f"| {name} | {batch} | {r['tokens_per_s']:.1f} | {r['ms_per_step']:.1f} | {ratio} |")
 
 

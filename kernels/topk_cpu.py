@@ -10,8 +10,10 @@ one bag per column block, and the ``[rows * chunks, width]`` output is the ``[ro
 
 The bags (which inputs each row keeps for each member, as table rows, with their values) come from one numba call
 per step (:func:`_fill_bags`: exact TopK cut per member, ties to the lower index as ``topk.topk_order``, or a
-threshold), or, without numba, from torch ops. Shipped flat inside every exported checkpoint; needs only torch (numba
-and numpy are optional).
+threshold), or, without numba, from torch ops. Where one thread does the work better (a single torch thread, or a
+small float32 / float64 weight: ``DIRECT_MAX_BYTES``), one numba call selects and sums the kept rows itself
+(:func:`_gemv_direct`), with no bags and none of embedding_bag's per-entry cost. Shipped flat inside every exported
+checkpoint; needs only torch (numba and numpy are optional).
 """
 
 import math
@@ -31,6 +33,12 @@ __all__ = ["GemvPlan", "sparse_gemv_cpu", "gemv_bags", "kept_masks", "DTYPES"]
 
 USE_NUMBA = numba is not None and os.environ.get("ACTTAIL_NUMBA", "1") != "0"  # tests flip it to run the torch path
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # embedding_bag's table dtypes
+# Float32 / float64 weights up to this size take the direct GEMV (one numba call, on the calling thread) at any thread
+# count; larger ones only on one thread. Measured on the 2-core AMD machine (BENCHMARKS.md): on one thread the direct
+# GEMV beat embedding_bag at every SmolLM2 and 1.1B shape (1.03-1.9x, its per-entry cost), on two it won for SmolLM2's
+# q/k/v, o and down (up to 3.5 MB) and lost for gate/up and at 1.1B shapes, where embedding_bag's two threads read more.
+DIRECT_MAX_BYTES = 4 * 2**20
+DIRECT_DTYPES = (torch.float32, torch.float64)
 MIN_WIDTH = 16  # narrowest column block: below it the per-bag overhead outweighs the parallelism
 BLOCKS_PER_THREAD = 2  # column blocks per thread: some balance between members of different k (SmolLM2 decode: 2 beat 1, 4 and 8)
 
@@ -123,6 +131,27 @@ if numba is not None:
         return n
 
     @_jit
+    def _gemv_direct(bits, x, w, members, lo, width, out):
+        """``out[b, member m's columns] = sum over the inputs i that m keeps in row b, ascending, of x[b, i] * w[i,
+        those columns]``, the kept sets as :func:`_fill_bags` selects them, summed on the calling thread in out's
+        dtype. ``w``: ``[d_local, sum(widths)]``; member m owns columns ``first * width : end * width``."""
+        d, (mask, shift) = bits.shape[1], members[-1, :2]
+        keys, bin_keys, kept = np.empty(d, np.int64), np.empty(d, np.int64), np.empty(x.shape[1], np.int64)
+        hist = np.zeros((mask >> shift) + 1, np.int32)
+        acc = np.empty(w.shape[1], out.dtype)  # contiguous, so that the inner loop vectorizes
+        for b in range(bits.shape[0]):
+            top = _rank_row(bits, b, mask, keys, hist, shift)
+            for m in range(members.shape[0] - 1):
+                count = _kept_inputs(keys, hist, top, shift, members[m, 0], members[m, 1], lo, bin_keys, kept)
+                start, n = members[m, 2] * width, (members[m, 3] - members[m, 2]) * width
+                acc[:n] = 0
+                for t in range(count):
+                    xi, row = x[b, kept[t]], w[kept[t]][start:start + n]  # contiguous: the loop vectorizes
+                    for j in range(n):
+                        acc[j] += xi * row[j]
+                out[b, start:start + n] = acc[:n]
+
+    @_jit
     def _fill_masks(bits, members, lo, masks):
         """``masks[m, b, i]``: whether member m keeps input ``lo + i`` of row b (as :func:`_fill_bags` selects)."""
         d, (mask, shift) = bits.shape[1], members[-1, :2]
@@ -150,7 +179,8 @@ class GemvPlan:
     def __init__(self, widths: list[int], ks: list[int] | None, thresholds: list[float] | None, dtype: torch.dtype,
                  threads: int | None = None):
         self.widths, self.ks, self.thresholds, self.dtype = list(widths), ks, thresholds, dtype
-        self.width = _block_width(self.widths, threads or torch.get_num_threads())
+        self.threads = threads or torch.get_num_threads()
+        self.width = _block_width(self.widths, self.threads)
         owned = [w // self.width for w in self.widths]
         ends = [sum(owned[:m + 1]) for m in range(len(owned))]
         self.chunks = ends[-1]
@@ -158,6 +188,7 @@ class GemvPlan:
         self.entries = None if ks is None else sum(ks[m] for m in self.owner)  # bag entries of a row, TopK mode
         self.buffers = {}  # (rows, entries) -> (idx, values, offsets) and their numpy views
         self.compiled = USE_NUMBA and dtype in _KEY_BITS  # bags and masks from numba; else from torch ops
+        self.direct = self.compiled and dtype in DIRECT_DTYPES  # the direct GEMV can serve it (see DIRECT_MAX_BYTES)
         if self.compiled:
             self.bits, mask = _KEY_BITS[dtype], KEY_TYPES[dtype][1]
             cuts = [0] * len(owned) if thresholds is None else \
@@ -250,6 +281,11 @@ def sparse_gemv_cpu(x: torch.Tensor, weight_t: torch.Tensor, plan: GemvPlan, bia
     """
     if _torch_only(x, weight_t, bias):
         return _reference(x, weight_t, plan, bias, x_full, offset)
+    if plan.direct and (plan.threads == 1 or weight_t.numel() * weight_t.element_size() <= DIRECT_MAX_BYTES):
+        y = torch.empty(x.shape[0], weight_t.shape[1], dtype=x.dtype)
+        ranked = x if x_full is None else x_full
+        _gemv_direct(_np(ranked).view(plan.bits), _np(x), _np(weight_t), plan.members, offset, plan.width, y.numpy())
+        return y if bias is None else y + bias
     idx, values, offsets = gemv_bags(plan, x, x_full, offset)
     table = weight_t.detach().view(weight_t.shape[0] * plan.chunks, plan.width)
     # torch.embedding_bag, not F.embedding_bag: the same op without its Python checks, a few us a call

@@ -21,11 +21,16 @@ from conftest import assert_gemv_close
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
-@pytest.fixture(params=["numba", "torch"])
+@pytest.fixture(params=["numba direct", "numba bags", "torch"])
 def path(request, monkeypatch):
-    if request.param == "numba" and topk_cpu.numba is None:
+    """The GEMV's three ways: numba's direct GEMV wherever its dtypes allow, numba's bags + embedding_bag, torch ops."""
+    if request.param.startswith("numba") and topk_cpu.numba is None:
         pytest.skip("numba is not installed")
-    monkeypatch.setattr(topk_cpu, "USE_NUMBA", request.param == "numba")
+    monkeypatch.setattr(topk_cpu, "USE_NUMBA", request.param != "torch")
+    if request.param == "numba direct":
+        monkeypatch.setattr(topk_cpu, "DIRECT_MAX_BYTES", float("inf"))
+    if request.param == "numba bags":
+        monkeypatch.setattr(topk_cpu, "DIRECT_DTYPES", ())
     return request.param
 
 
