@@ -4,10 +4,11 @@ fp32 or bf16, batch 1 or more rows (the GPU kernels: ``benchmarks/gpu_check.py``
     python benchmarks/bench_topk_kernels.py [--rows 1,4,8] [--dtype bfloat16] [--shapes SmolLM2]
 
 The mean over enough calls that cycle through copies of the weight larger than any L3 cache together (1 GB),
-each with a new input, so that every call reads from memory as a decode step does; sparse = ``sparse_gemv_cpu``
-(the bags of the kept rows, then one ``embedding_bag`` on torch's threads), bags = building them alone, masked = what
-a step past the batch break-even runs instead (``kept_masks``, then ``F.linear`` of the masked input). The ideal speed-up
-of a memory-bound one-row GEMV is 1 / (1 - s).
+each with a new input, so that every call reads from memory as a decode step does; sparse = ``sparse_gemv_cpu`` (the
+path it picks: the direct numba GEMV, or the bags of the kept rows then one ``embedding_bag`` on torch's threads),
+embedding_bag = the latter forced, bags = building them alone, masked = what a step past the batch break-even runs
+instead (``kept_masks``, then ``F.linear`` of the masked input). The ideal speed-up of a memory-bound one-row GEMV is
+1 / (1 - s).
 """
 
 import argparse
@@ -31,12 +32,14 @@ SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9)
 
 
 def cpu_times(d_in: int, d_out: int, k: int, dtype: torch.dtype, rows: int = 1,
-              cycled_bytes: float = 1e9) -> tuple[float, float, float, float]:
+              cycled_bytes: float = 1e9) -> tuple[float, float, float, float, float]:
     copies = int(cycled_bytes // (d_in * d_out * dtype.itemsize)) + 2
     weights = [(torch.randn(d_out, d_in) / d_in**0.5).to(dtype) for _ in range(copies)]
     weights_t = [w.t().contiguous() for w in weights]
     xs = [torch.randn(rows, d_in).to(dtype) for _ in range(61)]  # a new input at each call: kept rows differ, as from step to step
     plan = GemvPlan([d_out], [k], None, dtype)
+    bag_plan = GemvPlan([d_out], [k], None, dtype)
+    bag_plan.direct = False  # always the bags and embedding_bag
     zero = torch.zeros((), dtype=dtype)
 
     def mean_us(step, calls=max(20, 4 * copies)):
@@ -50,9 +53,10 @@ def cpu_times(d_in: int, d_out: int, k: int, dtype: torch.dtype, rows: int = 1,
     dense = mean_us(lambda i: F.linear(xs[i % 61], weights[i % copies]))
     bags = mean_us(lambda i: gemv_bags(plan, xs[i % 61]))
     sparse = mean_us(lambda i: sparse_gemv_cpu(xs[i % 61], weights_t[i % copies], plan))
+    bagged = mean_us(lambda i: sparse_gemv_cpu(xs[i % 61], weights_t[i % copies], bag_plan))
     masked = mean_us(lambda i: F.linear(torch.where(kept_masks(plan, xs[i % 61])[0], xs[i % 61], zero),
                                         weights_t[i % copies].t()))
-    return dense, bags, sparse, masked
+    return dense, bags, sparse, bagged, masked
 
 
 def main() -> None:
@@ -65,18 +69,19 @@ def main() -> None:
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     print(f"device: CPU, {torch.get_num_threads()} threads, {args.dtype}, torch {torch.__version__}")
-    print("| shape (d_in x d_out) | rows | sparsity | k | dense us | bags us | bags+GEMV us | masked us | speed-up "
-          "| vs masked | ideal |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| shape (d_in x d_out) | rows | sparsity | k | dense us | bags us | sparse us | embedding_bag us | masked us "
+          "| speed-up | vs masked | ideal |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, (d_in, d_out) in SHAPES.items():
         if args.shapes and not any(name.startswith(prefix) for prefix in args.shapes.split(",")):
             continue
         for rows in map(int, args.rows.split(",")):
             for sparsity in map(float, args.sparsities.split(",")):
                 k = max(1, round((1 - sparsity) * d_in))
-                dense, bags, sparse, masked = cpu_times(d_in, d_out, k, dtype, rows)
-                print(f"| {name} | {rows} | {sparsity:.1f} | {k} | {dense:.1f} | {bags:.1f} | {sparse:.1f} | {masked:.1f} "
-                      f"| {dense / sparse:.2f}x | {masked / sparse:.2f}x | {1 / (1 - sparsity):.2f}x |", flush=True)
+                dense, bags, sparse, bagged, masked = cpu_times(d_in, d_out, k, dtype, rows)
+                print(f"| {name} | {rows} | {sparsity:.1f} | {k} | {dense:.1f} | {bags:.1f} | {sparse:.1f} | {bagged:.1f} "
+                      f"| {masked:.1f} | {dense / sparse:.2f}x | {masked / sparse:.2f}x | {1 / (1 - sparsity):.2f}x |",
+                      flush=True)
 
 
 if __name__ == "__main__":
