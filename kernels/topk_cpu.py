@@ -104,66 +104,72 @@ if numba is not None:
         return count
 
     @_jit
-    def _fill_bags(bits, x, members, lo, idx, values, offsets):
-        """Every row's bags, in order (row, column block): the table rows ``i * chunks + c`` of the inputs i that
-        member m(c) keeps, ascending, with x's values; returns how many entries were written.
+    def _kept_sets(bits, members, lo, d_local):
+        """Every row's kept inputs per member: ``(kept, counts)``, ``kept[b, m, :counts[b, m]]`` the inputs in
+        ``lo:lo + d_local`` that member m keeps in row b, as local indices, ascending. The one selection that the
+        bags, the direct GEMV and the masks all read.
 
         :param bits: ``[rows, d]`` the input ranked (the whole input under tensor parallel), as signed integers
-        :param x: ``[rows, d_local]`` the values (as bits for halves: they are copied, never computed on)
         :param members: per member m, ``(k, cut, first block, end block)``: k its TopK count, or -1 to keep the keys
             above ``cut`` (threshold mode); it owns column blocks ``first:end``. Last row: ``(mask, shift, 0, 0)``
-        :param lo: x holds inputs ``lo:lo + d_local`` of ``bits``; kept inputs outside it are another rank's
+        :param lo: the local inputs are ``lo:lo + d_local`` of ``bits``; kept inputs outside them are another rank's
         """
-        d, chunks, (mask, shift) = bits.shape[1], members[-2, 3], members[-1, :2]
-        keys, bin_keys, kept = np.empty(d, np.int64), np.empty(d, np.int64), np.empty(x.shape[1], np.int64)
+        rows, d, (mask, shift) = bits.shape[0], bits.shape[1], members[-1, :2]
+        keys, bin_keys = np.empty(d, np.int64), np.empty(d, np.int64)
+        kept = np.empty((rows, members.shape[0] - 1, d_local), np.int64)
+        counts = np.empty((rows, members.shape[0] - 1), np.int64)
         hist = np.zeros((mask >> shift) + 1, np.int32)
-        n = 0
-        for b in range(bits.shape[0]):
+        for b in range(rows):
             top = _rank_row(bits, b, mask, keys, hist, shift)
             for m in range(members.shape[0] - 1):
-                count = _kept_inputs(keys, hist, top, shift, members[m, 0], members[m, 1], lo, bin_keys, kept)
+                counts[b, m] = _kept_inputs(keys, hist, top, shift, members[m, 0], members[m, 1], lo, bin_keys,
+                                            kept[b, m])
+        return kept, counts
+
+    @_jit
+    def _fill_bags(bits, x, members, lo, idx, values, offsets):
+        """Every row's bags, in order (row, column block): the table rows ``i * chunks + c`` of the inputs i that
+        member m(c) keeps (:func:`_kept_sets`), ascending, with x's values; returns how many entries were written.
+        ``x``: ``[rows, d_local]`` the values (as bits for halves: they are copied, never computed on)."""
+        kept, counts = _kept_sets(bits, members, lo, x.shape[1])
+        chunks, n = members[-2, 3], 0
+        for b in range(bits.shape[0]):
+            for m in range(members.shape[0] - 1):
                 for c in range(members[m, 2], members[m, 3]):
                     offsets[b * chunks + c] = n
-                    for t in range(count):
-                        idx[n] = kept[t] * chunks + c
-                        values[n] = x[b, kept[t]]
+                    for t in range(counts[b, m]):
+                        idx[n] = kept[b, m, t] * chunks + c
+                        values[n] = x[b, kept[b, m, t]]
                         n += 1
         return n
 
     @_jit
     def _gemv_direct(bits, x, w, members, lo, width, out):
-        """``out[b, member m's columns] = sum over the inputs i that m keeps in row b, ascending, of x[b, i] * w[i,
-        those columns]``, the kept sets as :func:`_fill_bags` selects them, summed on the calling thread in out's
-        dtype. ``w``: ``[d_local, sum(widths)]``; member m owns columns ``first * width : end * width``."""
-        d, (mask, shift) = bits.shape[1], members[-1, :2]
-        keys, bin_keys, kept = np.empty(d, np.int64), np.empty(d, np.int64), np.empty(x.shape[1], np.int64)
-        hist = np.zeros((mask >> shift) + 1, np.int32)
+        """``out[b, member m's columns] = sum over the inputs i that m keeps in row b (:func:`_kept_sets`), ascending,
+        of x[b, i] * w[i, those columns]``, summed on the calling thread in out's dtype. ``w``: ``[d_local,
+        sum(widths)]``; member m owns columns ``first * width : end * width``."""
+        kept, counts = _kept_sets(bits, members, lo, x.shape[1])
         acc = np.empty(w.shape[1], out.dtype)  # contiguous, so that the inner loop vectorizes
         for b in range(bits.shape[0]):
-            top = _rank_row(bits, b, mask, keys, hist, shift)
             for m in range(members.shape[0] - 1):
-                count = _kept_inputs(keys, hist, top, shift, members[m, 0], members[m, 1], lo, bin_keys, kept)
                 start, n = members[m, 2] * width, (members[m, 3] - members[m, 2]) * width
                 acc[:n] = 0
-                for t in range(count):
-                    xi, row = x[b, kept[t]], w[kept[t]][start:start + n]  # contiguous: the loop vectorizes
+                for t in range(counts[b, m]):
+                    i = kept[b, m, t]
+                    xi, row = x[b, i], w[i][start:start + n]  # contiguous: the loop vectorizes
                     for j in range(n):
                         acc[j] += xi * row[j]
                 out[b, start:start + n] = acc[:n]
 
     @_jit
     def _fill_masks(bits, members, lo, masks):
-        """``masks[m, b, i]``: whether member m keeps input ``lo + i`` of row b (as :func:`_fill_bags` selects)."""
-        d, (mask, shift) = bits.shape[1], members[-1, :2]
-        keys, bin_keys, kept = np.empty(d, np.int64), np.empty(d, np.int64), np.empty(masks.shape[2], np.int64)
-        hist = np.zeros((mask >> shift) + 1, np.int32)
+        """``masks[m, b, i]``: whether member m keeps input ``lo + i`` of row b (:func:`_kept_sets`)."""
+        kept, counts = _kept_sets(bits, members, lo, masks.shape[2])
+        masks[:] = False
         for b in range(bits.shape[0]):
-            top = _rank_row(bits, b, mask, keys, hist, shift)
             for m in range(members.shape[0] - 1):
-                count = _kept_inputs(keys, hist, top, shift, members[m, 0], members[m, 1], lo, bin_keys, kept)
-                masks[m, b, :] = False
-                for t in range(count):
-                    masks[m, b, kept[t]] = True
+                for t in range(counts[b, m]):
+                    masks[m, b, kept[b, m, t]] = True
 
 
 class GemvPlan:
