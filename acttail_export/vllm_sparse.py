@@ -10,13 +10,18 @@ from every rank), so tp=2 keeps what tp=1 keeps; prompt tokens follow the block'
 always sparse.
 
 A step either runs the CPU sparse GEMV over kept weight rows (``kernels/topk_cpu.py``: few rows, a dtype it supports),
-or the mask + dense ``F.linear`` of each member (every member's mask from ``kept_masks``: one compiled selection on
-CPU, torch ops elsewhere). Both run in one function: under torch.compile as a custom op
-(``torch.ops.acttail.sparse_linear``), opaque, so vLLM's compiled graph stays whole; in eager steps called directly.
+or the mask + dense GEMM of each member (every member's mask from ``kept_masks``: one compiled selection on CPU, torch
+ops elsewhere). On CPU that dense GEMM is vLLM's own (``dispatch_cpu_unquantized_gemm``: oneDNN on a prepacked copy of
+the member's weight), which on a few rows runs 1.5-2x faster here than torch's matmul on our input-major layout, so a
+batch past the sparse GEMV's break-even is no slower than vLLM dense; the price is that copy, a second copy of every
+sparse weight in memory. ``ACTTAIL_VLLM_DENSE_GEMM=0`` keeps one copy (the masked steps then run ``F.linear`` on it).
+Both paths run in one function: under torch.compile as a custom op (``torch.ops.acttail.sparse_linear``), opaque, so
+vLLM's compiled graph stays whole; in eager steps called directly.
 """
 
 import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +29,8 @@ from torch import nn
 from vllm.distributed import tensor_model_parallel_all_gather
 from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.layers.linear import LinearBase, RowParallelLinear, UnquantizedLinearMethod
+from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+from vllm.platforms import current_platform
 
 from .kernels.topk_cpu import DTYPES as CPU_DTYPES
 from .kernels.topk_cpu import GemvPlan, kept_masks, sparse_gemv_cpu
@@ -77,8 +84,36 @@ def mark_step(prefill, positions: torch.Tensor) -> None:
     _Step.dense_rows = dense.to(positions.device)
 
 
+# B * (kept fraction) below which a step of B rows takes the sparse GEMV rather than vLLM's dense GEMM (oneDNN on its
+# packed copy), on vLLM's one CPU thread: oneDNN reads a packed weight faster than the GEMV reads kept rows, and barely
+# slows from 1 to 8 rows (BENCHMARKS.md, "vLLM: batches"). Without that copy the transformers runtime's break-even holds.
+DENSE_GEMM_BREAK_EVEN = 1.0
+
+# vLLM's dense GEMM of each member of a sparse layer, by layer id (see _sparse_linear's ``dense_gemm``): a Python
+# callable cannot cross the custom op's boundary, an integer can
+_DENSE_GEMMS: dict[int, list[nn.Module]] = {}
+
+
+class _MemberGemm(nn.Module):
+    """One member's ``[d_out, d_in]`` weight (and bias), handed to vLLM's CPU GEMM dispatch, which packs its own copy,
+    sets ``cpu_linear`` and may change the bias's dtype to what its kernel takes."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x W^T + bias`` by vLLM's kernel; ``bias`` is the one vLLM hands the layer this step (a row-parallel
+        layer adds it on one rank only)."""
+        if bias is not None and self.bias is not None:
+            bias = bias.to(self.bias.dtype)
+        return self.cpu_linear(x, self.weight, bias)
+
+
 def _sparse_linear(x: torch.Tensor, x_full: torch.Tensor | None, weight_t: torch.Tensor, bias: torch.Tensor | None,
-                  widths: list[int], ks: list[int], thresholds: list[float], offset: int, max_rows: int) -> torch.Tensor:
+                  widths: list[int], ks: list[int], thresholds: list[float], offset: int, max_rows: int,
+                  dense_gemm: int) -> torch.Tensor:
     """The outputs of a (fused) sparse layer, members side by side: ``[tokens, sum(d_out)]``.
 
     :param x: ``[tokens, d_in]`` the layer's input (a row-parallel layer's shard of it)
@@ -90,6 +125,8 @@ def _sparse_linear(x: torch.Tensor, x_full: torch.Tensor | None, weight_t: torch
     :param thresholds: threshold mode: each member's threshold; empty in TopK mode
     :param offset: where ``x`` starts in ``x_full``
     :param max_rows: the most rows a step may have for the sparse GEMV (0: never)
+    :param dense_gemm: the key of the members' vLLM dense GEMMs in ``_DENSE_GEMMS`` for the masked steps; -1: none
+        (``F.linear`` on ``weight_t``)
     """
     dense_rows = _Step.dense_rows
     if dense_rows is not None and (dense_rows.shape[0] < x.shape[0] or not dense_rows[:x.shape[0]].any()):
@@ -101,13 +138,17 @@ def _sparse_linear(x: torch.Tensor, x_full: torch.Tensor | None, weight_t: torch
         return sparse_gemv_cpu(x, weight_t, plan, bias, x_full, offset)
     masks = kept_masks(plan, x, x_full, offset)  # every member's (on CPU in one compiled call)
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    gemms = _DENSE_GEMMS.get(dense_gemm)
     outputs = []
-    for mask, part, member_bias in zip(masks, weight_t.split(widths, dim=1),
-                                       bias.split(widths) if bias is not None else [None] * len(widths)):
+    for m, (mask, part, member_bias) in enumerate(zip(masks, weight_t.split(widths, dim=1),
+                                                      bias.split(widths) if bias is not None else [None] * len(widths))):
         xs = torch.where(mask, x, zero)
         if dense_rows is not None:
             xs = torch.where(dense_rows[:x.shape[0], None], x, xs)
-        outputs.append(F.linear(xs, part.t(), member_bias))
+        if gemms is None:
+            outputs.append(F.linear(xs, part.t(), member_bias))
+        else:
+            outputs.append(gemms[m](xs, member_bias))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
 
 
@@ -117,7 +158,7 @@ sparse_linear = torch.library.custom_op("acttail::sparse_linear", _sparse_linear
 
 
 @sparse_linear.register_fake
-def _(x, x_full, weight_t, bias, widths, ks, thresholds, offset, max_rows):
+def _(x, x_full, weight_t, bias, widths, ks, thresholds, offset, max_rows, dense_gemm):
     return x.new_empty(x.shape[0], weight_t.shape[1])
 
 
@@ -141,13 +182,22 @@ class SparseLinearMethod(UnquantizedLinearMethod):
 
     def __init__(self, ks: list[int], thresholds: list[float], kept_fraction: float, gather: bool, backend: str):
         super().__init__()
-        self.ks, self.thresholds, self.gather = ks, thresholds, gather
+        self.ks, self.thresholds, self.gather, self.kept_fraction = ks, thresholds, gather, kept_fraction
         self.max_rows = 0 if backend == "reference" else max_sparse_rows("cpu", kept_fraction)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         weight = layer.weight.data  # [sum(d_out) local, d_in local]
         layer.register_buffer("acttail_weight_t", weight.t().contiguous(), persistent=False)
         self.widths = list(layer.output_partition_sizes)
+        self.dense_gemm = -1
+        if current_platform.is_cpu() and os.environ.get("ACTTAIL_VLLM_DENSE_GEMM", "1") != "0":
+            biases = [None] * len(self.widths) if layer.bias is None else layer.bias.data.split(self.widths)
+            gemms = [_MemberGemm(part, part_bias) for part, part_bias in zip(weight.split(self.widths), biases)]
+            for gemm in gemms:
+                dispatch_cpu_unquantized_gemm(gemm, remove_weight=True)
+            self.dense_gemm = id(layer)
+            _DENSE_GEMMS[self.dense_gemm] = gemms
+            self.max_rows = min(self.max_rows, math.ceil(DENSE_GEMM_BREAK_EVEN / self.kept_fraction) - 1)
         # the [out, in] weight is not used again (vLLM's CPU method drops it too after packing its own copy)
         layer.weight = nn.Parameter(torch.empty(0, dtype=weight.dtype, device=weight.device), requires_grad=False)
 
@@ -158,7 +208,8 @@ class SparseLinearMethod(UnquantizedLinearMethod):
         if self.gather:
             x_full, offset = tensor_model_parallel_all_gather(x, dim=-1), layer.tp_rank * layer.input_size_per_partition
         op = torch.ops.acttail.sparse_linear if torch.compiler.is_compiling() else _sparse_linear
-        y = op(x, x_full, layer.acttail_weight_t, bias, self.widths, self.ks, self.thresholds, offset, self.max_rows)
+        y = op(x, x_full, layer.acttail_weight_t, bias, self.widths, self.ks, self.thresholds, offset, self.max_rows,
+               self.dense_gemm)
         return y.reshape(*shape[:-1], y.shape[-1])
 
 

@@ -5,7 +5,8 @@ SmolLM2 (TopK 50% and 70%, threshold 50%) into ``--out`` unless there, then runs
 process and prints a markdown table: decode tokens/s and per-token latency (ms per step), and the speed-up over dense.
 Decode time is the time of a greedy generation of ``--tokens`` + 1 tokens minus that of 1 token (the prompt's
 prefill and the first token). A 2-layer, 128-wide random model gives vLLM's own per-step cost (scheduling, sampling,
-Python), which no kernel can remove.
+Python), which no kernel can remove. ``--one-copy`` adds each sparse checkpoint served without the plugin's copy of
+the weights for vLLM's dense GEMM (``ACTTAIL_VLLM_DENSE_GEMM=0``).
 
 ``--random-llama 2048,5632,22,32,4`` serves a larger model instead of SmolLM2 (random bf16 weights in those shapes,
 TinyLlama-1.1B's here, built once into ``--out``): one whose decode step is mostly weight reads, where vLLM's per-step
@@ -54,11 +55,12 @@ def in_process(args) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def subprocess_measure(model, args) -> dict:
+def subprocess_measure(model, args, env: dict | None = None) -> dict:
     command = [sys.executable, __file__, "--one", "--model", str(model), "--batches", args.batches, "--tokens",
                str(args.tokens), "--dtype", args.dtype, "--repeats", str(args.repeats),
                "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
-    result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                            env={**os.environ, **(env or {})})
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
         sys.exit(f"engine on {model} failed:\n{result.stderr[-3000:]}")
@@ -114,6 +116,9 @@ def main() -> None:
                         help="instead of SmolLM2, a Llama of these shapes with random weights (built once into --out)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.1,
                         help="vLLM's flag; on CPU the share of RAM for the weights and the KV cache (0.35 for 1.1 B in float32)")
+    parser.add_argument("--one-copy", action="store_true",
+                        help="also run each sparse checkpoint with ACTTAIL_VLLM_DENSE_GEMM=0 (one copy of the weights: "
+                             "batches past the break-even run torch's matmul instead of vLLM's oneDNN GEMM)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -125,7 +130,10 @@ def main() -> None:
         models = {name: path for name, path in models.items() if name in only}
     batches = [int(b) for b in args.batches.split(",")]
     per_model = {name: subprocess_measure(path, args) for name, path in models.items()}
-    results = {(name, b): per_model[name][b] for b in batches for name in models}
+    if args.one_copy:
+        for name in [name for name in models if name in EXPORTS]:
+            per_model[f"{name}, one copy"] = subprocess_measure(models[name], args, {"ACTTAIL_VLLM_DENSE_GEMM": "0"})
+    results = {(name, b): per_model[name][b] for b in batches for name in per_model}
     print(f"{'random Llama ' + args.random_llama if args.random_llama else 'SmolLM2-135M'}, {args.dtype}, "
           f"{args.tokens} decode steps, best of {args.repeats}; floor: a 2-layer 128-wide random Llama (vLLM's own "
           "cost of a step)")

@@ -1,0 +1,51 @@
+"""The masked steps of the plugin's linear method (prefill, and batches past the sparse GEMV's break-even), in process:
+vLLM's own dense GEMM on the plugin's packed copy of each member, and ``F.linear`` on the input-major weights when
+that copy is turned off, both equal to a float64 mask + matmul on fresh random inputs."""
+
+import pytest
+import torch
+
+from acttail_export.kernels.topk import topk_mask
+from acttail_export.vllm_sparse import _DENSE_GEMMS, SparseLinearMethod, _sparse_linear
+
+CASES = [  # d_in, widths (members of one fused layer), TopK counts, bias
+    (576, [576, 192, 192], [300, 200, 576], True),
+    (576, [1536, 1536], [173, 288], False),
+    (1536, [576], [461], True),
+    (97, [33, 66], [1, 50], False),
+]
+
+
+class _Layer(torch.nn.Module):
+    """The attributes of a vLLM linear layer that the method reads."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, widths: list[int]):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias.clone(), requires_grad=False)
+        self.output_partition_sizes = widths
+
+
+@pytest.mark.parametrize("dense_gemm", ["1", "0"])
+@pytest.mark.parametrize("mode", ["topk", "threshold"])
+@pytest.mark.parametrize(("d_in", "widths", "ks", "with_bias"), CASES)
+@pytest.mark.parametrize("rows", [1, 3, 8, 40])
+def test_masked_steps_equal_a_float64_reference(monkeypatch, dense_gemm, mode, d_in, widths, ks, with_bias, rows):
+    monkeypatch.setenv("ACTTAIL_VLLM_DENSE_GEMM", dense_gemm)
+    generator = torch.Generator().manual_seed(rows * 1000 + d_in)
+    weight = torch.randn(sum(widths), d_in, generator=generator)
+    bias = torch.randn(sum(widths), generator=generator) if with_bias else None
+    x = torch.randn(rows, d_in, generator=generator)
+    thresholds = [0.3, 0.8, 1.5][:len(widths)] if mode == "threshold" else []
+    method = SparseLinearMethod([] if thresholds else ks, thresholds, 1.0, False, "cpu")
+    layer = _Layer(weight, bias, widths)
+    method.process_weights_after_loading(layer)
+    assert (method.dense_gemm in _DENSE_GEMMS) == (dense_gemm == "1")
+    y = _sparse_linear(x, None, layer.acttail_weight_t, layer.bias, widths, method.ks, method.thresholds, 0,
+                       0, method.dense_gemm)  # max_rows 0: every step masked
+    masks = [x.abs() > t for t in thresholds] if thresholds else [topk_mask(x, k) for k in ks]
+    want = torch.cat([torch.where(mask, x, 0).double() @ part.double().t()
+                      for mask, part in zip(masks, weight.split(widths))], dim=-1)
+    if bias is not None:
+        want += bias.double()
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-4)
