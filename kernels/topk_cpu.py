@@ -10,9 +10,9 @@ one bag per column block, and the ``[rows * chunks, width]`` output is the ``[ro
 
 The bags (which inputs each row keeps for each member, as table rows, with their values) come from one numba call
 per step (:func:`_fill_bags`: exact TopK cut per member, ties to the lower index as ``topk.topk_order``, or a
-threshold), or, without numba, from torch ops. Where one thread does the work better (a single torch thread, or a
-small float32 / float64 weight: ``DIRECT_MAX_BYTES``), one numba call selects and sums the kept rows itself
-(:func:`_gemv_direct`), with no bags and none of embedding_bag's per-entry cost. Shipped flat inside every exported
+threshold), or, without numba, from torch ops. Where one thread does the work better (float32 / float64 weights, on up
+to ``DIRECT_MAX_THREADS`` torch threads or up to ``DIRECT_MAX_BYTES``), one numba call selects and sums the kept rows
+itself (:func:`_gemv_direct`), with no bags and none of embedding_bag's per-entry cost. Shipped flat inside every exported
 checkpoint; needs only torch (numba and numpy are optional).
 """
 
@@ -33,10 +33,12 @@ __all__ = ["GemvPlan", "sparse_gemv_cpu", "gemv_bags", "kept_masks", "DTYPES"]
 
 USE_NUMBA = numba is not None and os.environ.get("ACTTAIL_NUMBA", "1") != "0"  # tests flip it to run the torch path
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # embedding_bag's table dtypes
-# Float32 / float64 weights up to this size take the direct GEMV (one numba call, on the calling thread) at any thread
-# count; larger ones only on one thread. Measured on the 2-core AMD machine (BENCHMARKS.md): on one thread the direct
-# GEMV beat embedding_bag at every SmolLM2 and 1.1B shape (1.03-1.9x, its per-entry cost), on two it won for SmolLM2's
-# q/k/v, o and down (up to 3.5 MB) and lost for gate/up and at 1.1B shapes, where embedding_bag's two threads read more.
+# Float32 / float64 weights take the direct GEMV (one numba call, on the calling thread) when torch has at most
+# DIRECT_MAX_THREADS threads, or at any thread count up to DIRECT_MAX_BYTES; else embedding_bag spreads the kept rows over
+# torch's threads. Measured on the 2-core AMD machine (BENCHMARKS.md): since it sums eight kept rows a pass, the direct
+# GEMV on one thread matched or beat embedding_bag on two at every SmolLM2 and 1.1B shape (one core there reads memory
+# as fast as two); with more cores embedding_bag's threads read more of a large weight at once.
+DIRECT_MAX_THREADS = 2
 DIRECT_MAX_BYTES = 4 * 2**20
 DIRECT_DTYPES = (torch.float32, torch.float64)
 MIN_WIDTH = 16  # narrowest column block: below it the per-bag overhead outweighs the parallelism
@@ -300,7 +302,8 @@ def sparse_gemv_cpu(x: torch.Tensor, weight_t: torch.Tensor, plan: GemvPlan, bia
     """
     if _torch_only(x, weight_t, bias):
         return _reference(x, weight_t, plan, bias, x_full, offset)
-    if plan.direct and (plan.threads == 1 or weight_t.numel() * weight_t.element_size() <= DIRECT_MAX_BYTES):
+    if plan.direct and (plan.threads <= DIRECT_MAX_THREADS
+                        or weight_t.numel() * weight_t.element_size() <= DIRECT_MAX_BYTES):
         y = torch.empty(x.shape[0], weight_t.shape[1], dtype=x.dtype)
         ranked = x if x_full is None else x_full
         _gemv_direct(_np(ranked).view(plan.bits), _np(x), _np(weight_t), plan.members, offset, plan.width, y.numpy())
