@@ -11,11 +11,10 @@ always sparse.
 
 A step either runs the CPU sparse GEMV over kept weight rows (``kernels/topk_cpu.py``: few rows, a dtype it supports),
 or the mask + dense GEMM of each member (every member's mask from ``kept_masks``: one compiled selection on CPU, torch
-ops elsewhere). On CPU that dense GEMM is vLLM's own (``dispatch_cpu_unquantized_gemm``: oneDNN on a prepacked copy of
-the member's weight), which on a few rows runs 1.5-2x faster here than torch's matmul on our input-major layout, so a
-batch past the sparse GEMV's break-even is no slower than vLLM dense; the price is that copy, a second copy of every
-sparse weight in memory. ``ACTTAIL_VLLM_DENSE_GEMM=0`` keeps one copy (the masked steps then run ``F.linear`` on it).
-Both paths run in one function: under torch.compile as a custom op (``torch.ops.acttail.sparse_linear``), opaque, so
+ops elsewhere), ``F.linear`` on the input-major weights. With ``ACTTAIL_VLLM_DENSE_GEMM=1`` on CPU that dense GEMM is
+vLLM's own instead (``dispatch_cpu_unquantized_gemm``: oneDNN on a prepacked copy of each member's weight), which on a
+few rows runs up to 3x faster here than torch's matmul on our layout; the price is a second copy of every sparse
+weight, which vLLM counts against ``gpu_memory_utilization``. Both paths run in one function: under torch.compile as a custom op (``torch.ops.acttail.sparse_linear``), opaque, so
 vLLM's compiled graph stays whole; in eager steps called directly.
 """
 
@@ -84,12 +83,7 @@ def mark_step(prefill, positions: torch.Tensor) -> None:
     _Step.dense_rows = dense.to(positions.device)
 
 
-# B * (kept fraction) below which a step of B rows takes the sparse GEMV rather than vLLM's dense GEMM (oneDNN on its
-# packed copy), on vLLM's one CPU thread: oneDNN reads a packed weight faster than the GEMV reads kept rows, and barely
-# slows from 1 to 8 rows (BENCHMARKS.md, "vLLM: batches"). Without that copy the transformers runtime's break-even holds.
-DENSE_GEMM_BREAK_EVEN = 1.0
-
-# vLLM's dense GEMM of each member of a sparse layer, by layer id (see _sparse_linear's ``dense_gemm``): a Python
+# vLLM's dense GEMM of each member of a sparse layer (ACTTAIL_VLLM_DENSE_GEMM=1), by layer id (see _sparse_linear's ``dense_gemm``): a Python
 # callable cannot cross the custom op's boundary, an integer can
 _DENSE_GEMMS: dict[int, list[nn.Module]] = {}
 
@@ -182,7 +176,7 @@ class SparseLinearMethod(UnquantizedLinearMethod):
 
     def __init__(self, ks: list[int], thresholds: list[float], kept_fraction: float, gather: bool, backend: str):
         super().__init__()
-        self.ks, self.thresholds, self.gather, self.kept_fraction = ks, thresholds, gather, kept_fraction
+        self.ks, self.thresholds, self.gather = ks, thresholds, gather
         self.max_rows = 0 if backend == "reference" else max_sparse_rows("cpu", kept_fraction)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
@@ -190,14 +184,13 @@ class SparseLinearMethod(UnquantizedLinearMethod):
         layer.register_buffer("acttail_weight_t", weight.t().contiguous(), persistent=False)
         self.widths = list(layer.output_partition_sizes)
         self.dense_gemm = -1
-        if current_platform.is_cpu() and os.environ.get("ACTTAIL_VLLM_DENSE_GEMM", "1") != "0":
+        if current_platform.is_cpu() and os.environ.get("ACTTAIL_VLLM_DENSE_GEMM") == "1":
             biases = [None] * len(self.widths) if layer.bias is None else layer.bias.data.split(self.widths)
             gemms = [_MemberGemm(part, part_bias) for part, part_bias in zip(weight.split(self.widths), biases)]
             for gemm in gemms:
                 dispatch_cpu_unquantized_gemm(gemm, remove_weight=True)
             self.dense_gemm = id(layer)
             _DENSE_GEMMS[self.dense_gemm] = gemms
-            self.max_rows = min(self.max_rows, math.ceil(DENSE_GEMM_BREAK_EVEN / self.kept_fraction) - 1)
         # the [out, in] weight is not used again (vLLM's CPU method drops it too after packing its own copy)
         layer.weight = nn.Parameter(torch.empty(0, dtype=weight.dtype, device=weight.device), requires_grad=False)
 

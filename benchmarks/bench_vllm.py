@@ -5,8 +5,8 @@ SmolLM2 (TopK 50% and 70%, threshold 50%) into ``--out`` unless there, then runs
 process and prints a markdown table: decode tokens/s and per-token latency (ms per step), and the speed-up over dense.
 Decode time is the time of a greedy generation of ``--tokens`` + 1 tokens minus that of 1 token (the prompt's
 prefill and the first token). A 2-layer, 128-wide random model gives vLLM's own per-step cost (scheduling, sampling,
-Python), which no kernel can remove. ``--one-copy`` adds each sparse checkpoint served without the plugin's copy of
-the weights for vLLM's dense GEMM (``ACTTAIL_VLLM_DENSE_GEMM=0``).
+Python), which no kernel can remove. ``--dense-copy`` adds each sparse checkpoint served with the plugin's copy of
+the weights for vLLM's dense GEMM in the masked steps (``ACTTAIL_VLLM_DENSE_GEMM=1``).
 
 ``--random-llama 2048,5632,22,32,4`` serves a larger model instead of SmolLM2 (random bf16 weights in those shapes,
 TinyLlama-1.1B's here, built once into ``--out``): one whose decode step is mostly weight reads, where vLLM's per-step
@@ -116,9 +116,9 @@ def main() -> None:
                         help="instead of SmolLM2, a Llama of these shapes with random weights (built once into --out)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.1,
                         help="vLLM's flag; on CPU the share of RAM for the weights and the KV cache (0.35 for 1.1 B in float32)")
-    parser.add_argument("--one-copy", action="store_true",
-                        help="also run each sparse checkpoint with ACTTAIL_VLLM_DENSE_GEMM=0 (one copy of the weights: "
-                             "batches past the break-even run torch's matmul instead of vLLM's oneDNN GEMM)")
+    parser.add_argument("--dense-copy", action="store_true",
+                        help="also run each sparse checkpoint with ACTTAIL_VLLM_DENSE_GEMM=1 (a second copy of the "
+                             "weights: batches past the break-even run vLLM's oneDNN GEMM instead of torch's matmul)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -130,9 +130,9 @@ def main() -> None:
         models = {name: path for name, path in models.items() if name in only}
     batches = [int(b) for b in args.batches.split(",")]
     per_model = {name: subprocess_measure(path, args) for name, path in models.items()}
-    if args.one_copy:
+    if args.dense_copy:
         for name in [name for name in models if name in EXPORTS]:
-            per_model[f"{name}, one copy"] = subprocess_measure(models[name], args, {"ACTTAIL_VLLM_DENSE_GEMM": "0"})
+            per_model[f"{name}, dense copy"] = subprocess_measure(models[name], args, {"ACTTAIL_VLLM_DENSE_GEMM": "1"})
     results = {(name, b): per_model[name][b] for b in batches for name in per_model}
     print(f"{'random Llama ' + args.random_llama if args.random_llama else 'SmolLM2-135M'}, {args.dtype}, "
           f"{args.tokens} decode steps, best of {args.repeats}; floor: a 2-layer 128-wide random Llama (vLLM's own "
