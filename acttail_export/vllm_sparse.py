@@ -177,12 +177,14 @@ class SparseLinearMethod(UnquantizedLinearMethod):
     def __init__(self, ks: list[int], thresholds: list[float], kept_fraction: float, gather: bool, backend: str):
         super().__init__()
         self.ks, self.thresholds, self.gather = ks, thresholds, gather
-        self.max_rows = 0 if backend == "reference" else max_sparse_rows("cpu", kept_fraction)
+        self.kept_fraction, self.backend = kept_fraction, backend
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         weight = layer.weight.data  # [sum(d_out) local, d_in local]
         layer.register_buffer("acttail_weight_t", weight.t().contiguous(), persistent=False)
         self.widths = list(layer.output_partition_sizes)
+        self.max_rows = 0 if self.backend == "reference" else \
+            max_sparse_rows("cpu", self.kept_fraction, weight.numel() * weight.element_size())
         self.dense_gemm = -1
         if current_platform.is_cpu() and os.environ.get("ACTTAIL_VLLM_DENSE_GEMM") == "1":
             biases = [None] * len(self.widths) if layer.bias is None else layer.bias.data.split(self.widths)

@@ -44,14 +44,19 @@ __all__ = [
 # own kept weight rows (Polar Sparsity; KNOWLEDGE.md). On the GPU, past 1 the rows together read more bytes than one
 # dense pass. On the CPU a row often finds its kept rows in cache, brought there by an earlier row of the step, while
 # the dense matmul of a few rows runs several times slower than the one-row GEMV: the sparse GEMV beat the mask + dense
-# matmul up to B x kept of about 3.5 at 7B shapes and past 8 at SmolLM2's (BENCHMARKS.md, bench_topk_kernels.py --rows).
+# matmul up to B x kept of about 3 at 7B shapes and about 5 at SmolLM2's, whose weights (up to 7 MB) stay in the
+# last-level cache through a step, so rows after the first read them from cache (BENCHMARKS.md, bench_topk_kernels.py
+# --rows): CACHED_BREAK_EVEN for CPU weights up to CACHED_WEIGHT_BYTES.
 BATCH_BREAK_EVEN = {"triton": 1.0, "cpu": 3.0}
+CACHED_BREAK_EVEN = 5.0
+CACHED_WEIGHT_BYTES = 8 * 2**20
 
 
-def max_sparse_rows(path: str, kept_fraction: float) -> int:
+def max_sparse_rows(path: str, kept_fraction: float, weight_bytes: int | None = None) -> int:
     """The most rows a decode step may have and still take ``path``'s sparse GEMV ("triton" or "cpu"), for a group
-    whose widest member keeps ``kept_fraction`` of its inputs."""
-    return math.ceil(BATCH_BREAK_EVEN[path] / kept_fraction) - 1
+    whose widest member keeps ``kept_fraction`` of its inputs and whose weights take ``weight_bytes``."""
+    cached = path == "cpu" and weight_bytes is not None and weight_bytes <= CACHED_WEIGHT_BYTES
+    return math.ceil((CACHED_BREAK_EVEN if cached else BATCH_BREAK_EVEN[path]) / kept_fraction) - 1
 
 
 def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -116,7 +121,7 @@ class SparseGroup:
     @property
     def max_rows(self) -> int:
         """The most rows a decode step may have and still take the sparse path."""
-        return max_sparse_rows(self.path, self.kept_fraction)
+        return max_sparse_rows(self.path, self.kept_fraction, self.weight_t.numel() * self.weight_t.element_size())
 
     def typical_step(self, rows: int) -> torch.Tensor:
         """A random decode step ``[rows, 1, d_in]`` keeping about the planned fraction of inputs, to autotune on: with
