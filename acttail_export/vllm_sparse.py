@@ -14,8 +14,9 @@ or the mask + dense GEMM of each member (every member's mask from ``kept_masks``
 ops elsewhere), ``F.linear`` on the input-major weights. With ``ACTTAIL_VLLM_DENSE_GEMM=1`` on CPU that dense GEMM is
 vLLM's own instead (``dispatch_cpu_unquantized_gemm``: oneDNN on a prepacked copy of each member's weight), which on a
 few rows runs up to 3x faster here than torch's matmul on our layout; the price is a second copy of every sparse
-weight, which vLLM counts against ``gpu_memory_utilization``. Both paths run in one function: under torch.compile as a custom op (``torch.ops.acttail.sparse_linear``), opaque, so
-vLLM's compiled graph stays whole; in eager steps called directly.
+weight, which vLLM counts against ``gpu_memory_utilization``. Both paths run in one function: under torch.compile as a
+custom op (``torch.ops.acttail.sparse_linear``), opaque, so vLLM's compiled graph stays whole; in eager steps called
+directly.
 """
 
 import functools
@@ -83,8 +84,8 @@ def mark_step(prefill, positions: torch.Tensor) -> None:
     _Step.dense_rows = dense.to(positions.device)
 
 
-# vLLM's dense GEMM of each member of a sparse layer (ACTTAIL_VLLM_DENSE_GEMM=1), by layer id (see _sparse_linear's ``dense_gemm``): a Python
-# callable cannot cross the custom op's boundary, an integer can
+# vLLM's dense GEMM of each member of a sparse layer (ACTTAIL_VLLM_DENSE_GEMM=1), by layer id (_sparse_linear's
+# ``dense_gemm``): a Python callable cannot cross the custom op's boundary, an integer can
 _DENSE_GEMMS: dict[int, list[nn.Module]] = {}
 
 
@@ -134,8 +135,8 @@ def _sparse_linear(x: torch.Tensor, x_full: torch.Tensor | None, weight_t: torch
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     gemms = _DENSE_GEMMS.get(dense_gemm)
     outputs = []
-    for m, (mask, part, member_bias) in enumerate(zip(masks, weight_t.split(widths, dim=1),
-                                                      bias.split(widths) if bias is not None else [None] * len(widths))):
+    biases = bias.split(widths) if bias is not None else [None] * len(widths)
+    for m, (mask, part, member_bias) in enumerate(zip(masks, weight_t.split(widths, dim=1), biases)):
         xs = torch.where(mask, x, zero)
         if dense_rows is not None:
             xs = torch.where(dense_rows[:x.shape[0], None], x, xs)

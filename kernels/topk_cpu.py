@@ -12,8 +12,8 @@ The bags (which inputs each row keeps for each member, as table rows, with their
 per step (:func:`_fill_bags`: exact TopK cut per member, ties to the lower index as ``topk.topk_order``, or a
 threshold), or, without numba, from torch ops. Where one thread does the work better (float32 / float64 weights, on up
 to ``DIRECT_MAX_THREADS`` torch threads or up to ``DIRECT_MAX_BYTES``), one numba call selects and sums the kept rows
-itself (:func:`_gemv_direct`), with no bags and none of embedding_bag's per-entry cost. Shipped flat inside every exported
-checkpoint; needs only torch (numba and numpy are optional).
+itself (:func:`_gemv_direct`), with no bags and none of embedding_bag's per-entry cost. Shipped flat inside every
+exported checkpoint; needs only torch (numba and numpy are optional).
 """
 
 import math
@@ -34,10 +34,11 @@ __all__ = ["GemvPlan", "sparse_gemv_cpu", "gemv_bags", "kept_masks", "DTYPES"]
 USE_NUMBA = numba is not None and os.environ.get("ACTTAIL_NUMBA", "1") != "0"  # tests flip it to run the torch path
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # embedding_bag's table dtypes
 # Float32 / float64 weights take the direct GEMV (one numba call, on the calling thread) when torch has at most
-# DIRECT_MAX_THREADS threads, or at any thread count up to DIRECT_MAX_BYTES; else embedding_bag spreads the kept rows over
-# torch's threads. Measured on the 2-core AMD machine (BENCHMARKS.md): since it sums eight kept rows a pass, the direct
-# GEMV on one thread matched or beat embedding_bag on two at every SmolLM2 and 1.1B shape (one core there reads memory
-# as fast as two); with more cores embedding_bag's threads read more of a large weight at once.
+# DIRECT_MAX_THREADS threads, or at any thread count up to DIRECT_MAX_BYTES; else embedding_bag spreads the kept rows
+# over torch's threads. Measured on the 2-core AMD machine (BENCHMARKS.md): since it sums eight kept rows a pass, the
+# direct GEMV on one thread matched or beat embedding_bag on two at batch 1 at SmolLM2, 1.1B and 7B shapes (down_proj
+# aside, within 15%; one core there reads memory about as fast as two); with more cores embedding_bag's threads read
+# more of a large weight at once.
 DIRECT_MAX_THREADS = 2
 DIRECT_MAX_BYTES = 4 * 2**20
 DIRECT_DTYPES = (torch.float32, torch.float64)
@@ -148,8 +149,8 @@ if numba is not None:
     @_jit
     def _gemv_direct(bits, x, w, members, lo, width, out):
         """``out[b, member m's columns] = sum over the inputs i that m keeps in row b (:func:`_kept_sets`) of
-        x[b, i] * w[i, those columns]``, summed on the calling thread in out's dtype, eight ascending inputs a pass. ``w``: ``[d_local,
-        sum(widths)]``; member m owns columns ``first * width : end * width``."""
+        x[b, i] * w[i, those columns]``, summed on the calling thread in out's dtype, eight ascending inputs a pass.
+        ``w``: ``[d_local, sum(widths)]``; member m owns columns ``first * width : end * width``."""
         kept, counts = _kept_sets(bits, members, lo, x.shape[1])
         acc = np.empty(w.shape[1], out.dtype)  # contiguous, so that the inner loop vectorizes
         for b in range(bits.shape[0]):
