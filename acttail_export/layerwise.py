@@ -12,6 +12,7 @@ whole-model pass computes, operation for operation.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 from collections.abc import Iterator
 
 import torch
@@ -23,6 +24,19 @@ from .errors import ExportError
 from .weights import SourceModel
 
 __all__ = ["LayerwiseModel"]
+
+
+def _fix_mmap_threshold() -> None:
+    """Make glibc serve every allocation above 1 MiB from its own mapping, returned to the system when freed.
+
+    glibc raises its mmap threshold to the largest block freed (up to 32 MiB): after the first 16 MiB hidden state of a
+    7B layer is freed, the next ones come from the heap, whose freed gaps smaller allocations then split, and the heap
+    grew by ~100 MB a layer (a calibrated 8-layer 7B-shaped export peaked at 2.82 GiB, 1.99 GiB with the threshold
+    fixed; BENCHMARKS.md). No-op where the C library has no ``mallopt``."""
+    try:
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD; setting it also stops glibc's raising it
+    except (OSError, AttributeError):
+        pass
 
 
 class _Stop(Exception):
@@ -52,6 +66,8 @@ class LayerwiseModel:
 
     def __init__(self, source: SourceModel):
         from transformers import AutoConfig, AutoModelForCausalLM
+
+        _fix_mmap_threshold()
 
         self.source = source
         settings = {k: v for k, v in source.config.items() if k != "model_type"}
