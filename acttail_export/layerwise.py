@@ -27,14 +27,16 @@ __all__ = ["LayerwiseModel"]
 
 
 def _fix_mmap_threshold() -> None:
-    """Make glibc serve every allocation above 1 MiB from its own mapping, returned to the system when freed.
+    """Make glibc serve every allocation of 16 MiB and more (a 7B layer's hidden states) from its own mapping,
+    returned to the system when freed.
 
     glibc raises its mmap threshold to the largest block freed (up to 32 MiB): after the first 16 MiB hidden state of a
     7B layer is freed, the next ones come from the heap, whose freed gaps smaller allocations then split, and the heap
-    grew by ~100 MB a layer (a calibrated 8-layer 7B-shaped export peaked at 2.82 GiB, 1.99 GiB with the threshold
-    fixed; BENCHMARKS.md). No-op where the C library has no ``mallopt``."""
+    grew by ~100 MB a layer (a calibrated 8-layer 7B-shaped export peaked at 2.82 GiB, 2.11 GiB with the threshold
+    fixed at 16 MiB; at 1 MiB 2.00 GiB, but SmolLM2's export, whose activations are a few MiB, ran 40% slower;
+    BENCHMARKS.md). No-op where the C library has no ``mallopt``."""
     try:
-        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD; setting it also stops glibc's raising it
+        ctypes.CDLL(None).mallopt(-3, 16 << 20)  # M_MMAP_THRESHOLD; setting it also stops glibc's raising it
     except (OSError, AttributeError):
         pass
 
