@@ -22,6 +22,7 @@ directly.
 import functools
 import math
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -194,6 +195,8 @@ class SparseLinearMethod(UnquantizedLinearMethod):
                 dispatch_cpu_unquantized_gemm(gemm, remove_weight=True)
             self.dense_gemm = id(layer)
             _DENSE_GEMMS[self.dense_gemm] = gemms
+            # the packed copies go with the layer (an engine shut down in a process that starts another)
+            weakref.finalize(layer, _DENSE_GEMMS.pop, self.dense_gemm, None)
         # the [out, in] weight is not used again (vLLM's CPU method drops it too after packing its own copy)
         layer.weight = nn.Parameter(torch.empty(0, dtype=weight.dtype, device=weight.device), requires_grad=False)
 

@@ -2,6 +2,8 @@
 vLLM's own dense GEMM on the plugin's packed copy of each member, and ``F.linear`` on the input-major weights when
 that copy is turned off, both equal to a float64 mask + matmul on fresh random inputs."""
 
+import gc
+
 import pytest
 import torch
 
@@ -49,3 +51,14 @@ def test_masked_steps_equal_a_float64_reference(monkeypatch, dense_gemm, mode, d
     if bias is not None:
         want += bias.double()
     torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_the_dense_copies_go_with_their_layer(monkeypatch):
+    monkeypatch.setenv("ACTTAIL_VLLM_DENSE_GEMM", "1")
+    method = SparseLinearMethod([3], [], 0.5, False, "cpu")
+    layer = _Layer(torch.randn(16, 8), None, [16])
+    method.process_weights_after_loading(layer)
+    assert method.dense_gemm in _DENSE_GEMMS
+    del layer
+    gc.collect()
+    assert method.dense_gemm not in _DENSE_GEMMS
