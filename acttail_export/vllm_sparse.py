@@ -11,7 +11,8 @@ always sparse.
 
 A step either runs the CPU sparse GEMV over kept weight rows (``kernels/topk_cpu.py``: few rows, a dtype it supports),
 or the mask + dense GEMM of each member (every member's mask from ``kept_masks``: one compiled selection on CPU, torch
-ops elsewhere), ``F.linear`` on the input-major weights. With ``ACTTAIL_VLLM_DENSE_GEMM=1`` on CPU that dense GEMM is
+ops elsewhere), on the input-major weights (``masked_gemm_cpu``: ``F.linear``, or float32 blocks for a 16-bit weight
+where torch has no native 16-bit GEMM). With ``ACTTAIL_VLLM_DENSE_GEMM=1`` on CPU that dense GEMM is
 vLLM's own instead (``dispatch_cpu_unquantized_gemm``: oneDNN on a prepacked copy of each member's weight), which on a
 few rows runs up to 3x faster here than torch's matmul on our layout; the price is a second copy of every sparse
 weight, which vLLM counts against ``gpu_memory_utilization``. Both paths run in one function: under torch.compile as a
@@ -34,7 +35,7 @@ from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 from vllm.platforms import current_platform
 
 from .kernels.topk_cpu import DTYPES as CPU_DTYPES
-from .kernels.topk_cpu import GemvPlan, kept_masks, sparse_gemv_cpu
+from .kernels.topk_cpu import GemvPlan, kept_masks, masked_gemm_cpu, sparse_gemv_cpu
 from .modeling.activation_sparsity import ActivationSparsity
 # as the transformers runtime: how many rows a step may have for the CPU sparse GEMV
 from .modeling.modeling_acttail import max_sparse_rows
@@ -122,7 +123,7 @@ def _sparse_linear(x: torch.Tensor, x_full: torch.Tensor | None, weight_t: torch
     :param offset: where ``x`` starts in ``x_full``
     :param max_rows: the most rows a step may have for the sparse GEMV (0: never)
     :param dense_gemm: the key of the members' vLLM dense GEMMs in ``_DENSE_GEMMS`` for the masked steps; -1: none
-        (``F.linear`` on ``weight_t``)
+        (``masked_gemm_cpu`` on ``weight_t``)
     """
     dense_rows = _Step.dense_rows
     if dense_rows is not None and (dense_rows.shape[0] < x.shape[0] or not dense_rows[:x.shape[0]].any()):
@@ -142,7 +143,7 @@ def _sparse_linear(x: torch.Tensor, x_full: torch.Tensor | None, weight_t: torch
         if dense_rows is not None:
             xs = torch.where(dense_rows[:x.shape[0], None], x, xs)
         if gemms is None:
-            outputs.append(F.linear(xs, part.t(), member_bias))
+            outputs.append(masked_gemm_cpu(xs, part, member_bias))
         else:
             outputs.append(gemms[m](xs, member_bias))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
@@ -167,7 +168,7 @@ def _plan(widths: tuple, ks: tuple, thresholds: tuple, dtype: torch.dtype) -> Ge
 class SparseLinearMethod(UnquantizedLinearMethod):
     """vLLM's unquantized linear method with activation sparsity: creates and loads the weights as vLLM does, then
     keeps the members' weights input-major side by side, ``[d_in, sum(d_out)]`` (the sparse GEMV reads kept rows;
-    ``F.linear`` takes each member's transposed view).
+    the masked path reads each member's columns).
 
     :param ks: TopK mode: each member's count of the whole input; threshold mode: empty
     :param thresholds: threshold mode: each member's threshold; TopK mode: empty

@@ -7,7 +7,7 @@ The mean over enough calls that cycle through copies of the weight larger than a
 each with a new input, so that every call reads from memory as a decode step does; sparse = ``sparse_gemv_cpu`` (the
 path it picks: the direct numba GEMV, or the bags of the kept rows then one ``embedding_bag`` on torch's threads),
 embedding_bag = the latter forced, bags = building them alone, masked = what a step past the batch break-even runs
-instead (``kept_masks``, then ``F.linear`` of the masked input). The ideal speed-up of a memory-bound one-row GEMV is
+instead (``kept_masks``, then ``masked_gemm_cpu`` of the masked input). The ideal speed-up of a memory-bound one-row GEMV is
 1 / (1 - s).
 """
 
@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from acttail_export.kernels.topk_cpu import GemvPlan, gemv_bags, kept_masks, sparse_gemv_cpu
+from acttail_export.kernels.topk_cpu import GemvPlan, gemv_bags, kept_masks, masked_gemm_cpu, sparse_gemv_cpu
 
 SHAPES = {  # (d_in, d_out): the projections of SmolLM2-135M, Llama-2-7B and Llama-3-8B
     "SmolLM2 gate+up 576x3072": (576, 3072),
@@ -54,14 +54,14 @@ def cpu_times(d_in: int, d_out: int, k: int, dtype: torch.dtype, rows: int = 1,
     bags = mean_us(lambda i: gemv_bags(plan, xs[i % 61]))
     sparse = mean_us(lambda i: sparse_gemv_cpu(xs[i % 61], weights_t[i % copies], plan))
     bagged = mean_us(lambda i: sparse_gemv_cpu(xs[i % 61], weights_t[i % copies], bag_plan))
-    masked = mean_us(lambda i: F.linear(torch.where(kept_masks(plan, xs[i % 61])[0], xs[i % 61], zero),
-                                        weights_t[i % copies].t()))
+    masked = mean_us(lambda i: masked_gemm_cpu(torch.where(kept_masks(plan, xs[i % 61])[0], xs[i % 61], zero),
+                                               weights_t[i % copies]))
     return dense, bags, sparse, bagged, masked
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--shapes", default=None, help="comma-separated prefixes of the shape names (default: all)")
     parser.add_argument("--rows", default="1", help="comma-separated rows per step (a batch of decode tokens)")
     parser.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)), help="comma-separated sparsities")

@@ -20,16 +20,19 @@ import math
 import os
 
 import torch
+import torch.nn.functional as F
 
 from .topk import KEY_TYPES, magnitude_keys, topk_mask
 
 try:  # optional fast path; the try block also keeps transformers' remote-code import check from requiring numba
     import numba
     import numpy as np
+    from llvmlite import ir
+    from numba.extending import intrinsic
 except ImportError:
     numba = None
 
-__all__ = ["GemvPlan", "sparse_gemv_cpu", "gemv_bags", "kept_masks", "DTYPES"]
+__all__ = ["GemvPlan", "sparse_gemv_cpu", "gemv_bags", "kept_masks", "masked_gemm_cpu", "DTYPES"]
 
 USE_NUMBA = numba is not None and os.environ.get("ACTTAIL_NUMBA", "1") != "0"  # tests flip it to run the torch path
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # embedding_bag's table dtypes
@@ -41,12 +44,46 @@ DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # embedd
 # more of a large weight at once.
 DIRECT_MAX_THREADS = 2
 DIRECT_MAX_BYTES = 4 * 2**20
-DIRECT_DTYPES = (torch.float32, torch.float64)
+# bfloat16 / float16 weights too, as words of two (:func:`_gemv_direct_pairs`), where a member's columns pair up
+DIRECT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# torch's 16-bit GEMMs on CPU go to oneDNN only where the CPU has them (AVX-512 / AMX); elsewhere its loop on an
+# input-major weight is 15-70x slower than on [out, in] (AMD machine, AVX2), so the masked path widens to float32
+NATIVE_HALF_GEMM = {dtype: bool(getattr(torch.ops.mkldnn, name, lambda: False)()) for dtype, name in (
+    (torch.bfloat16, "_is_mkldnn_bf16_supported"), (torch.float16, "_is_mkldnn_fp16_supported"))}
+WIDEN_BLOCK_BYTES = 2 * 2**20  # float32 weight rows widened at a time by the masked path (cache-resident)
 MIN_WIDTH = 16  # narrowest column block: below it the per-bag overhead outweighs the parallelism
 BLOCKS_PER_THREAD = 2  # column blocks per thread: some balance between members of different k (SmolLM2 decode: 2 beat 1, 4 and 8)
 
 if numba is not None:
     _KEY_BITS = {torch.float32: np.int32, torch.float64: np.int64, torch.bfloat16: np.int16, torch.float16: np.int16}
+    # a 16-bit weight table read as 32-bit words, two columns a word; the word's type says which float it holds
+    _PAIR_WORDS = {torch.bfloat16: np.uint32, torch.float16: np.int32}
+
+    def _widen(high: bool):
+        """Codegen of one 16-bit half of a 32-bit word widened to float32 (``high``: the upper half, the odd column;
+        little-endian). A uint32 word holds two bfloat16, whose bits are float32's upper half: a shift or a mask. An
+        int32 word holds two float16: ``fpext``, which x86's F16C does eight at a time."""
+        def codegen(context, builder, signature, args):
+            (word,) = args
+            sixteen = ir.Constant(word.type, 16)
+            if signature.args[0] == numba.types.uint32:
+                bits = builder.and_(word, ir.Constant(word.type, 0xFFFF0000)) if high else builder.shl(word, sixteen)
+                return builder.bitcast(bits, ir.FloatType())
+            half = builder.trunc(builder.lshr(word, sixteen) if high else word, ir.IntType(16))
+            return builder.fpext(builder.bitcast(half, ir.HalfType()), ir.FloatType())
+        return codegen
+
+    @intrinsic
+    def _even(typingctx, word):
+        """The word's even column (its lower half) as float32."""
+        if word in (numba.types.uint32, numba.types.int32):
+            return numba.types.float32(word), _widen(high=False)
+
+    @intrinsic
+    def _odd(typingctx, word):
+        """The word's odd column (its upper half) as float32."""
+        if word in (numba.types.uint32, numba.types.int32):
+            return numba.types.float32(word), _widen(high=True)
 
     def _jit(function):
         try:  # compiled once, then loaded from numba's on-disk cache
@@ -178,6 +215,40 @@ if numba is not None:
                 out[b, start:start + n] = acc[:n]
 
     @_jit
+    def _gemv_direct_pairs(bits, x, w, members, lo, width, out):
+        """:func:`_gemv_direct` for bfloat16 / float16 weights: ``w`` ``[d_local, sum(widths) / 2]``, words of two
+        columns (:data:`_PAIR_WORDS`), widened to float32 as they are read; x and ``out`` float32. Even and odd
+        columns sum apart, so that the loop vectorizes, and are interleaved at the end."""
+        kept, counts = _kept_sets(bits, members, lo, x.shape[1])
+        even, odd = np.empty(w.shape[1], np.float32), np.empty(w.shape[1], np.float32)
+        for b in range(bits.shape[0]):
+            for m in range(members.shape[0] - 1):
+                start, n = members[m, 2] * width // 2, (members[m, 3] - members[m, 2]) * width // 2
+                even[:n], odd[:n] = 0, 0
+                rows_kept, c, t = kept[b, m], counts[b, m], 0
+                while t + 8 <= c:  # eight kept rows a pass, as _gemv_direct
+                    i0, i1, i2, i3 = rows_kept[t], rows_kept[t + 1], rows_kept[t + 2], rows_kept[t + 3]
+                    i4, i5, i6, i7 = rows_kept[t + 4], rows_kept[t + 5], rows_kept[t + 6], rows_kept[t + 7]
+                    a0, a1, a2, a3, a4, a5, a6, a7 = x[b, i0], x[b, i1], x[b, i2], x[b, i3], x[b, i4], x[b, i5], \
+                        x[b, i6], x[b, i7]
+                    r0, r1, r2, r3 = w[i0][start:], w[i1][start:], w[i2][start:], w[i3][start:]
+                    r4, r5, r6, r7 = w[i4][start:], w[i5][start:], w[i6][start:], w[i7][start:]
+                    for j in range(n):
+                        v0, v1, v2, v3, v4, v5, v6, v7 = r0[j], r1[j], r2[j], r3[j], r4[j], r5[j], r6[j], r7[j]
+                        even[j] += ((a0 * _even(v0) + a1 * _even(v1)) + (a2 * _even(v2) + a3 * _even(v3))) + \
+                            ((a4 * _even(v4) + a5 * _even(v5)) + (a6 * _even(v6) + a7 * _even(v7)))
+                        odd[j] += ((a0 * _odd(v0) + a1 * _odd(v1)) + (a2 * _odd(v2) + a3 * _odd(v3))) + \
+                            ((a4 * _odd(v4) + a5 * _odd(v5)) + (a6 * _odd(v6) + a7 * _odd(v7)))
+                    t += 8
+                for t in range(t, c):
+                    xi, row = x[b, rows_kept[t]], w[rows_kept[t]][start:]
+                    for j in range(n):
+                        even[j] += xi * _even(row[j])
+                        odd[j] += xi * _odd(row[j])
+                out[b, 2 * start:2 * (start + n):2] = even[:n]
+                out[b, 2 * start + 1:2 * (start + n):2] = odd[:n]
+
+    @_jit
     def _fill_masks(bits, members, lo, masks):
         """``masks[m, b, i]``: whether member m keeps input ``lo + i`` of row b (:func:`_kept_sets`)."""
         kept, counts = _kept_sets(bits, members, lo, masks.shape[2])
@@ -210,7 +281,8 @@ class GemvPlan:
         self.entries = None if ks is None else sum(ks[m] for m in self.owner)  # bag entries of a row, TopK mode
         self.buffers = {}  # (rows, entries) -> (idx, values, offsets) and their numpy views
         self.compiled = USE_NUMBA and dtype in _KEY_BITS  # bags and masks from numba; else from torch ops
-        self.direct = self.compiled and dtype in DIRECT_DTYPES  # the direct GEMV can serve it (see DIRECT_MAX_BYTES)
+        # the direct GEMV can serve it (see DIRECT_MAX_BYTES); 16-bit weights need whole words in every block
+        self.direct = self.compiled and dtype in DIRECT_DTYPES and (dtype not in _PAIR_WORDS or self.width % 2 == 0)
         if self.compiled:
             self.bits, mask = _KEY_BITS[dtype], KEY_TYPES[dtype][1]
             cuts = [0] * len(owned) if thresholds is None else \
@@ -305,15 +377,39 @@ def sparse_gemv_cpu(x: torch.Tensor, weight_t: torch.Tensor, plan: GemvPlan, bia
         return _reference(x, weight_t, plan, bias, x_full, offset)
     if plan.direct and (plan.threads <= DIRECT_MAX_THREADS
                         or weight_t.numel() * weight_t.element_size() <= DIRECT_MAX_BYTES):
-        y = torch.empty(x.shape[0], weight_t.shape[1], dtype=x.dtype)
-        ranked = x if x_full is None else x_full
-        _gemv_direct(_np(ranked).view(plan.bits), _np(x), _np(weight_t), plan.members, offset, plan.width, y.numpy())
+        bits = _np(x if x_full is None else x_full).view(plan.bits)
+        if plan.dtype in _PAIR_WORDS:  # float32 sums, rounded once to x's dtype
+            y = torch.empty(x.shape[0], weight_t.shape[1], dtype=torch.float32)
+            words = _np(weight_t).view(_PAIR_WORDS[plan.dtype])
+            _gemv_direct_pairs(bits, x.float().numpy(), words, plan.members, offset, plan.width, y.numpy())
+            y = y.to(x.dtype)
+        else:
+            y = torch.empty(x.shape[0], weight_t.shape[1], dtype=x.dtype)
+            _gemv_direct(bits, _np(x), _np(weight_t), plan.members, offset, plan.width, y.numpy())
         return y if bias is None else y + bias
     idx, values, offsets = gemv_bags(plan, x, x_full, offset)
     table = weight_t.detach().view(weight_t.shape[0] * plan.chunks, plan.width)
     # torch.embedding_bag, not F.embedding_bag: the same op without its Python checks, a few us a call
     y = torch.embedding_bag(table, idx, offsets, False, 0, False, values, False, None)[0].view(x.shape[0], -1)
     return y if bias is None else y + bias
+
+
+def masked_gemm_cpu(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight_t (+ bias)``: the dense GEMM of the masked path (prompts, large batches), on one member's columns
+    of an input-major weight. A 16-bit weight without a native 16-bit GEMM (:data:`NATIVE_HALF_GEMM`) runs as float32
+    GEMMs over blocks of weight rows, each widened just before use (no float32 copy of the whole weight), summed with
+    the bias in float32 and rounded once to x's dtype.
+
+    :param x: ``[rows, d_in]``
+    :param weight_t: ``[d_in, d_out]``, rows contiguous (a column slice of a group's weight is)
+    """
+    if not x.is_cpu or x.dtype not in NATIVE_HALF_GEMM or NATIVE_HALF_GEMM[x.dtype] or _torch_only(x, weight_t, bias):
+        return F.linear(x, weight_t.t(), bias)
+    x32, step = x.float(), max(1, WIDEN_BLOCK_BYTES // (4 * weight_t.shape[1]))
+    y = torch.zeros(x.shape[0], weight_t.shape[1]) if bias is None else bias.float().expand(x.shape[0], -1).clone()
+    for start in range(0, weight_t.shape[0], step):
+        y.addmm_(x32[:, start:start + step], weight_t[start:start + step].float())
+    return y.to(x.dtype)
 
 
 def kept_masks(plan: GemvPlan, x: torch.Tensor, x_full: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:

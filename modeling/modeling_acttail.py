@@ -20,7 +20,7 @@ from .configuration_acttail import ActTailLlamaConfig, ActTailMistralConfig, Act
 from .projections import INPUT_OF, parse_projection
 from .topk import threshold_sparsify, topk_sparsify
 from .topk_cpu import DTYPES as CPU_DTYPES
-from .topk_cpu import GemvPlan, sparse_gemv_cpu
+from .topk_cpu import GemvPlan, masked_gemm_cpu, sparse_gemv_cpu
 
 try:  # Triton kernels for GPU decode steps; without Triton, CUDA uses the reference path
     from .topk_triton import INTERPRET as TRITON_INTERPRET
@@ -209,7 +209,10 @@ class TopKLinear(nn.Linear):
             return y
         if group is not None and len(group.members) == 1 and group.wins(x):
             return group(x)[0]
-        return F.linear(self.sparsify(x), self.weight, self.bias)
+        x = self.sparsify(x)
+        if group is not None and group.path == "cpu":  # the weight is a view of the group's input-major layout
+            return masked_gemm_cpu(x.reshape(-1, x.shape[-1]), self.weight.t(), self.bias).view(*x.shape[:-1], -1)
+        return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         sparsity = f"keep={self.keep}" if self.threshold is None else f"threshold={self.threshold:.6g}"

@@ -23,7 +23,8 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 @pytest.fixture(params=["numba direct", "numba bags", "torch"])
 def path(request, monkeypatch):
-    """The GEMV's three ways: numba's direct GEMV wherever its dtypes allow, numba's bags + embedding_bag, torch ops."""
+    """The GEMV's three ways: numba's direct GEMV (16-bit weights where the column blocks pair up), numba's bags +
+    embedding_bag, torch ops."""
     if request.param.startswith("numba") and topk_cpu.numba is None:
         pytest.skip("numba is not installed")
     monkeypatch.setattr(topk_cpu, "USE_NUMBA", request.param != "torch")
@@ -214,8 +215,9 @@ def test_nan_input_gives_nan_output_in_its_row_only(dtype, path):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_output_is_rounded_once_as_torch_rounds(dtype, path):
     """One kept input: each output is one product, exact in float32 (8- or 11-bit mantissas), so the output must be
-    its rounding to nearest bit for bit, at the overflow edge and for inf and NaN weights too: torch's for float16;
-    for bfloat16, FBGEMM's, which rounds ties away from zero (torch rounds them to even)."""
+    its rounding to nearest bit for bit, at the overflow edge and for inf and NaN weights too: torch's (ties to even)
+    for float16 and for the direct GEMV's float32 sums; for bfloat16 through embedding_bag, FBGEMM's, which rounds
+    ties away from zero."""
     g = torch.Generator().manual_seed(3)
     w = (torch.randn(1, 4096, generator=g) * torch.logspace(-6, 6, 4096)).to(dtype)
     w[0, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), torch.finfo(dtype).max])
@@ -223,7 +225,7 @@ def test_half_output_is_rounded_once_as_torch_rounds(dtype, path):
     weight_t = torch.cat([torch.zeros_like(w), w, torch.zeros_like(w)])  # [3, 4096], only row 1 is kept
     y = sparse_gemv_cpu(x, weight_t, GemvPlan([4096], [1], None, dtype))
     product = x[0, 1].float() * w.float()
-    if dtype == torch.bfloat16:  # ties away from zero: add half of the dropped 16 bits' range to the magnitude bits
+    if dtype == torch.bfloat16 and path != "numba direct":  # ties away from zero: add half of the dropped 16 bits' range to the magnitude bits
         finite = product.isfinite()
         product = torch.where(finite, ((product.view(torch.int32) + 0x8000) & ~0xFFFF).view(torch.float32), product)
     expected = product.to(dtype)
@@ -289,3 +291,34 @@ def test_torch_compile_traces_the_reference_path_without_graph_breaks(path):
     with torch.inference_mode():
         y = torch.compile(lambda x: sparse_gemv_cpu(x, weight_t, plan), backend="eager", fullgraph=True)(x)
     assert_gemv_close(y[:, 32:], x, 150, weight_t[:, 32:], None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "d_in", "d_out", "block_rows"), [(1, 64, 48, 7), (9, 576, 192, 64), (40, 300, 70, 1)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_masked_gemm_matches_float64_on_a_member_of_an_input_major_weight(rows, d_in, d_out, block_rows, dtype,
+                                                                          with_bias, monkeypatch):
+    """The masked path's GEMM on one member's columns of a group's weight: 16-bit weights as float32 blocks (small
+    blocks here, so that several and a ragged last one run), float32 / float64 as F.linear; one rounding."""
+    monkeypatch.setattr(topk_cpu, "WIDEN_BLOCK_BYTES", block_rows * 4 * d_out)
+    g = torch.Generator().manual_seed(rows + d_in)
+    x = torch.randn(rows, d_in, generator=g).to(dtype)
+    x[:, ::3] = 0  # masked inputs
+    group_weight = torch.randn(d_in, d_out + 40, generator=g).to(dtype)  # the member: columns 24:24 + d_out
+    member = group_weight[:, 24:24 + d_out]
+    bias = torch.randn(d_out, generator=g).to(dtype) if with_bias else None
+    y = topk_cpu.masked_gemm_cpu(x, member, bias)
+    assert_gemv_close(y, x, None, member, bias, kept=torch.ones_like(x, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_masked_gemm_widens_only_without_a_native_half_gemm(dtype, monkeypatch):
+    x, weight_t = torch.randn(5, 64).to(dtype), torch.randn(64, 32).to(dtype)
+    calls = []
+    monkeypatch.setattr(topk_cpu.F, "linear", lambda *args: calls.append(args) or torch.zeros(5, 32, dtype=dtype))
+    monkeypatch.setitem(topk_cpu.NATIVE_HALF_GEMM, dtype, False)
+    topk_cpu.masked_gemm_cpu(x, weight_t)
+    assert not calls
+    monkeypatch.setitem(topk_cpu.NATIVE_HALF_GEMM, dtype, True)
+    topk_cpu.masked_gemm_cpu(x, weight_t)
+    assert len(calls) == 1
