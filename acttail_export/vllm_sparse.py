@@ -187,7 +187,7 @@ class SparseLinearMethod(UnquantizedLinearMethod):
         layer.register_buffer("acttail_weight_t", weight.t().contiguous(), persistent=False)
         self.widths = list(layer.output_partition_sizes)
         self.max_rows = 0 if self.backend == "reference" else \
-            max_sparse_rows("cpu", self.kept_fraction, weight.numel() * weight.element_size())
+            max_sparse_rows("cpu", self.kept_fraction, weight.numel() * weight.element_size(), weight.dtype)
         self.dense_gemm = -1
         if current_platform.is_cpu() and os.environ.get("ACTTAIL_VLLM_DENSE_GEMM") == "1":
             biases = [None] * len(self.widths) if layer.bias is None else layer.bias.data.split(self.widths)

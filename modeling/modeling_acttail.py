@@ -20,7 +20,7 @@ from .configuration_acttail import ActTailLlamaConfig, ActTailMistralConfig, Act
 from .projections import INPUT_OF, parse_projection
 from .topk import threshold_sparsify, topk_sparsify
 from .topk_cpu import DTYPES as CPU_DTYPES
-from .topk_cpu import GemvPlan, masked_gemm_cpu, sparse_gemv_cpu
+from .topk_cpu import NATIVE_HALF_GEMM, GemvPlan, masked_gemm_cpu, sparse_gemv_cpu
 
 try:  # Triton kernels for GPU decode steps; without Triton, CUDA uses the reference path
     from .topk_triton import INTERPRET as TRITON_INTERPRET
@@ -46,17 +46,25 @@ __all__ = [
 # the dense matmul of a few rows runs several times slower than the one-row GEMV: the sparse GEMV beat the mask + dense
 # matmul up to B x kept of about 3 at 7B shapes and about 5 at SmolLM2's, whose weights (up to 7 MB) stay in the
 # last-level cache through a step, so rows after the first read them from cache (BENCHMARKS.md, bench_topk_kernels.py
-# --rows): CACHED_BREAK_EVEN for CPU weights up to CACHED_WEIGHT_BYTES.
+# --rows): CACHED_BREAK_EVEN for CPU weights up to CACHED_WEIGHT_BYTES. 16-bit CPU weights without a native 16-bit
+# GEMM make the masked matmul widen them to float32 (``masked_gemm_cpu``), and there the sparse GEMV still beat it by
+# 1.2-1.4x at B x kept = 8 (bfloat16, SmolLM2 and 7B shapes, one thread): WIDENED_BREAK_EVEN.
 BATCH_BREAK_EVEN = {"triton": 1.0, "cpu": 3.0}
 CACHED_BREAK_EVEN = 5.0
 CACHED_WEIGHT_BYTES = 8 * 2**20
+WIDENED_BREAK_EVEN = 8.0
 
 
-def max_sparse_rows(path: str, kept_fraction: float, weight_bytes: int | None = None) -> int:
+def max_sparse_rows(path: str, kept_fraction: float, weight_bytes: int | None = None,
+                    dtype: torch.dtype | None = None) -> int:
     """The most rows a decode step may have and still take ``path``'s sparse GEMV ("triton" or "cpu"), for a group
-    whose widest member keeps ``kept_fraction`` of its inputs and whose weights take ``weight_bytes``."""
-    cached = path == "cpu" and weight_bytes is not None and weight_bytes <= CACHED_WEIGHT_BYTES
-    return math.ceil((CACHED_BREAK_EVEN if cached else BATCH_BREAK_EVEN[path]) / kept_fraction) - 1
+    whose widest member keeps ``kept_fraction`` of its inputs and whose weights take ``weight_bytes`` in ``dtype``."""
+    break_even = BATCH_BREAK_EVEN[path]
+    if path == "cpu" and NATIVE_HALF_GEMM.get(dtype) is False:
+        break_even = WIDENED_BREAK_EVEN
+    elif path == "cpu" and weight_bytes is not None and weight_bytes <= CACHED_WEIGHT_BYTES:
+        break_even = CACHED_BREAK_EVEN
+    return math.ceil(break_even / kept_fraction) - 1
 
 
 def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -121,7 +129,8 @@ class SparseGroup:
     @property
     def max_rows(self) -> int:
         """The most rows a decode step may have and still take the sparse path."""
-        return max_sparse_rows(self.path, self.kept_fraction, self.weight_t.numel() * self.weight_t.element_size())
+        return max_sparse_rows(self.path, self.kept_fraction, self.weight_t.numel() * self.weight_t.element_size(),
+                               self.weight_t.dtype)
 
     def typical_step(self, rows: int) -> torch.Tensor:
         """A random decode step ``[rows, 1, d_in]`` keeping about the planned fraction of inputs, to autotune on: with
