@@ -1,6 +1,7 @@
 """The masked steps of the plugin's linear method (prefill, and batches past the sparse GEMV's break-even), in process:
-vLLM's own dense GEMM on the plugin's packed copy of each member, and ``F.linear`` on the input-major weights when
-that copy is turned off, both equal to a float64 mask + matmul on fresh random inputs."""
+vLLM's own dense GEMM on the plugin's packed copy of each member, and ``masked_gemm_cpu`` on the input-major weights
+when that copy is turned off, both equal to a float64 mask + matmul on fresh random inputs; in bfloat16 the masked and
+the sparse path."""
 
 import gc
 
@@ -51,6 +52,28 @@ def test_masked_steps_equal_a_float64_reference(monkeypatch, dense_gemm, mode, d
     if bias is not None:
         want += bias.double()
     torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("max_rows", [0, 64])  # every step masked (float32 blocks here), or the sparse GEMV
+@pytest.mark.parametrize(("d_in", "widths", "ks", "with_bias"), CASES)
+@pytest.mark.parametrize("rows", [1, 8, 40])
+def test_bfloat16_steps_equal_a_float64_reference(monkeypatch, max_rows, d_in, widths, ks, with_bias, rows):
+    """vLLM's CPU default dtype: both paths within one bfloat16 rounding of the sum (and one of the bias)."""
+    monkeypatch.setenv("ACTTAIL_VLLM_DENSE_GEMM", "0")
+    generator = torch.Generator().manual_seed(rows * 1000 + d_in + max_rows)
+    weight = torch.randn(sum(widths), d_in, generator=generator).bfloat16()
+    bias = torch.randn(sum(widths), generator=generator).bfloat16() if with_bias else None
+    x = torch.randn(rows, d_in, generator=generator).bfloat16()
+    method = SparseLinearMethod(ks, [], 1.0, False, "cpu")
+    layer = _Layer(weight, bias, widths)
+    method.process_weights_after_loading(layer)
+    y = _sparse_linear(x, None, layer.acttail_weight_t, layer.bias, widths, method.ks, [], 0, max_rows, -1)
+    xs = [torch.where(topk_mask(x, k), x, 0).double() for k in ks]
+    unbiased = torch.cat([m @ part.double().t() for m, part in zip(xs, weight.split(widths))], dim=-1)
+    scale = torch.cat([m.abs() @ part.double().abs().t() for m, part in zip(xs, weight.split(widths))], dim=-1)
+    want = unbiased + (bias.double() if bias is not None else 0)
+    assert y.dtype == torch.bfloat16
+    assert ((y.double() - want).abs() <= 2**-7 * (want.abs() + unbiased.abs()) + 1e-5 * scale).all()
 
 
 def test_the_dense_copies_go_with_their_layer(monkeypatch):
