@@ -10,10 +10,12 @@ one bag per column block, and the ``[rows * chunks, width]`` output is the ``[ro
 
 The bags (which inputs each row keeps for each member, as table rows, with their values) come from one numba call
 per step (:func:`_fill_bags`: exact TopK cut per member, ties to the lower index as ``topk.topk_order``, or a
-threshold), or, without numba, from torch ops. Where one thread does the work better (float32 / float64 weights, on up
-to ``DIRECT_MAX_THREADS`` torch threads or up to ``DIRECT_MAX_BYTES``), one numba call selects and sums the kept rows
-itself (:func:`_gemv_direct`), with no bags and none of embedding_bag's per-entry cost. Shipped flat inside every
-exported checkpoint; needs only torch (numba and numpy are optional).
+threshold), or, without numba, from torch ops. Where one thread does the work better (on up to
+``DIRECT_MAX_THREADS`` torch threads or up to ``DIRECT_MAX_BYTES``), one numba call selects and sums the kept rows
+itself (:func:`_gemv_direct`; bfloat16 / float16 as words of two columns widened in registers,
+:func:`_gemv_direct_pairs`), with no bags and none of embedding_bag's per-entry cost. Prompts and large batches take
+the masked path's dense GEMM (:func:`masked_gemm_cpu`). Shipped flat inside every exported checkpoint; needs only torch
+(numba and numpy are optional).
 """
 
 import math
