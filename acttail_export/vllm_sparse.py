@@ -186,10 +186,12 @@ class SparseLinearMethod(UnquantizedLinearMethod):
         weight = layer.weight.data  # [sum(d_out) local, d_in local]
         layer.register_buffer("acttail_weight_t", weight.t().contiguous(), persistent=False)
         self.widths = list(layer.output_partition_sizes)
-        self.max_rows = 0 if self.backend == "reference" else \
-            max_sparse_rows("cpu", self.kept_fraction, weight.numel() * weight.element_size(), weight.dtype)
+        own_gemm = current_platform.is_cpu() and os.environ.get("ACTTAIL_VLLM_DENSE_GEMM") == "1"
+        # the masked steps' GEMM: vLLM's own (no widening of 16-bit weights), or masked_gemm_cpu
+        self.max_rows = 0 if self.backend == "reference" else max_sparse_rows(
+            "cpu", self.kept_fraction, weight.numel() * weight.element_size(), None if own_gemm else weight.dtype)
         self.dense_gemm = -1
-        if current_platform.is_cpu() and os.environ.get("ACTTAIL_VLLM_DENSE_GEMM") == "1":
+        if own_gemm:
             biases = [None] * len(self.widths) if layer.bias is None else layer.bias.data.split(self.widths)
             gemms = [_MemberGemm(part, part_bias) for part, part_bias in zip(weight.split(self.widths), biases)]
             for gemm in gemms:

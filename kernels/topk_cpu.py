@@ -20,6 +20,7 @@ the masked path's dense GEMM (:func:`masked_gemm_cpu`). Shipped flat inside ever
 
 import math
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -62,17 +63,29 @@ if numba is not None:
     _PAIR_WORDS = {torch.bfloat16: np.uint32, torch.float16: np.int32}
 
     def _widen(high: bool):
-        """Codegen of one 16-bit half of a 32-bit word widened to float32 (``high``: the upper half, the odd column;
-        little-endian). A uint32 word holds two bfloat16, whose bits are float32's upper half: a shift or a mask. An
-        int32 word holds two float16: ``fpext``, which x86's F16C does eight at a time."""
+        """Codegen of one 16-bit half of a 32-bit word widened to float32, exactly (``high``: the upper half, the odd
+        column; little-endian). A uint32 word holds two bfloat16, whose bits are float32's upper half: a shift or a
+        mask. An int32 word holds two float16, widened with integer operations and selects only (LLVM's ``fpext``
+        from half becomes a call numba cannot link on a CPU without F16C): a normal number's exponent is rebased, a
+        subnormal one is its 10-bit mantissa times 2^-24, inf and NaN keep their mantissa under float32's top
+        exponent; the sign is put back last."""
         def codegen(context, builder, signature, args):
             (word,) = args
-            sixteen = ir.Constant(word.type, 16)
+            const = lambda value: ir.Constant(word.type, value)  # noqa: E731
             if signature.args[0] == numba.types.uint32:
-                bits = builder.and_(word, ir.Constant(word.type, 0xFFFF0000)) if high else builder.shl(word, sixteen)
+                bits = builder.and_(word, const(0xFFFF0000)) if high else builder.shl(word, const(16))
                 return builder.bitcast(bits, ir.FloatType())
-            half = builder.trunc(builder.lshr(word, sixteen) if high else word, ir.IntType(16))
-            return builder.fpext(builder.bitcast(half, ir.HalfType()), ir.FloatType())
+            half = builder.and_(builder.lshr(word, const(16)) if high else word, const(0xFFFF))
+            magnitude = builder.and_(half, const(0x7FFF))
+            shifted = builder.shl(magnitude, const(13))
+            normal = builder.add(shifted, const((127 - 15) << 23))
+            special = builder.or_(shifted, const(0x7F800000))  # inf / NaN
+            bits = builder.select(builder.icmp_unsigned(">=", magnitude, const(0x7C00)), special, normal)
+            subnormal = builder.fmul(builder.sitofp(magnitude, ir.FloatType()), ir.Constant(ir.FloatType(), 2.0**-24))
+            value = builder.select(builder.icmp_unsigned("<", magnitude, const(0x0400)),
+                                   builder.bitcast(subnormal, word.type), bits)
+            sign = builder.shl(builder.and_(half, const(0x8000)), const(16))
+            return builder.bitcast(builder.or_(value, sign), ir.FloatType())
         return codegen
 
     @intrinsic
@@ -283,8 +296,10 @@ class GemvPlan:
         self.entries = None if ks is None else sum(ks[m] for m in self.owner)  # bag entries of a row, TopK mode
         self.buffers = {}  # (rows, entries) -> (idx, values, offsets) and their numpy views
         self.compiled = USE_NUMBA and dtype in _KEY_BITS  # bags and masks from numba; else from torch ops
-        # the direct GEMV can serve it (see DIRECT_MAX_BYTES); 16-bit weights need whole words in every block
-        self.direct = self.compiled and dtype in DIRECT_DTYPES and (dtype not in _PAIR_WORDS or self.width % 2 == 0)
+        # the direct GEMV can serve it (see DIRECT_MAX_BYTES); 16-bit weights: every member whole words (even widths),
+        # in the little-endian order the word halves assume
+        self.direct = self.compiled and dtype in DIRECT_DTYPES and (
+            dtype not in _PAIR_WORDS or (all(w % 2 == 0 for w in self.widths) and sys.byteorder == "little"))
         if self.compiled:
             self.bits, mask = _KEY_BITS[dtype], KEY_TYPES[dtype][1]
             cuts = [0] * len(owned) if thresholds is None else \
@@ -373,21 +388,20 @@ def sparse_gemv_cpu(x: torch.Tensor, weight_t: torch.Tensor, plan: GemvPlan, bia
     :param bias: ``[sum(widths)]`` or None
     :param x_full: tensor parallel, TopK mode: the whole input, of which x is the shard starting at ``offset``
     :returns: ``[rows, sum(widths)]`` in x's dtype (float32 sums for bfloat16 / float16; a bias is added after
-        the sum is rounded to x's dtype)
+        the sum is rounded to x's dtype, except on the direct GEMV of 16-bit weights, which adds it in float32)
     """
     if _torch_only(x, weight_t, bias):
         return _reference(x, weight_t, plan, bias, x_full, offset)
     if plan.direct and (plan.threads <= DIRECT_MAX_THREADS
                         or weight_t.numel() * weight_t.element_size() <= DIRECT_MAX_BYTES):
         bits = _np(x if x_full is None else x_full).view(plan.bits)
-        if plan.dtype in _PAIR_WORDS:  # float32 sums, rounded once to x's dtype
+        if plan.dtype in _PAIR_WORDS:  # float32 sums (and bias), rounded once to x's dtype
             y = torch.empty(x.shape[0], weight_t.shape[1], dtype=torch.float32)
             words = _np(weight_t).view(_PAIR_WORDS[plan.dtype])
             _gemv_direct_pairs(bits, x.float().numpy(), words, plan.members, offset, plan.width, y.numpy())
-            y = y.to(x.dtype)
-        else:
-            y = torch.empty(x.shape[0], weight_t.shape[1], dtype=x.dtype)
-            _gemv_direct(bits, _np(x), _np(weight_t), plan.members, offset, plan.width, y.numpy())
+            return (y if bias is None else y.add_(bias)).to(x.dtype)
+        y = torch.empty(x.shape[0], weight_t.shape[1], dtype=x.dtype)
+        _gemv_direct(bits, _np(x), _np(weight_t), plan.members, offset, plan.width, y.numpy())
         return y if bias is None else y + bias
     idx, values, offsets = gemv_bags(plan, x, x_full, offset)
     table = weight_t.detach().view(weight_t.shape[0] * plan.chunks, plan.width)

@@ -220,7 +220,8 @@ class TopKLinear(nn.Linear):
             return group(x)[0]
         x = self.sparsify(x)
         if group is not None and group.path == "cpu":  # the weight is a view of the group's input-major layout
-            return masked_gemm_cpu(x.reshape(-1, x.shape[-1]), self.weight.t(), self.bias).view(*x.shape[:-1], -1)
+            y = masked_gemm_cpu(x.reshape(-1, x.shape[-1]), self.weight.t(), self.bias)
+            return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:

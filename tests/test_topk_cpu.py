@@ -175,6 +175,7 @@ def test_gemv_matches_float64(rows, d_in, widths, ks, with_bias, dtype, make, th
     linear = torch.nn.Linear(d_in, sum(widths), bias=with_bias, dtype=dtype)  # parameters require grad, as in a model
     weight_t = linear.weight.detach().t().contiguous()
     plan = GemvPlan(widths, ks, None, dtype, threads)
+    assert plan.direct == (path == "numba direct" and (dtype.itemsize > 2 or all(w % 2 == 0 for w in widths)))
     with torch.no_grad():
         for _ in range(2):
             poison(plan)
@@ -278,6 +279,32 @@ print(m.numba, m.USE_NUMBA, tuple(m.sparse_gemv_cpu(x, torch.randn(50, 32), m.Ge
     assert run_python("from acttail_export.kernels import topk_cpu as m; print(m.USE_NUMBA)", ACTTAIL_NUMBA="0").strip() == "False"
 
 
+def test_every_16_bit_pattern_widens_exactly_even_for_a_cpu_without_f16c(tmp_path):
+    """The direct GEMV's word halves (both columns of a word, bfloat16 and float16) against torch's widening, for all
+    65536 bit patterns: the same float32 bits (NaN: any NaN). Compiled for numba's generic x86 target (no F16C),
+    where LLVM's half ``fpext`` would be a call numba cannot link (the process crashed)."""
+    if topk_cpu.numba is None:
+        pytest.skip("numba is not installed")
+    out = run_python("""
+import numba, numpy as np, torch
+from acttail_export.kernels import topk_cpu as m
+@numba.njit
+def widen(words, even, odd):
+    for i in range(words.shape[0]):
+        even[i], odd[i] = m._even(words[i]), m._odd(words[i])
+patterns = np.arange(65536, dtype=np.uint16)
+words = np.stack([patterns, patterns[::-1]], 1).copy().view(np.uint32).reshape(-1)  # low half, high half
+for dtype, word in ((torch.bfloat16, np.uint32), (torch.float16, np.int32)):
+    even, odd = np.empty(65536, np.float32), np.empty(65536, np.float32)
+    widen(words.view(word), even, odd)
+    for got, halves in ((even, patterns), (odd, patterns[::-1])):
+        want = torch.from_numpy(halves.view(np.int16).copy()).view(dtype).float().numpy()
+        nan = np.isnan(want)
+        print(np.array_equal(np.isnan(got), nan) and np.array_equal(got.view(np.uint32)[~nan], want.view(np.uint32)[~nan]))
+""", NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
+    assert out.split() == ["True"] * 4
+
+
 def test_transformers_remote_code_check_does_not_require_numba():
     from transformers.dynamic_module_utils import get_imports
 
@@ -301,6 +328,8 @@ def test_masked_gemm_matches_float64_on_a_member_of_an_input_major_weight(rows, 
     """The masked path's GEMM on one member's columns of a group's weight: 16-bit weights as float32 blocks (small
     blocks here, so that several and a ragged last one run), float32 / float64 as F.linear; one rounding."""
     monkeypatch.setattr(topk_cpu, "WIDEN_BLOCK_BYTES", block_rows * 4 * d_out)
+    for half in topk_cpu.NATIVE_HALF_GEMM:  # the float32 blocks, also on a CPU that has a native 16-bit GEMM
+        monkeypatch.setitem(topk_cpu.NATIVE_HALF_GEMM, half, False)
     g = torch.Generator().manual_seed(rows + d_in)
     x = torch.randn(rows, d_in, generator=g).to(dtype)
     x[:, ::3] = 0  # masked inputs

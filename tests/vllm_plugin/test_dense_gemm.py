@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from acttail_export.kernels.topk import topk_mask
+from acttail_export.kernels.topk_cpu import NATIVE_HALF_GEMM
 from acttail_export.vllm_sparse import _DENSE_GEMMS, SparseLinearMethod, _sparse_linear
 
 CASES = [  # d_in, widths (members of one fused layer), TopK counts, bias
@@ -58,8 +59,10 @@ def test_masked_steps_equal_a_float64_reference(monkeypatch, dense_gemm, mode, d
 @pytest.mark.parametrize(("d_in", "widths", "ks", "with_bias"), CASES)
 @pytest.mark.parametrize("rows", [1, 8, 40])
 def test_bfloat16_steps_equal_a_float64_reference(monkeypatch, max_rows, d_in, widths, ks, with_bias, rows):
-    """vLLM's CPU default dtype: both paths within one bfloat16 rounding of the sum (and one of the bias)."""
+    """vLLM's CPU default dtype: both paths within one bfloat16 rounding of the sum (and one of the bias); the masked
+    path as float32 blocks, as on a CPU without a native bfloat16 GEMM."""
     monkeypatch.setenv("ACTTAIL_VLLM_DENSE_GEMM", "0")
+    monkeypatch.setitem(NATIVE_HALF_GEMM, torch.bfloat16, False)
     generator = torch.Generator().manual_seed(rows * 1000 + d_in + max_rows)
     weight = torch.randn(sum(widths), d_in, generator=generator).bfloat16()
     bias = torch.randn(sum(widths), generator=generator).bfloat16() if with_bias else None
