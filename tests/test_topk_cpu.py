@@ -4,6 +4,7 @@ and a float64 GEMV, in float32 / float64 and bfloat16 / float16 (float32 sums, o
 column blocks, and numba being optional."""
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -279,12 +280,14 @@ print(m.numba, m.USE_NUMBA, tuple(m.sparse_gemv_cpu(x, torch.randn(50, 32), m.Ge
     assert run_python("from acttail_export.kernels import topk_cpu as m; print(m.USE_NUMBA)", ACTTAIL_NUMBA="0").strip() == "False"
 
 
-def test_every_16_bit_pattern_widens_exactly_even_for_a_cpu_without_f16c(tmp_path):
+@pytest.mark.parametrize("target", ["host", "generic"])
+def test_every_16_bit_pattern_widens_exactly_on_the_host_and_without_f16c(target, tmp_path):
     """The direct GEMV's word halves (both columns of a word, bfloat16 and float16) against torch's widening, for all
-    65536 bit patterns: the same float32 bits (NaN: any NaN). Compiled for numba's generic x86 target (no F16C),
-    where LLVM's half ``fpext`` would be a call numba cannot link (the process crashed)."""
+    65536 bit patterns: the same float32 bits (NaN: any NaN). Compiled for the host and for numba's generic x86 target
+    (no F16C), where LLVM's half ``fpext`` would be a call numba cannot link (the process crashed)."""
     if topk_cpu.numba is None:
         pytest.skip("numba is not installed")
+    target_env = {"NUMBA_CPU_NAME": "generic"} if target == "generic" else {}
     out = run_python("""
 import numba, numpy as np, torch
 from acttail_export.kernels import topk_cpu as m
@@ -301,8 +304,11 @@ for dtype, word in ((torch.bfloat16, np.uint32), (torch.float16, np.int32)):
         want = torch.from_numpy(halves.view(np.int16).copy()).view(dtype).float().numpy()
         nan = np.isnan(want)
         print(np.array_equal(np.isnan(got), nan) and np.array_equal(got.view(np.uint32)[~nan], want.view(np.uint32)[~nan]))
-""", NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
-    assert out.split() == ["True"] * 4
+print(m._native_half())
+""", NUMBA_CACHE_DIR=str(tmp_path), **target_env)
+    assert out.split()[:4] == ["True"] * 4
+    if target == "generic" and platform.machine() in ("x86_64", "AMD64"):
+        assert out.split()[4] == "False"  # the integer widening ran
 
 
 def test_transformers_remote_code_check_does_not_require_numba():
