@@ -76,9 +76,9 @@ if numba is not None:
         """Codegen of one 16-bit half of a 32-bit word widened to float32, exactly (``high``: the upper half, the odd
         column; little-endian). A uint32 word holds two bfloat16, whose bits are float32's upper half: a shift or a
         mask. An int32 word holds two float16: ``fpext`` where the CPU has it (:func:`_native_half`), else integer
-        operations and selects (1.7x slower than fpext at 7B shapes): a normal number's exponent is rebased, a subnormal one is
-        its 10-bit mantissa times 2^-24, inf and NaN keep their mantissa under float32's top exponent, and the sign is
-        put back last."""
+        operations and selects (1.7x slower than fpext at 7B shapes): a normal number's exponent is rebased, a
+        subnormal one is its 10-bit mantissa times 2^-24, inf and NaN keep their mantissa under float32's top
+        exponent, and the sign is put back last."""
         def codegen(context, builder, signature, args):
             (word,) = args
             const = lambda value: ir.Constant(word.type, value)  # noqa: E731
