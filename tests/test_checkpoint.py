@@ -19,10 +19,10 @@ def test_shipped_code_is_flat_and_self_contained():
         # Local imports must read exactly `from .name import X` with name a shipped file (remote code is flat).
         for module in re.findall(r"^\s*from \.(\w+) import", text, flags=re.M):
             assert module in names, (f.name, module)
-        # What transformers requires installed (imports outside try blocks): nothing beyond what it needs itself;
-        # triton and numba are optional.
-        assert set(get_imports(f)) <= {"dataclasses", "functools", "hashlib", "math", "os", "re", "typing", "torch",
-                                       "transformers", "huggingface_hub"}, f.name
+        # What transformers requires installed (imports outside try blocks): the standard library and what it needs
+        # itself; triton and numba are optional.
+        assert set(get_imports(f)) <= {"dataclasses", "functools", "hashlib", "math", "os", "platform", "re", "sys",
+                                       "typing", "torch", "transformers", "huggingface_hub"}, f.name
         assert not re.search(r"^from \.\.", text, flags=re.M)
 
 
