@@ -112,6 +112,9 @@ class SparseGroup:
             for m, width in zip(members, self.widths):  # the members' weights become views: no second copy
                 m.weight.data = self.weight_t[:, start:start + width].t()
                 start += width
+        # the most rows a decode step may have and still take the sparse path (read at every step: computed once)
+        self.max_rows = max_sparse_rows(path, self.kept_fraction,
+                                        self.weight_t.numel() * self.weight_t.element_size(), self.weight_t.dtype)
         self.thresholds = [m.threshold for m in members] if self.by_threshold else None
         self.cut = threshold_cut(self.thresholds, weight.dtype, weight.device) \
             if self.by_threshold and path == "triton" else None
@@ -125,12 +128,6 @@ class SparseGroup:
     def is_current(self) -> bool:
         """Whether the members still hold the weights this group laid out (not moved, cast or replaced since)."""
         return [m.weight.data_ptr() for m in self.members] == self.layout and all(m.group is self for m in self.members)
-
-    @property
-    def max_rows(self) -> int:
-        """The most rows a decode step may have and still take the sparse path."""
-        return max_sparse_rows(self.path, self.kept_fraction, self.weight_t.numel() * self.weight_t.element_size(),
-                               self.weight_t.dtype)
 
     def typical_step(self, rows: int) -> torch.Tensor:
         """A random decode step ``[rows, 1, d_in]`` keeping about the planned fraction of inputs, to autotune on: with
