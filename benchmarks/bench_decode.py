@@ -56,6 +56,15 @@ def synthetic_7b(layers: int):
     return model.eval()
 
 
+def saved_blocks(sparsities: list[float], folder: Path) -> dict[float, dict] | None:
+    """The ``activation_sparsity`` block of every export ``folder / s{sparsity}`` made by :func:`smollm2_exports`
+    before (``--exports``), or None when any is missing."""
+    configs = [folder / f"s{s}" / "config.json" for s in sparsities]
+    if not all(config.exists() for config in configs):
+        return None
+    return {s: json.loads(config.read_text())["activation_sparsity"] for s, config in zip(sparsities, configs)}
+
+
 def smollm2_exports(sparsities: list[float], folder: Path, mode: str = "topk",
                     model: Path | None = None) -> tuple[Path, dict[float, dict]]:
     """Export SmolLM2 (or the model folder ``model``) at each sparsity with the CLI (ActTail allocation; TopK, or

@@ -16,7 +16,6 @@ sparse row reads (a GEMV at dense's bandwidth, selection free), with lm_head and
 """
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_decode import checkpoint_layout, smollm2_exports  # noqa: E402
+from bench_decode import checkpoint_layout, saved_blocks, smollm2_exports  # noqa: E402
 
 
 class StepClock:
@@ -91,11 +90,7 @@ def main() -> None:
     sparsities = [float(s) for s in args.sparsity.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.exports or Path(tmp)
-        if all((folder / f"s{s}" / "config.json").exists() for s in sparsities):
-            blocks = {s: json.loads((folder / f"s{s}" / "config.json").read_text())["activation_sparsity"]
-                      for s in sparsities}
-        else:
-            _, blocks = smollm2_exports(sparsities, folder)
+        blocks = saved_blocks(sparsities, folder) or smollm2_exports(sparsities, folder)[1]
         checkpoint = folder / f"s{sparsities[0]}"
         model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True,
                                                      dtype=getattr(torch, args.dtype)).eval()

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_decode import checkpoint_layout, smollm2_exports  # noqa: E402
+from bench_decode import checkpoint_layout, saved_blocks, smollm2_exports  # noqa: E402
 
 
 def tokens_per_s(model, ids: torch.Tensor, new_tokens: int) -> float:
@@ -99,10 +99,8 @@ def main() -> None:
     sparsities = [float(s) for s in args.sparsity.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.exports or Path(tmp)
-        if all((folder / f"s{s}" / "config.json").exists() for s in sparsities):
-            blocks = {s: json.loads((folder / f"s{s}" / "config.json").read_text())["activation_sparsity"]
-                      for s in sparsities}
-        else:
+        blocks = saved_blocks(sparsities, folder)
+        if blocks is None:
             model = random_llama(args.random_llama, folder / "model") if args.random_llama else None
             _, blocks = smollm2_exports(sparsities, folder, model=model)
         spec = {"checkpoint": str(folder / f"s{sparsities[0]}"),
