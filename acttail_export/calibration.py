@@ -3,7 +3,7 @@
 The threshold mode takes t_p = the s_p-quantile of |x| at projection p's input (TEAL), calibrated in one forward in
 which every earlier input is already thresholded; the teal-greedy search (greedy.py) starts from each decoder block's
 dense input, output and attention arguments on the first windows; the ``calibrated`` allocation reads Fisher
-loss-increase curves from one forward and one backward pass (fisher.py).
+loss-increase curves from forward and backward passes (fisher.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .allocation import SITES, GreedyRow, ModuleSparsity
 from .errors import ExportError
 from .evaluate import calibration_windows
-from .fisher import threshold_curves, topk_curves
+from .fisher import topk_curves
 from .greedy import search_block
 from .kernels.topk import threshold_sparsify
 from .layerwise import LayerwiseModel
@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_GREEDY_WINDOWS",
     "SAMPLES_PER_INPUT",
     "DEFAULT_CURVE_WINDOWS",
+    "CURVE_PASS_WINDOWS",
     "threshold_hooks",
     "calibration_ids",
     "Calibration",
@@ -40,8 +41,11 @@ DEFAULT_WINDOWS = 8
 DEFAULT_SEQLEN = 512
 # The greedy search replays every block ~7 times per row: its cost is proportional to its tokens (see greedy.py).
 DEFAULT_GREEDY_WINDOWS = 1
-# The calibrated allocation's backward pass stores every layer's input: its cost and memory grow with its windows.
-DEFAULT_CURVE_WINDOWS = 2
+# The calibrated allocation's curves are sums over tokens: read from DEFAULT_CURVE_WINDOWS windows, CURVE_PASS_WINDOWS
+# a forward and backward pass (a pass stores every layer's input: its memory grows with the windows of a pass, its
+# time with all of them). On SmolLM2, 4 windows beat 2 on two texts at 30, 50 and 70% (docs/RESULTS.md).
+DEFAULT_CURVE_WINDOWS = 4
+CURVE_PASS_WINDOWS = 2
 # |x| entries a threshold is the quantile of: from n samples the quantile's level has a standard error of about
 # sqrt(s (1 - s) / n) = 0.001 (torch.quantile refuses more than 16 M elements; 8 x 512 tokens x 1536 inputs are 6 M).
 SAMPLES_PER_INPUT = 1 << 18
@@ -69,22 +73,23 @@ class Calibration:
     :param text: what the ids were cut from, for the record
     :param greedy_windows: how many of the windows the greedy search replays
     :param samples: |x| entries per input a threshold is the quantile of
-    :param curve_windows: how many of the windows the ``calibrated`` allocation's backward pass reads
+    :param curve_windows: how many of the windows the ``calibrated`` allocation's curves read
+    :param curve_pass: how many of those a forward and backward pass reads at a time
     """
 
     def __init__(self, source: SourceModel, ids: torch.Tensor, text: str = "token ids",
                  greedy_windows: int = DEFAULT_GREEDY_WINDOWS, samples: int = SAMPLES_PER_INPUT, progress: bool = True,
-                 curve_windows: int = DEFAULT_CURVE_WINDOWS):
+                 curve_windows: int = DEFAULT_CURVE_WINDOWS, curve_pass: int = CURVE_PASS_WINDOWS):
         self.source, self.ids, self.text, self.samples, self.progress = source, ids, text, samples, progress
         self.greedy_windows = min(greedy_windows, len(ids))
-        self.curve_windows = min(curve_windows, len(ids))
+        self.curve_windows, self.curve_pass = min(curve_windows, len(ids)), curve_pass
         self.model = LayerwiseModel(source)
         self.by_layer = defaultdict(list)
         for p in source.projections:
             self.by_layer[p.layer].append(p)
         self.layers = sorted(self.by_layer)
         self._rows: dict[tuple, tuple[float, dict[int, list[GreedyRow]]]] = {}
-        self._curves: dict[str, dict[str, np.ndarray]] = {}
+        self._curves: dict[str, np.ndarray] | None = None
 
     def _bar(self, desc: str):
         return tqdm(total=len(self.model.layers), desc=desc, unit="layer", disable=None if self.progress else True)
@@ -137,28 +142,35 @@ class Calibration:
         self._rows[key] = (up_to, rows)
         return rows
 
-    def curves(self, mode: str) -> dict[str, np.ndarray]:
-        """Per projection, the Fisher loss-increase curve C_p(j) over j = 0 ... d_in dropped inputs (see
-        :mod:`acttail_export.fisher`), from one forward and one backward pass of the dense model over the first
-        ``curve_windows`` windows (memoized per mode).
+    def curves(self) -> dict[str, np.ndarray]:
+        """Per projection, the Fisher loss-increase curve C_p(j) over j = 0 ... d_in inputs TopK drops (see
+        :mod:`acttail_export.fisher`), of the dense model on the first ``curve_windows`` windows, ``curve_pass`` of
+        them a forward and a backward pass (the curves are sums over tokens, and the loss is summed, so passes add up;
+        memoized).
 
         The backward pass goes one layer at a time: each layer is recomputed from its stored input with autograd and
         hands the gradient at its input to the layer before. (Reading the curves again around the sparse model of the
         first allocation and splitting anew made SmolLM2 at 50% worse: 32.25 -> 36.39, docs/RESULTS.md.)
         """
-        if mode in self._curves:
-            return self._curves[mode]
-        ids = self.ids[:self.curve_windows]
+        if self._curves is None:
+            self._curves = {}
+            for start in range(0, self.curve_windows, self.curve_pass):
+                end = min(start + self.curve_pass, self.curve_windows)
+                for name, curve in self._pass_curves(self.ids[start:end], f"windows {start + 1}-{end}").items():
+                    self._curves[name] = self._curves[name] + curve if name in self._curves else curve
+        return self._curves
+
+    def _pass_curves(self, ids: torch.Tensor, which: str) -> dict[str, np.ndarray]:
+        """The curves of one forward and backward pass over ``ids``."""
         inputs = []
-        with self._bar("calibrated: forward") as bar:
+        with self._bar(f"calibrated: forward, {which}") as bar:
             for _, _, hidden, out in self.model.forward(ids):
                 inputs.append(hidden)  # [B, T, d] per layer: what the backward pass recomputes each layer from
                 bar.update()
         _, grad = self.model.loss_gradient(out, ids)
         del out
-        curves_of = topk_curves if mode == "topk" else threshold_curves
         curves = {}
-        with self._bar("calibrated: backward") as bar:
+        with self._bar(f"calibrated: backward, {which}") as bar:
             for i in reversed(range(len(inputs))):
                 with self.model.loaded(f"model.layers.{i}") as layer:
                     seen, grads = {}, {}
@@ -178,10 +190,9 @@ class Calibration:
                         for members in readers.values():
                             # the gradient at each member's input
                             us = [grads[p.name].flatten(0, -2) @ _linear(layer, p).weight for p in members]
-                            for p, curve in zip(members, curves_of(seen[members[0].name].flatten(0, -2), us)):
+                            for p, curve in zip(members, topk_curves(seen[members[0].name].flatten(0, -2), us)):
                                 curves[p.name] = curve
                 bar.update()
-        self._curves[mode] = curves
         return curves
 
     @property

@@ -178,7 +178,7 @@ def _calibration_line(block: dict) -> str:
     if "curve_windows" in info:
         prior = info.get("acttail_prior", 0)
         return (f"- calibration: allocation `calibrated`: per projection, a Fisher estimate of the loss increase at "
-                f"each sparsity ({info['curves']}), from one forward and one backward pass over the first "
+                f"each sparsity ({info['curves']}), from forward and backward passes over the first "
                 f"{info['curve_windows']} of {seen}, the budget split where every projection's marginal cost per "
                 f"skipped weight is equal" + (f", blended with ActTail's alpha allocation (weight {prior})" if prior else "")
                 + ("; thresholds calibrated on all of them" if block.get("mode") == "threshold" else ""))

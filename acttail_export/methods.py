@@ -86,7 +86,7 @@ def build_block(source: SourceModel, target: float, method: Method, alphas: dict
         if rows is not None:
             info.update(greedy_step=method.greedy_step, greedy_windows=calibration.greedy_windows)
         if calibrated is not None:
-            info.update(curves=f"Fisher loss-increase curves ({method.mode})", curve_windows=calibration.curve_windows,
+            info.update(curves="Fisher loss-increase curves of TopK", curve_windows=calibration.curve_windows,
                         acttail_prior=method.prior)
     block = sparsity_block(modules, target, method.allocation, method.estimator, method.epsilon, method.sparser,
                            method.prefill, mode=method.mode, sites=method.sites, thresholds=thresholds, calibration=info)
@@ -103,5 +103,5 @@ def _calibrated(source: SourceModel, target: float, method: Method, alphas: dict
         acttail = allocate(source.projections, alphas, target, "acttail", method.epsilon, method.sparser, method.s_min,
                            method.s_max, method.sites)
         prior = {name: m.sparsity for name, m in acttail.items()}
-    return calibrated_sparsity(chosen, calibration.curves(method.mode), chosen_target, method.s_min, method.s_max,
+    return calibrated_sparsity(chosen, calibration.curves(), chosen_target, method.s_min, method.s_max,
                                prior, method.prior)

@@ -1,5 +1,5 @@
 """Layer-by-layer calibration and the ``calibrated`` allocation: the layer-by-layer pass equals the whole-model pass on
-SmolLM2, the Fisher curves equal their definition, the budget split is optimal and exact, and a CLI export loads through
+SmolLM2 (thresholds, greedy rows, the curves of several passes), the Fisher curves equal their definition, the budget split is optimal and exact, and a CLI export loads through
 the real transformers loader."""
 
 import json
@@ -10,7 +10,7 @@ import torch
 
 from acttail_export.allocation import BUDGET_TOLERANCE, allocate, effective_sparsity
 from acttail_export.calibration import SAMPLES_PER_INPUT, Calibration, calibration_ids, threshold_hooks
-from acttail_export.fisher import split_budget, threshold_curves, topk_curves
+from acttail_export.fisher import split_budget, topk_curves
 from acttail_export.greedy import search_block
 from acttail_export.kernels.topk import topk_sparsify
 from acttail_export.methods import Method, build_block
@@ -96,28 +96,51 @@ def test_layerwise_greedy_rows_equal_the_whole_model_search(smollm2, calibration
         assert rows[i] == expected, i
 
 
-@pytest.mark.parametrize("shape,ties", [((7, 16), False), ((33, 40), False), ((33, 40), True)])
-def test_curves_equal_their_definition(shape, ties):
-    """C(j) = sum_t (u_t . (x_t - x_t kept))^2, with TopK or the global |x| quantile deciding what is kept (level j
-    drops the j * tokens smallest |x|, equal ones in index order), for each of several projections reading one input
-    (ranked once); with many equal |x| too."""
+@pytest.mark.parametrize("shape", [(7, 16), (33, 40)])
+def test_curves_equal_their_definition(shape):
+    """C(j) = sum_t (u_t . (x_t - x_t kept))^2 with TopK keeping d_in - j inputs of each token, for each of several
+    projections reading one input (ranked once)."""
     generator = torch.Generator().manual_seed(sum(shape))
     x = torch.randn(shape, generator=generator)
-    if ties:
-        x = (x * 2).round() / 2  # a few distinct magnitudes: most quantiles fall inside a run of equal |x|
     us = [torch.randn(shape, generator=generator) for _ in range(3)]
-    tokens, d_in = shape
-    rank = torch.empty(x.numel(), dtype=torch.long)
-    rank[x.abs().flatten().argsort(stable=True)] = torch.arange(x.numel())
-    for u, topk, threshold in zip(us, topk_curves(x, us), threshold_curves(x, us)):
-        assert topk.shape == threshold.shape == (d_in + 1,)
+    d_in = shape[1]
+    for u, curve in zip(us, topk_curves(x, us)):
+        assert curve.shape == (d_in + 1,)
         for j in range(d_in + 1):
             dropped = x - topk_sparsify(x, d_in - j) if j < d_in else x
-            if not ties:  # TopK's order among equal |x| is its own (lower index kept); the curve's is its sort's
-                assert topk[j] == pytest.approx(float(((u * dropped).sum(-1).double() ** 2).sum()), rel=1e-5, abs=1e-6)
-            below = (rank < j * tokens).view(shape)
-            expected = float(((u * x * below).sum(-1).double() ** 2).sum())
-            assert threshold[j] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+            assert curve[j] == pytest.approx(float(((u * dropped).sum(-1).double() ** 2).sum()), rel=1e-5, abs=1e-6)
+
+
+def test_curves_of_passes_equal_the_whole_model_gradient(smollm2, calibration, whole_model):
+    """The curves read one window a pass, layer by layer, equal those of the whole model's autograd on both windows
+    at once (summed next-token loss): the passes add up, and the layer-by-layer backward is the model's gradient."""
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "model.layers.29.mlp.gate_proj"]
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            output.retain_grad()
+            seen[name] = (args[0], output)
+        return hook
+
+    handles = [whole_model.get_submodule(name).register_forward_hook(keep(name)) for name in names]
+    try:
+        with torch.enable_grad():
+            logits = whole_model(input_ids=calibration.ids, use_cache=False).logits
+            torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), calibration.ids[:, 1:].flatten(),
+                                              reduction="sum").backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        whole_model.zero_grad(set_to_none=True)
+    passes = Calibration(calibration.source, calibration.ids, progress=False, curve_windows=2, curve_pass=1)
+    curves = passes.curves()
+    assert len(curves) == 210
+    for name in names:
+        x, y = seen[name]
+        u = y.grad.flatten(0, -2) @ whole_model.get_submodule(name).weight.detach()
+        (expected,) = topk_curves(x.detach().flatten(0, -2), [u])
+        np.testing.assert_allclose(curves[name], expected, rtol=2e-3, atol=2e-3 * expected[-1])
 
 
 def test_split_budget_is_optimal_on_convex_curves():
