@@ -86,8 +86,8 @@ def build_block(source: SourceModel, target: float, method: Method, alphas: dict
         if rows is not None:
             info.update(greedy_step=method.greedy_step, greedy_windows=calibration.greedy_windows)
         if calibrated is not None:
-            info.update(curves="Fisher loss-increase curves of TopK", curve_windows=calibration.curve_windows,
-                        acttail_prior=method.prior)
+            info.update(curves="of dropping each token's smallest inputs, as TopK does",
+                        curve_windows=calibration.curve_windows, acttail_prior=method.prior)
     block = sparsity_block(modules, target, method.allocation, method.estimator, method.epsilon, method.sparser,
                            method.prefill, mode=method.mode, sites=method.sites, thresholds=thresholds, calibration=info)
     return block, modules
