@@ -1,6 +1,6 @@
 """Layer-by-layer calibration and the ``calibrated`` allocation: the layer-by-layer pass equals the whole-model pass on
-SmolLM2 (thresholds, greedy rows, the curves of several passes), the Fisher curves equal their definition, the budget split is optimal and exact, and a CLI export loads through
-the real transformers loader."""
+SmolLM2 (thresholds, greedy rows, the curves of several passes), the Fisher curves equal their definition, the budget
+split is optimal and exact, and a CLI export loads through the real transformers loader."""
 
 import json
 
