@@ -33,8 +33,8 @@ _BUDGET = "under a global budget over all projection weights."
 # How each allocation (the block's `method`) set the sparsities, for the paragraph above
 _ALLOCATIONS = {
     "acttail": f"Each projection gets its own sparsity, set from {_ALPHA}, {_BUDGET}",
-    "calibrated": "Each projection gets its own sparsity from its loss-increase curve (one backward pass over "
-                  f"calibration text), guided by {_ALPHA}, {_BUDGET}",
+    "calibrated": "Each projection gets its own sparsity from its loss-increase curve (forward and backward "
+                  f"passes over calibration text), guided by {_ALPHA}, {_BUDGET}",
     "block": "Each decoder block gets its own sparsity, set from the mean heavy-tail exponent alpha of its projections' "
              f"weight matrices (HT-SR theory), {_BUDGET}",
     "teal-greedy": f"Each projection gets its own sparsity from TEAL's block-wise greedy search on calibration text, {_BUDGET}",

@@ -139,11 +139,11 @@ def push(checkpoint, repo_id, private, revision, commit_message, endpoint) -> No
 @click.option("--sparsity", type=Number(0, 1, max_open=True), required=True,
               help="Target sparsity S: mean over all projection parameters, in [0, 1).")
 @click.option("--allocation", type=click.Choice(ALLOCATIONS), default=DEFAULT_ALLOCATION, show_default=True,
-              help="calibrated (the default): per-projection loss-increase curves from one backward pass on calibration "
-                   "text (--calibration-text, else the bundled text), guided by alpha (best quality, under a minute on "
-                   "SmolLM2); acttail: per-projection alpha from the weights alone (no text, no forward pass); block: "
-                   "per-block mean alpha; uniform: S everywhere; teal-greedy: TEAL's block-wise greedy search on "
-                   "calibration text.")
+              help="calibrated (the default): per-projection loss-increase curves from forward and backward passes over "
+                   "calibration text (--calibration-text, else the bundled text), guided by alpha (best quality, under "
+                   "a minute on SmolLM2); acttail: per-projection alpha from the weights alone (no text, no forward "
+                   "pass); block: per-block mean alpha; uniform: S everywhere; teal-greedy: TEAL's block-wise greedy "
+                   "search on calibration text.")
 @click.option("--mode", type=click.Choice(MODES), default="topk", show_default=True,
               help="topk: keep exactly k inputs per token; threshold: zero |x| <= a threshold calibrated per projection "
                    "(TEAL).")

@@ -34,8 +34,8 @@ METHODS: dict[str, Method | str] = {
     "teal": Method("teal-greedy", "threshold"),  # TEAL as published: greedy allocation, calibrated thresholds
     "teal-uniform": Method("uniform", "threshold"),  # TEAL's thresholds without its allocation
     "ffn-only": Method("uniform", "threshold", sites="mlp"),  # Dhar et al.: percentile thresholds, FFN inputs only
-    "calibrated": Method("calibrated"),  # Fisher loss-increase curves from one backward pass (fisher.py), TopK counts
-    "calibrated-threshold": Method("calibrated", "threshold"),  # the same on threshold curves, calibrated thresholds
+    "calibrated": Method("calibrated"),  # Fisher loss-increase curves (fisher.py), TopK counts
+    "calibrated-threshold": Method("calibrated", "threshold"),  # the same split, thresholds calibrated at it
     "calibrated-no-alpha": Method("calibrated", prior=0.0),  # ablations: the curves alone, without ActTail's alpha
     "calibrated-threshold-no-alpha": Method("calibrated", "threshold", prior=0.0),
 }
