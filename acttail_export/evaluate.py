@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,7 +17,8 @@ from .trust import code_trust
 from .weights import SUPPORTED_ARCHITECTURES, SourceModel, resolve_model
 
 __all__ = ["is_checkpoint", "model_folder", "check_block", "check_seqlen", "load_model", "load_in_process",
-           "load_tokenizer", "dense_block", "perplexity", "measured_sparsity", "tokenize_windows", "calibration_windows"]
+           "load_tokenizer", "dense_block", "perplexity", "zeroed_inputs", "measured_sparsity", "tokenize_windows",
+           "calibration_windows"]
 
 
 def is_checkpoint(path: str | None) -> bool:
@@ -159,29 +161,43 @@ def perplexity(model, windows: torch.Tensor, progress: bool = True, desc: str = 
     return math.exp(total_nll / count)
 
 
-@torch.inference_mode()
-def measured_sparsity(model, windows: torch.Tensor) -> float:
-    """The fraction of projection inputs a loaded ActTail model zeroes on ``windows``, weighted by each projection's
-    parameters like the effective sparsity (for TopK it equals the effective sparsity; for thresholds it is measured).
-
-    :param windows: ``[N, seqlen]`` token ids
-    """
-    zeroed: dict[str, float] = {}
+@contextmanager
+def zeroed_inputs(model):
+    """Count what a loaded ActTail model's projections zero while the block runs; yields a function that returns the
+    fraction of projection inputs zeroed so far, weighted by each projection's parameters like the effective sparsity
+    (for TopK it equals the effective sparsity; for thresholds it is measured on whatever text the model ran)."""
+    zeroed: dict[str, list[float]] = {}  # name -> [zeroed entries, entries]
 
     def count(name):
         def hook(module, args):
-            zeroed[name] = zeroed.get(name, 0.0) + float((module.sparsify(args[0]) == 0).sum())
+            counts = zeroed.setdefault(name, [0.0, 0.0])
+            counts[0] += float((module.sparsify(args[0]) == 0).sum())
+            counts[1] += args[0].numel()
         return hook
 
     modules = model.topk_modules()
+    params = {name: m.in_features * m.out_features for name, m in modules.items()}
+
+    def fraction() -> float:
+        # sum_p n_p * (zeroed_p / entries_p) / sum_p n_p, with n_p = d_out_p * d_in_p
+        return sum(params[name] * z / n for name, (z, n) in zeroed.items()) / sum(params[name] for name in zeroed)
+
     hooks = [module.register_forward_pre_hook(count(name)) for name, module in modules.items()]
-    device = next(model.parameters()).device
     try:
-        for window in windows:
-            model(input_ids=window[None].to(device), use_cache=False)
+        yield fraction
     finally:
         for hook in hooks:
             hook.remove()
-    # sum_p n_p * zeroed_p / (tokens * d_in_p) / sum_p n_p, with n_p = d_out_p * d_in_p
-    params = sum(m.in_features * m.out_features for m in modules.values())
-    return sum(zeroed[name] * m.out_features for name, m in modules.items()) / (windows.numel() * params)
+
+
+@torch.inference_mode()
+def measured_sparsity(model, windows: torch.Tensor) -> float:
+    """The fraction of projection inputs a loaded ActTail model zeroes on ``windows`` (see :func:`zeroed_inputs`).
+
+    :param windows: ``[N, seqlen]`` token ids
+    """
+    device = next(model.parameters()).device
+    with zeroed_inputs(model) as fraction:
+        for window in windows:
+            model(input_ids=window[None].to(device), use_cache=False)
+        return fraction()

@@ -22,12 +22,14 @@ def eval_perplexities(checkpoint) -> dict[str, float]:
 
 def test_compare_rows_match_exported_checkpoints(smollm2, smollm2_50, tmp_path):
     out = tmp_path / "compare"
-    result = run_cli("compare", smollm2.folder, "--sparsity", "0.5", "--methods", "dense,uniform,acttail,auto",
-                     "--prefill", "sparse,0.5", *WINDOWS, "--calibration-windows", CALIBRATION_WINDOWS, "--out", out)
+    result = run_cli("compare", smollm2.folder, "--sparsity", "0.5", "--methods",
+                     "dense,uniform,acttail,auto,teal-uniform", "--prefill", "sparse,0.5", *WINDOWS,
+                     "--calibration-windows", CALIBRATION_WINDOWS, "--out", out)
     assert "prefill sparse = every token of every window" in result.stdout
     with open(out / "compare.csv") as f:
         rows = {(r["method"], r["prefill"]): r for r in csv.DictReader(f)}
-    assert set(rows) == {(m, p) for m in ("dense", "uniform", "acttail", "auto") for p in ("sparse", "0.5")}
+    assert set(rows) == {(m, p) for m in ("dense", "uniform", "acttail", "auto", "teal-uniform")
+                         for p in ("sparse", "0.5")}
     ppl = {key: float(r["perplexity"]) for key, r in rows.items()}
 
     # the acttail row is `export --allocation acttail` at 50%, the auto row `export --allocation acttail --epsilon auto`
@@ -50,7 +52,15 @@ def test_compare_rows_match_exported_checkpoints(smollm2, smollm2_50, tmp_path):
         # sparsity costs perplexity, and keeping the first half of each window dense costs less
         assert ppl["dense", "sparse"] < ppl[method, "0.5"] < ppl[method, "sparse"]
 
+    # thresholds calibrated on other windows zero about, not exactly, the target on the evaluation windows: the
+    # threshold row with every token sparse says how much; TopK rows and partly dense prefills have nothing to add
+    measured = float(rows["teal-uniform", "sparse"]["measured_sparsity"])
+    assert abs(measured - 0.5) <= 0.05 and measured != 0.5
+    assert f"measured {measured:.3f}) prefill sparse" in result.stdout
+    assert all(r["measured_sparsity"] == "" for key, r in rows.items() if key != ("teal-uniform", "sparse"))
+
     table = (out / "compare.md").read_text()
+    assert f"(measured {measured:.3f})" in table
     assert "prefill `sparse`" in table and "prefill `0.5`" in table and "| acttail |" in table
     assert (out / "compare.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
