@@ -8,6 +8,7 @@ parameters of all seven projections, so the effective sparsity is comparable acr
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ __all__ = [
     "site_projections",
     "site_target",
     "keep_count",
+    "keep_range",
     "effective_sparsity",
     "allocate",
 ]
@@ -76,6 +78,18 @@ def keep_count(sparsity: float, in_features: int) -> int:
     return min(max(round((1.0 - sparsity) * in_features), 1), in_features)
 
 
+def keep_range(in_features: int, s_min: float, s_max: float) -> tuple[int, int]:
+    """The fewest and the most inputs a projection may keep for its sparsity to lie in [s_min, s_max]: ceil((1 - s_max)
+    d_in) and floor((1 - s_min) d_in), rounded inward so that no count breaks a bound (after rounding to 9 decimals:
+    (1 - 0.7) * 10 is 3.0000000000000004); refused where no count fits."""
+    fewest = max(math.ceil(round((1.0 - s_max) * in_features, 9)), 1)
+    most = min(math.floor(round((1.0 - s_min) * in_features, 9)), in_features)
+    if fewest > most:
+        raise ExportError(f"no TopK count of a projection with {in_features} inputs gives a sparsity between "
+                          f"--min-sparsity {s_min} and --max-sparsity {s_max}: widen them")
+    return fewest, most
+
+
 def effective_sparsity(modules: dict[str, ModuleSparsity]) -> float:
     """sum_p n_p (1 - k_p / d_in) / sum_p n_p: the fraction of projection weights a decode step skips."""
     params = sum(m.out_features * m.in_features for m in modules.values())
@@ -104,10 +118,10 @@ def site_target(projections, target: float, sites: str, s_max: float) -> float:
     chosen = site_projections(projections, sites)
     share = sum(p.params for p in chosen) / sum(p.params for p in projections)
     needed = target / share
-    if needed > s_max:
+    if needed > s_max + 1e-9:  # a float share can put a reachable target a rounding error above s_max
         raise ExportError(f"sparsity {target} cannot be reached with --sites {sites}: those projections hold {share:.1%} "
                           f"of the projection weights, so they would need {needed:.3f} > --max-sparsity {s_max}")
-    return needed
+    return min(needed, s_max)
 
 
 def _solve_linear_rule(scores: np.ndarray, params: np.ndarray, target: float, epsilon: float,
@@ -122,7 +136,8 @@ def _solve_linear_rule(scores: np.ndarray, params: np.ndarray, target: float, ep
         return float(np.average(np.clip(eta * base, s_min, s_max), weights=params))
 
     high = 1.0
-    while mean_sparsity(high) < target:
+    # with a tolerance: every projection at s_max = target averages to 0.8999999999999999 for 0.9
+    while mean_sparsity(high) < target - 1e-9:
         high *= 2
         if high > 1e9:
             raise ExportError(f"sparsity {target} cannot be reached with epsilon={epsilon}, min sparsity {s_min} and "
@@ -136,14 +151,14 @@ def _solve_linear_rule(scores: np.ndarray, params: np.ndarray, target: float, ep
 
 def _round_to_budget(sparsity: np.ndarray, projections: list[Projection], target: float,
                      s_min: float, s_max: float) -> np.ndarray:
-    """Integer keep counts whose effective sparsity is within BUDGET_TOLERANCE of ``target`` where single-step changes can
-    bring it there; counts that already are stay as rounded (so ``uniform`` stays uniform per input width)."""
+    """Integer keep counts within each projection's :func:`keep_range`, whose effective sparsity is within
+    BUDGET_TOLERANCE of ``target`` where single-step changes can bring it there; counts that already are stay as rounded
+    (so ``uniform`` stays uniform per input width)."""
     d_in = np.array([p.in_features for p in projections])
     d_out = np.array([p.out_features for p in projections])
     wanted = (1.0 - sparsity) * d_in
-    keep = np.array([keep_count(s, d) for s, d in zip(sparsity, d_in)])
-    keep_min = np.array([keep_count(s_max, d) for d in d_in])
-    keep_max = np.array([keep_count(s_min, d) for d in d_in])
+    keep_min, keep_max = np.array([keep_range(d, s_min, s_max) for d in d_in]).T
+    keep = np.clip([keep_count(s, d) for s, d in zip(sparsity, d_in)], keep_min, keep_max)
     total = float((d_out * d_in).sum())
     excess = float((d_out * (d_in - keep)).sum()) - target * total  # skipped minus wanted params
     while abs(excess) > BUDGET_TOLERANCE * total:
@@ -241,5 +256,5 @@ def allocate(projections: list[Projection] | tuple[Projection, ...], alphas: dic
     achieved = effective_sparsity(modules)
     if abs(achieved - target) > BUDGET_TOLERANCE:
         raise ExportError(f"effective sparsity {achieved:.4f} misses the target {target} by more than {BUDGET_TOLERANCE} "
-                          "(the model is too small for integer TopK counts to meet it)")
+                          "(the model is too small for integer TopK counts within --min-sparsity and --max-sparsity to meet it)")
     return modules

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .allocation import keep_count
+from .allocation import keep_range
 
 # Weight of ActTail's allocation (from alpha) blended into the calibrated one; chosen in docs/RESULTS.md.
 DEFAULT_PRIOR = 0.25
@@ -101,8 +101,8 @@ def calibrated_sparsity(projections, curves: dict[str, np.ndarray], target: floa
     """
     d_in = np.array([p.in_features for p in projections])
     weights = np.array([float(p.out_features) for p in projections])
-    lo = np.array([d - keep_count(s_min, d) for d in d_in])
-    hi = np.array([d - keep_count(s_max, d) for d in d_in])
+    keep_min, keep_max = np.array([keep_range(d, s_min, s_max) for d in d_in]).T
+    lo, hi = d_in - keep_max, d_in - keep_min  # dropped counts, rounded inward
     dropped = split_budget([curves[p.name] for p in projections], weights, lo, hi, target * float(weights @ d_in))
     sparsity = dropped / d_in
     if prior is not None and prior_weight > 0:

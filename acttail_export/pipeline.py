@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .allocation import DEFAULT_EPSILON, DEFAULT_SPARSER, DIRECTIONS, ModuleSparsity, check_bounds, site_target
+from .allocation import (DEFAULT_EPSILON, DEFAULT_SPARSER, DIRECTIONS, ModuleSparsity, check_bounds, keep_range,
+                         site_projections, site_target)
 from .calibration import DEFAULT_GREEDY_WINDOWS, DEFAULT_SEQLEN, DEFAULT_WINDOWS, Calibration, calibration_ids
 from .card import CardFacts, card_files, inherited_license
 from .checkpoint import check_out, replace_card, write_checkpoint
@@ -189,6 +190,8 @@ def export(model: str | None, out: str | Path, options: ExportOptions, *, comman
     check_input_code(source.folder)
     check_complete(source)
     site_target(source.projections, options.sparsity, options.sites, options.max_sparsity)
+    for width in {p.in_features for p in site_projections(source.projections, options.sites)}:
+        keep_range(width, options.min_sparsity, options.max_sparsity)  # bounds no count fits: refused before any work
     ids = _calibration_ids(source, text, options) if calibrates else None  # before the spectra: fail at once
     calibration = None
     if method.needs_calibration:

@@ -79,12 +79,33 @@ def test_linear_rule_spread_is_epsilon():
     assert s == sorted(s)
 
 
-def test_clipping_bounds_are_respected_and_budget_resolved():
+@pytest.mark.parametrize("method", ["acttail", "block", "uniform"])
+@pytest.mark.parametrize(("target", "s_min", "s_max"), [(0.8, 0.6, 0.9), (0.5, 0.45, 0.55), (0.7, 0.3, 0.8)])
+def test_clipping_bounds_are_respected_and_budget_resolved(method, target, s_min, s_max):
+    # 0.45 * 576 = 259.2 and 0.55 * 576 = 316.8 inputs kept: a count rounded to nearest would break a bound by 0.0003
     projections = llama_like()
-    modules = allocate(projections, random_alphas(projections), 0.8, "acttail", epsilon=0.9, s_min=0.6, s_max=0.9)
+    modules = allocate(projections, random_alphas(projections), target, method, epsilon=0.9, s_min=s_min, s_max=s_max)
     for p in projections:
-        assert keep_count(0.9, p.in_features) <= modules[p.name].keep <= keep_count(0.6, p.in_features)
-    assert abs(effective_sparsity(modules) - 0.8) <= BUDGET_TOLERANCE
+        assert s_min <= modules[p.name].sparsity <= s_max, (p.name, modules[p.name])
+    assert abs(effective_sparsity(modules) - target) <= BUDGET_TOLERANCE
+
+
+@pytest.mark.parametrize("method", ["acttail", "block", "uniform"])
+@pytest.mark.parametrize(("target", "s_min", "s_max"), [(0.6, 0.0, 0.6), (0.9, 0.0, 0.9), (0.5, 0.5, 0.5),
+                                                        (0.75, 0.75, 0.75)])
+def test_a_target_equal_to_max_sparsity_is_reached(method, target, s_min, s_max):
+    # every projection at s_max: their float weighted mean is 0.8999999999999999 for 0.9, which must still count
+    projections = llama_like()
+    modules = allocate(projections, random_alphas(projections), target, method, epsilon=0.3, s_min=s_min, s_max=s_max)
+    assert abs(effective_sparsity(modules) - target) <= BUDGET_TOLERANCE
+    assert all(s_min <= m.sparsity <= s_max for m in modules.values())
+
+
+def test_bounds_that_no_keep_count_fits_are_refused():
+    projections = llama_like()  # 0.1 * 576 = 57.6 inputs: no integer count has sparsity exactly 0.9
+    with pytest.raises(ExportError, match=r"no TopK count of a projection with 576 inputs .* --min-sparsity 0.9 and "
+                                          r"--max-sparsity 0.9"):
+        allocate(projections, random_alphas(projections), 0.9, "uniform", s_min=0.9, s_max=0.9)
 
 
 def test_epsilon_zero_is_uniform():

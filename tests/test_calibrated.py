@@ -3,6 +3,7 @@ SmolLM2 (thresholds, greedy rows, the curves of several passes), the Fisher curv
 split is optimal and exact, and a CLI export loads through the real transformers loader."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,10 +11,11 @@ import torch
 
 from acttail_export.allocation import BUDGET_TOLERANCE, allocate, effective_sparsity
 from acttail_export.calibration import SAMPLES_PER_INPUT, Calibration, calibration_ids, threshold_hooks
-from acttail_export.fisher import split_budget, topk_curves
+from acttail_export.fisher import calibrated_sparsity, split_budget, topk_curves
 from acttail_export.greedy import search_block
 from acttail_export.kernels.topk import topk_sparsify
 from acttail_export.methods import Method, build_block
+from acttail_export.weights import Projection
 from conftest import read_block, run_cli, run_fresh_json
 from test_cli_errors import assert_one_line_failure
 
@@ -161,6 +163,16 @@ def test_split_budget_is_optimal_on_convex_curves():
             greedy[int(np.argmin(marginal))] += 1
         cost = sum(c[j] for c, j in zip(curves, chosen))
         assert cost <= sum(c[j] for c, j in zip(curves, greedy)) + 1e-9
+
+
+@pytest.mark.parametrize(("target", "slope"), [(0.74, -1.0), (0.26, 1.0)])
+def test_calibrated_split_keeps_every_projection_within_the_bounds(target, slope):
+    """Curves that push every projection to a bound (falling: drop all they may; rising: drop the fewest) stop at the
+    count rounded inward: 2.5, 7.5 and 12.5 kept inputs at the bounds would round outward to nearest-even."""
+    projections = [Projection(f"p{i}", 0, "q", 4, d, Path("model.safetensors")) for i, d in enumerate((10, 30, 50))]
+    curves = {p.name: slope * np.arange(p.in_features + 1) ** 2 for p in projections}
+    sparsity = calibrated_sparsity(projections, curves, target, 0.25, 0.75)
+    assert all(0.25 <= s <= 0.75 for s in sparsity.values()), sparsity
 
 
 @pytest.mark.parametrize(("mode", "targets"), [("topk", (0.3, 0.5, 0.7)), ("threshold", (0.5,))])
