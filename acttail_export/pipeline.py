@@ -163,7 +163,7 @@ def _tune(source: SourceModel, alphas: dict[str, dict[str, float]], windows: tor
     model = load_in_process(source).to(options.device)
     block = tune_block(model, source.projections, alphas, options.sparsity, windows,
                        sparsers=(options.sparser,) if options.sparser else DIRECTIONS,
-                       s_min=options.min_sparsity, s_max=options.max_sparsity,
+                       s_min=options.min_sparsity, s_max=options.max_sparsity, sites=options.sites,
                        text=options.calibration_text or "the bundled Wikipedia text", log=log)
     method = dataclasses.replace(options.method(), estimator=block["estimator"], epsilon=block["epsilon"],
                                  sparser=block["sparser"])

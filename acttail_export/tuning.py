@@ -47,7 +47,7 @@ def _stderr(line: str) -> None:
 def tune_block(model, projections: Sequence[Projection], alphas: Mapping[str, dict[str, float]], target: float,
                windows: torch.Tensor, *, sparsers: Sequence[str] = DIRECTIONS,
                epsilons: Sequence[float] = COARSE_EPSILONS, s_min: float = 0.0, s_max: float = 0.99,
-               prefill: str | float = "sparse", text: str = "calibration text",
+               sites: str = "all", prefill: str | float = "sparse", text: str = "calibration text",
                log: Callable[[str], None] = _stderr) -> dict:
     """The ``activation_sparsity`` block of the setting with the lowest calibration perplexity, with a ``tuning`` record.
 
@@ -60,6 +60,8 @@ def tune_block(model, projections: Sequence[Projection], alphas: Mapping[str, di
     :param windows: ``[N, seqlen]`` calibration token ids
     :param sparsers: the directions searched (default both)
     :param epsilons: the coarse epsilon grid; the best is then refined by +-:data:`REFINE_STEP`
+    :param sites: which projections are sparsified (see allocation.SITES): the trials are the allocations an export with
+        these sites writes
     :param prefill: prefill policy written into the returned block (trials always sparsify every token)
     :param text: where the calibration windows came from, for the record
     :param log: called with one line per trial
@@ -73,12 +75,13 @@ def tune_block(model, projections: Sequence[Projection], alphas: Mapping[str, di
         if key in trials:
             return
         try:
-            modules = allocate(projections, alphas[estimator], target, "acttail", epsilon, sparser, s_min, s_max)
+            modules = allocate(projections, alphas[estimator], target, "acttail", epsilon, sparser, s_min, s_max, sites)
         except ExportError as e:  # e.g. clip bounds that pin too many projections at this spread
             trials[key] = None
             log(f"tune: estimator {estimator} sparser {sparser} epsilon {epsilon:.3f}: skipped ({e})")
             return
-        model.set_activation_sparsity(sparsity_block(modules, target, "acttail", estimator, epsilon, sparser))
+        model.set_activation_sparsity(sparsity_block(modules, target, "acttail", estimator, epsilon, sparser,
+                                                     sites=sites))
         trials[key] = Trial(estimator, sparser, epsilon, perplexity(model, windows, progress=False))
         log(f"tune: estimator {estimator:4s} sparser {sparser:10s} epsilon {epsilon:.3f}  "
             f"calibration ppl {trials[key].perplexity:.3f}")
@@ -95,7 +98,7 @@ def tune_block(model, projections: Sequence[Projection], alphas: Mapping[str, di
             run(coarse.estimator, coarse.sparser, epsilon)
     chosen = best()
     modules = allocate(projections, alphas[chosen.estimator], target, "acttail", chosen.epsilon, chosen.sparser,
-                       s_min, s_max)
+                       s_min, s_max, sites)
     tuning = {
         "mode": "auto",
         "objective": "token perplexity on calibration windows, every token sparse",
@@ -106,4 +109,4 @@ def tune_block(model, projections: Sequence[Projection], alphas: Mapping[str, di
         "trials": [asdict(t) for t in trials.values() if t is not None],
     }
     return sparsity_block(modules, target, "acttail", chosen.estimator, chosen.epsilon, chosen.sparser, prefill,
-                          tuning=tuning)
+                          sites=sites, tuning=tuning)

@@ -67,6 +67,37 @@ def test_tuner_records_its_search_and_meets_the_budget(smollm2, tuned):
     assert {name: spec["keep"] for name, spec in block["modules"].items()} == {n: m.keep for n, m in expected.items()}
 
 
+def test_mlp_sites_trials_are_the_mlp_allocations(smollm2, tuned):
+    """--sites mlp: every trial scores an allocation that leaves attention dense, as the written block does."""
+    model, windows, alphas, _, _ = tuned
+    applied = []
+    apply = model.set_activation_sparsity
+    model.set_activation_sparsity = lambda block: (applied.append(block), apply(block))
+    try:
+        block = tune_block(model, smollm2.projections, {"mid": alphas["mid"]}, 0.5, windows, sparsers=("heavy-tail",),
+                           epsilons=(0.3,), sites="mlp", log=lambda line: None)
+    finally:
+        del model.set_activation_sparsity
+    assert block["sites"] == "mlp" and len(applied) == len(block["tuning"]["trials"]) > 1
+    for trial in [*applied, block]:
+        attention = [spec for name, spec in trial["modules"].items() if ".self_attn." in name]
+        assert all(spec["keep"] == spec["in_features"] for spec in attention)
+    model.set_activation_sparsity(block)
+    assert perplexity(model, windows, progress=False) == pytest.approx(block["tuning"]["chosen"]["perplexity"], rel=1e-6)
+
+
+def test_export_with_mlp_sites_tunes_on_the_allocations_it_writes(smollm2, wiki_text, tmp_path):
+    from acttail_export.pipeline import ExportOptions, export
+
+    options = ExportOptions(sparsity=0.5, allocation="acttail", epsilon="auto", estimator="mid", sparser="heavy-tail",
+                            sites="mlp", calibration_windows=1, calibration_seqlen=SEQLEN, link_weights=True)
+    result = export(str(smollm2.folder), tmp_path / "auto-mlp", options, log=lambda line: None)
+    windows = calibration_ids(smollm2, wiki_text, 1, SEQLEN)  # the export's calibration windows
+    # the chosen trial's perplexity is the written checkpoint's on those windows
+    written = perplexity(load_in_process(str(result.out)), windows, progress=False)
+    assert written == pytest.approx(result.block["tuning"]["chosen"]["perplexity"], rel=1e-6)
+
+
 def test_trials_the_clip_bounds_cannot_meet_are_skipped(tmp_path):
     # With s_max = target, epsilon 1 gives the highest-score projection sparsity s_min = 0 and no eta can make up for it.
     source = resolve_model(str(make_tiny_model("llama", tmp_path / "tiny")))
