@@ -138,8 +138,10 @@ def calibration_windows(tokenizer, text: str, seqlen: int, windows: int) -> torc
     """``windows`` windows of ``seqlen`` tokens from the *end* of ``text``: disjoint from :func:`tokenize_windows`'s
     evaluation windows (which come from the start) whenever the text holds both, so calibration never sees test tokens."""
     needed = seqlen * windows
-    chars = needed * 8
+    chars = needed * 8  # as in tokenize_windows: retried on the whole text (a tail of blank lines holds few tokens)
     ids = tokenizer(text[-chars:], return_attention_mask=False)["input_ids"]
+    if len(ids) < needed and chars < len(text):
+        ids = tokenizer(text, return_attention_mask=False)["input_ids"]
     if len(ids) < needed:
         raise ExportError(f"the calibration text has {len(ids)} tokens, fewer than {windows} windows x {seqlen}")
     return torch.tensor(ids[-needed:]).view(windows, seqlen)

@@ -28,6 +28,16 @@ def calibration(smollm2, wiki_text):
     return Calibration(smollm2, calibration_ids(smollm2, wiki_text, 2, SEQLEN), "bundled Wikipedia text", progress=False)
 
 
+def test_calibration_windows_retry_on_the_whole_text(smollm2, wiki_text):
+    """A text whose end is long blank runs: its last 8 characters a token hold too few tokens, the whole text enough."""
+    from acttail_export.evaluate import load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2.folder)
+    text = wiki_text[:60000] + ("\n" + " " * 400) * 300
+    ids = calibration_ids(smollm2, text, 8, 256)
+    assert ids.flatten().tolist() == tokenizer(text)["input_ids"][-8 * 256:]
+
+
 @pytest.fixture(scope="module")
 def whole_model(smollm2):
     from transformers import AutoModelForCausalLM
