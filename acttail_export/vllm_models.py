@@ -3,14 +3,12 @@
 Imported by vLLM (lazily, by name) when it serves an exported checkpoint; see ``vllm_plugin.py``.
 """
 
-import os
-
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
-from .vllm_plugin import read_block
+from .vllm_plugin import checked_environment_backend, read_block
 from .vllm_sparse import apply_activation_sparsity, mark_step
 
 __all__ = ["ActTailLlamaForCausalLM", "ActTailMistralForCausalLM", "ActTailQwen2ForCausalLM", "ActTailQwen3ForCausalLM"]
@@ -29,7 +27,7 @@ class ActTailMixin:
             # as the transformers runtime: "auto" reads ACTTAIL_SPARSE_BACKEND; "reference" is the masked path only
             backend = getattr(config, "sparse_backend", "auto")
             if backend == "auto":
-                backend = os.environ.get("ACTTAIL_SPARSE_BACKEND", "auto")
+                backend = checked_environment_backend()
             apply_activation_sparsity(self, sparsity, backend)
             self.acttail_prefill = sparsity.prefill
 

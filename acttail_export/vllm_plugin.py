@@ -8,9 +8,9 @@ served as the base model. A block that does not fit the model stops vLLM with on
 """
 
 from .modeling import configuration_acttail
-from .modeling.activation_sparsity import ActivationSparsity
+from .modeling.activation_sparsity import ActivationSparsity, environment_backend
 
-__all__ = ["register", "ARCHITECTURES", "read_block"]
+__all__ = ["register", "ARCHITECTURES", "read_block", "checked_environment_backend"]
 
 # exported architecture -> (vLLM module, vLLM class it is served on); config classes in modeling/configuration_acttail.py
 ARCHITECTURES = {
@@ -42,6 +42,14 @@ def read_block(config) -> ActivationSparsity | None:
     return sparsity
 
 
+def checked_environment_backend() -> str:
+    """ACTTAIL_SPARSE_BACKEND ("auto" if unset); SystemExit with one line on a value that names no backend."""
+    try:
+        return environment_backend()
+    except ValueError as error:
+        raise _stop(str(error)) from None
+
+
 def _checked_config(cls):
     """``cls`` whose checks of the block stop the process with one line (transformers would raise a ValueError, and
     vLLM would print it with a page of traceback)."""
@@ -71,17 +79,26 @@ CONFIGS = (ActTailLlamaConfig, ActTailMistralConfig, ActTailQwen2Config, ActTail
 
 
 def _config_check():
-    """The hook vLLM calls on its config in the main process (``MODELS_CONFIG_MAP``): check the block before any
-    worker starts, and turn prefix caching off for a ``prefill`` policy other than "sparse" (a cached prompt token
-    would carry the sparsity of the request that computed it)."""
+    """The hook vLLM calls on its config in the main process (``MODELS_CONFIG_MAP``): check the block and
+    ACTTAIL_SPARSE_BACKEND before any worker starts. A ``prefill`` policy other than "sparse" needs each prompt in one
+    step, whole: prefix caching goes off (a cached prompt token would carry the sparsity of the request that computed
+    it), and so does chunked prefill (a chunk would be taken for the whole prompt, or its last token for a decode
+    step); a step then holds at least one prompt of the longest length, as vLLM sets it up for MLA on CPU."""
     from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
     class ActTailConfigCheck(VerifyAndUpdateConfig):
         @staticmethod
         def verify_and_update_config(vllm_config) -> None:
             sparsity = read_block(vllm_config.model_config.hf_config)
-            if sparsity is not None and sparsity.prefill != "sparse":
+            if sparsity is None:
+                return
+            checked_environment_backend()
+            if sparsity.prefill != "sparse":
                 vllm_config.cache_config.enable_prefix_caching = False
+                scheduler = vllm_config.scheduler_config
+                scheduler.enable_chunked_prefill = False
+                scheduler.max_num_batched_tokens = max(scheduler.max_num_batched_tokens,
+                                                       vllm_config.model_config.max_model_len)
 
     return ActTailConfigCheck
 

@@ -21,12 +21,10 @@ directly.
 """
 
 import functools
-import math
 import os
 import weakref
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from vllm.distributed import tensor_model_parallel_all_gather
 from vllm.forward_context import get_forward_context, is_forward_context_available
@@ -36,7 +34,7 @@ from vllm.platforms import current_platform
 
 from .kernels.topk_cpu import DTYPES as CPU_DTYPES
 from .kernels.topk_cpu import GemvPlan, kept_masks, masked_gemm_cpu, sparse_gemv_cpu
-from .modeling.activation_sparsity import ActivationSparsity
+from .modeling.activation_sparsity import ActivationSparsity, sparse_prompt_tokens
 # as the transformers runtime: how many rows a step may have for the CPU sparse GEMV
 from .modeling.modeling_acttail import max_sparse_rows
 from .modeling.projections import parse_projection
@@ -81,14 +79,16 @@ def mark_step(prefill, positions: torch.Tensor) -> None:
     dense = torch.zeros(positions.shape[0], dtype=torch.bool)
     for start, end, total in zip(starts, starts[1:], seq_lens):
         if end - start > 1:
-            first_sparse = total if prefill == "dense" else total - math.ceil(prefill * total)
+            first_sparse = total if prefill == "dense" else total - sparse_prompt_tokens(prefill, total)
             dense[start:end] = positions[start:end].cpu() < first_sparse
     _Step.dense_rows = dense.to(positions.device)
 
 
-# vLLM's dense GEMM of each member of a sparse layer (ACTTAIL_VLLM_DENSE_GEMM=1), by layer id (_sparse_linear's
-# ``dense_gemm``): a Python callable cannot cross the custom op's boundary, an integer can
-_DENSE_GEMMS: dict[int, list[nn.Module]] = {}
+# Per sparse layer, keyed by its input-major weight's data pointer (a tensor the custom op receives at run time):
+# (the most rows its sparse GEMV serves, vLLM's dense GEMM of each member for the masked steps or None). Looked up at
+# run time, not passed as constants: torch.compile would bake constants into the graph that vLLM caches on disk across
+# restarts, whose key does not cover ACTTAIL_SPARSE_BACKEND or ACTTAIL_VLLM_DENSE_GEMM.
+_LAYERS: dict[int, tuple[int, list[nn.Module] | None]] = {}
 
 
 class _MemberGemm(nn.Module):
@@ -109,8 +109,7 @@ class _MemberGemm(nn.Module):
 
 
 def _sparse_linear(x: torch.Tensor, x_full: torch.Tensor | None, weight_t: torch.Tensor, bias: torch.Tensor | None,
-                  widths: list[int], ks: list[int], thresholds: list[float], offset: int, max_rows: int,
-                  dense_gemm: int) -> torch.Tensor:
+                  widths: list[int], ks: list[int], thresholds: list[float], offset: int) -> torch.Tensor:
     """The outputs of a (fused) sparse layer, members side by side: ``[tokens, sum(d_out)]``.
 
     :param x: ``[tokens, d_in]`` the layer's input (a row-parallel layer's shard of it)
@@ -121,13 +120,14 @@ def _sparse_linear(x: torch.Tensor, x_full: torch.Tensor | None, weight_t: torch
     :param ks: TopK mode: each member's count (of the whole input); empty in threshold mode
     :param thresholds: threshold mode: each member's threshold; empty in TopK mode
     :param offset: where ``x`` starts in ``x_full``
-    :param max_rows: the most rows a step may have for the sparse GEMV (0: never)
-    :param dense_gemm: the key of the members' vLLM dense GEMMs in ``_DENSE_GEMMS`` for the masked steps; -1: none
-        (``masked_gemm_cpu`` on ``weight_t``)
+
+    The layer's entry in ``_LAYERS`` says how many rows may take the sparse GEMV, and whether the masked steps run
+    vLLM's dense GEMMs (else ``masked_gemm_cpu`` on ``weight_t``); a layer without one always takes the masked path.
     """
     dense_rows = _Step.dense_rows
     if dense_rows is not None and (dense_rows.shape[0] < x.shape[0] or not dense_rows[:x.shape[0]].any()):
         dense_rows = None  # no dense prompt token in this step (or not this step's marks: a dummy run)
+    max_rows, gemms = _LAYERS.get(weight_t.data_ptr(), (0, None))
     plan = _plan(tuple(widths), tuple(ks), tuple(thresholds), x.dtype)
     x, x_full = x.contiguous(), None if x_full is None else x_full.contiguous()
     if (dense_rows is None and x.shape[0] <= max_rows and x.is_cpu and x.dtype == weight_t.dtype
@@ -135,7 +135,6 @@ def _sparse_linear(x: torch.Tensor, x_full: torch.Tensor | None, weight_t: torch
         return sparse_gemv_cpu(x, weight_t, plan, bias, x_full, offset)
     masks = kept_masks(plan, x, x_full, offset)  # every member's (on CPU in one compiled call)
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    gemms = _DENSE_GEMMS.get(dense_gemm)
     outputs = []
     biases = bias.split(widths) if bias is not None else [None] * len(widths)
     for m, (mask, part, member_bias) in enumerate(zip(masks, weight_t.split(widths, dim=1), biases)):
@@ -155,11 +154,17 @@ sparse_linear = torch.library.custom_op("acttail::sparse_linear", _sparse_linear
 
 
 @sparse_linear.register_fake
-def _(x, x_full, weight_t, bias, widths, ks, thresholds, offset, max_rows, dense_gemm):
+def _(x, x_full, weight_t, bias, widths, ks, thresholds, offset):
     return x.new_empty(x.shape[0], weight_t.shape[1])
 
 
-@functools.lru_cache(maxsize=256)
+def _forget(key: int, entry: tuple) -> None:
+    """Drop a layer's ``_LAYERS`` entry, unless its key now belongs to another layer's weight."""
+    if _LAYERS.get(key) is entry:
+        del _LAYERS[key]
+
+
+@functools.cache  # one plan per distinct layer (counts, widths): a bounded cache would cycle on a deep model
 def _plan(widths: tuple, ks: tuple, thresholds: tuple, dtype: torch.dtype) -> GemvPlan:
     """The plan of a layer shape and sparsity (kernels/topk_cpu.py; one per distinct layer: its buffers are reused)."""
     return GemvPlan(list(widths), list(ks) or None, list(thresholds) or None, dtype)
@@ -188,18 +193,18 @@ class SparseLinearMethod(UnquantizedLinearMethod):
         self.widths = list(layer.output_partition_sizes)
         own_gemm = current_platform.is_cpu() and os.environ.get("ACTTAIL_VLLM_DENSE_GEMM") == "1"
         # the masked steps' GEMM: vLLM's own (no widening of 16-bit weights), or masked_gemm_cpu
-        self.max_rows = 0 if self.backend == "reference" else max_sparse_rows(
+        max_rows = 0 if self.backend == "reference" else max_sparse_rows(
             "cpu", self.kept_fraction, weight.numel() * weight.element_size(), None if own_gemm else weight.dtype)
-        self.dense_gemm = -1
+        gemms = None
         if own_gemm:
             biases = [None] * len(self.widths) if layer.bias is None else layer.bias.data.split(self.widths)
             gemms = [_MemberGemm(part, part_bias) for part, part_bias in zip(weight.split(self.widths), biases)]
             for gemm in gemms:
                 dispatch_cpu_unquantized_gemm(gemm, remove_weight=True)
-            self.dense_gemm = id(layer)
-            _DENSE_GEMMS[self.dense_gemm] = gemms
-            # the packed copies go with the layer (an engine shut down in a process that starts another)
-            weakref.finalize(layer, _DENSE_GEMMS.pop, self.dense_gemm, None)
+        entry = (max_rows, gemms)
+        _LAYERS[layer.acttail_weight_t.data_ptr()] = entry
+        # the entry (and any packed copies) goes with the layer: an engine shut down in a process that starts another
+        weakref.finalize(layer, _forget, layer.acttail_weight_t.data_ptr(), entry)
         # the [out, in] weight is not used again (vLLM's CPU method drops it too after packing its own copy)
         layer.weight = nn.Parameter(torch.empty(0, dtype=weight.dtype, device=weight.device), requires_grad=False)
 
@@ -210,8 +215,7 @@ class SparseLinearMethod(UnquantizedLinearMethod):
         if self.gather:
             x_full, offset = tensor_model_parallel_all_gather(x, dim=-1), layer.tp_rank * layer.input_size_per_partition
         op = torch.ops.acttail.sparse_linear if torch.compiler.is_compiling() else _sparse_linear
-        y = op(x, x_full, layer.acttail_weight_t, bias, self.widths, self.ks, self.thresholds, offset, self.max_rows,
-               self.dense_gemm)
+        y = op(x, x_full, layer.acttail_weight_t, bias, self.widths, self.ks, self.thresholds, offset)
         return y.reshape(*shape[:-1], y.shape[-1])
 
 

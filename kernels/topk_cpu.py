@@ -405,6 +405,9 @@ def sparse_gemv_cpu(x: torch.Tensor, weight_t: torch.Tensor, plan: GemvPlan, bia
     """
     if _torch_only(x, weight_t, bias):
         return _reference(x, weight_t, plan, bias, x_full, offset)
+    if x.shape[0] == 0:  # an empty step: nothing to select
+        y = x.new_empty(0, weight_t.shape[1])
+        return y if bias is None else y + bias
     if plan.direct and (plan.threads <= DIRECT_MAX_THREADS
                         or weight_t.numel() * weight_t.element_size() <= DIRECT_MAX_BYTES):
         bits = _np(x if x_full is None else x_full).view(plan.bits)

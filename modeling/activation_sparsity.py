@@ -6,7 +6,9 @@ then checks the block against the model it is applied to. Every refusal is one V
 """
 
 import math
+import os
 from dataclasses import dataclass, fields, replace
+from fractions import Fraction
 
 from .projections import SITES, parse_projection
 
@@ -19,6 +21,8 @@ __all__ = [
     "ActivationSparsity",
     "validate_prefill",
     "validate_sparse_backend",
+    "environment_backend",
+    "sparse_prompt_tokens",
     "validate_activation_sparsity",
 ]
 
@@ -29,8 +33,8 @@ FORMAT_VERSION = 1
 MODES = ("topk", "threshold")
 PREFILL_MODES = ("sparse", "dense")
 # How a decode step runs: "auto" picks Triton kernels on CUDA, the gather path on CPU (fp32/fp64), else "reference" (the
-# TopK mask + dense matmul, the semantics the others match; force it to debug). Config ``sparse_backend`` or the environment
-# variable ACTTAIL_SPARSE_BACKEND, which wins.
+# TopK mask + dense matmul, the semantics the others match; force it to debug). Config ``sparse_backend``; where that is
+# "auto", the environment variable ACTTAIL_SPARSE_BACKEND.
 SPARSE_BACKENDS = ("auto", "triton", "cpu", "reference")
 # effective_sparsity is written rounded to 6 decimals, a module's sparsity to 4
 _EFFECTIVE_TOLERANCE = 1e-6
@@ -48,6 +52,20 @@ def validate_prefill(prefill) -> None:
 def validate_sparse_backend(backend) -> None:
     if backend not in SPARSE_BACKENDS:
         raise ValueError(f"sparse_backend must be one of {SPARSE_BACKENDS}, got {backend!r}")
+
+
+def environment_backend() -> str:
+    """The environment variable ACTTAIL_SPARSE_BACKEND, which a ``sparse_backend`` of "auto" reads ("auto" if unset)."""
+    backend = os.environ.get("ACTTAIL_SPARSE_BACKEND", "auto")
+    if backend not in SPARSE_BACKENDS:
+        raise ValueError(f"the environment variable ACTTAIL_SPARSE_BACKEND must be one of {SPARSE_BACKENDS}, got {backend!r}")
+    return backend
+
+
+def sparse_prompt_tokens(prefill: float, tokens: int) -> int:
+    """How many of a prompt's last tokens a fraction ``prefill`` sparsifies: ceil(f * S) of f as written (f = 0.07,
+    S = 100: 7, where float arithmetic gives 7.000000000000001 and ceil 8)."""
+    return math.ceil(Fraction(str(prefill)) * tokens)
 
 
 def _is_number(value) -> bool:

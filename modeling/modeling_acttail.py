@@ -7,7 +7,6 @@ The block's ``mode`` picks TopK (exact count per token) or a calibrated magnitud
 """
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +14,7 @@ from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 from transformers.utils import logging
 
-from .activation_sparsity import ActivationSparsity, validate_sparse_backend
+from .activation_sparsity import ActivationSparsity, environment_backend, sparse_prompt_tokens, validate_sparse_backend
 from .configuration_acttail import ActTailLlamaConfig, ActTailMistralConfig, ActTailQwen2Config, ActTailQwen3Config
 from .projections import INPUT_OF, parse_projection
 from .topk import threshold_sparsify, topk_sparsify
@@ -74,7 +73,7 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
     cannot run here falls back to the reference path with one warning.
     """
     if requested == "auto":
-        requested = os.environ.get("ACTTAIL_SPARSE_BACKEND", "auto")
+        requested = environment_backend()
     triton_ok = sparse_gemv is not None and (device.type == "cuda" or TRITON_INTERPRET) and dtype in (
         torch.float16, torch.bfloat16, torch.float32)
     cpu_ok = device.type == "cpu" and dtype in CPU_DTYPES
@@ -109,8 +108,10 @@ class SparseGroup:
                 self.bias = torch.cat([m.bias if m.bias is not None else weight.new_zeros(m.out_features)
                                        for m in members])
             start = 0
-            for m, width in zip(members, self.widths):  # the members' weights become views: no second copy
-                m.weight.data = self.weight_t[:, start:start + width].t()
+            for m, width in zip(members, self.widths):  # the members' weights and biases become views: no second
+                m.weight.data = self.weight_t[:, start:start + width].t()  # copy, and new values loaded into them
+                if m.bias is not None:  # (load_state_dict copies in place) reach the group
+                    m.bias.data = self.bias[start:start + width]
                 start += width
         # the most rows a decode step may have and still take the sparse path (read at every step: computed once)
         self.max_rows = max_sparse_rows(path, self.kept_fraction,
@@ -120,14 +121,17 @@ class SparseGroup:
             if self.by_threshold and path == "triton" else None
         self.cpu_plan = GemvPlan(self.widths, None if self.by_threshold else self.ks, self.thresholds, weight.dtype) \
             if path == "cpu" else None
-        self.layout = [m.weight.data_ptr() for m in members]  # a moved or replaced weight shows as another pointer
+        self.layout = self._pointers()  # a moved or replaced weight or bias shows as another pointer
         # this decode step's outputs, computed together by the parent's pre-hook, each taken once by its member (kept
         # here, not on the modules: nn.Module.__setattr__ costs microseconds, ~400 times a step)
         self.step_outputs = None
 
+    def _pointers(self) -> list[int]:
+        return [t.data_ptr() for m in self.members for t in (m.weight, m.bias) if t is not None]
+
     def is_current(self) -> bool:
-        """Whether the members still hold the weights this group laid out (not moved, cast or replaced since)."""
-        return [m.weight.data_ptr() for m in self.members] == self.layout and all(m.group is self for m in self.members)
+        """Whether the members still hold the weights and biases this group laid out (not moved, cast or replaced)."""
+        return self._pointers() == self.layout and all(m.group is self for m in self.members)
 
     def typical_step(self, rows: int) -> torch.Tensor:
         """A random decode step ``[rows, 1, d_in]`` keeping about the planned fraction of inputs, to autotune on: with
@@ -201,7 +205,7 @@ class TopKLinear(nn.Linear):
         if self.prefill == "dense":
             return x
         tokens = x.shape[-2]
-        sparse_tokens = math.ceil(self.prefill * tokens)
+        sparse_tokens = sparse_prompt_tokens(self.prefill, tokens)
         head, tail = x.split([tokens - sparse_tokens, sparse_tokens], dim=-2)
         return torch.cat([head, self.sparsify_all(tail)], dim=-2)
 
@@ -296,6 +300,20 @@ class ActTailMixin:
         self._decode_hooks = []
         for module in self.topk_modules().values():
             module.group = None
+
+    def save_pretrained(self, *args, **kwargs):
+        """transformers' ``save_pretrained``, after a planned sparse decode gives each projection a weight and bias of
+        its own again (the plan keeps them as views of its input-major layout, which transformers cannot save); the
+        next ``generate`` plans again."""
+        planned = {m.group for m in self.topk_modules().values() if m.group is not None}
+        self._drop_decode_plan()
+        with torch.no_grad():
+            while planned:  # one group at a time: its layout is freed before the next group's copies are made
+                for m in planned.pop().members:
+                    m.weight.data = m.weight.data.contiguous()
+                    if m.bias is not None:
+                        m.bias.data = m.bias.data.clone()
+        return super().save_pretrained(*args, **kwargs)
 
     def decode_groups(self) -> list[tuple[nn.Module | None, list[TopKLinear]]]:
         """The sparse projections grouped by the vector they read (``projections.INPUT_OF``: q/k/v, gate/up, o, down

@@ -14,7 +14,8 @@ from acttail_export.card import _by_kind
 from acttail_export.checkpoint import sparsity_block
 from acttail_export.errors import ExportError
 from acttail_export.evaluate import dense_block, load_in_process
-from acttail_export.modeling.activation_sparsity import ActivationSparsity, validate_activation_sparsity
+from acttail_export.modeling.activation_sparsity import (ActivationSparsity, sparse_prompt_tokens,
+                                                         validate_activation_sparsity)
 from acttail_export.modeling.projections import INPUTS, PROJECTION_KINDS, PROJECTION_PATHS, parse_projection
 from acttail_export.weights import resolve_model
 from conftest import make_tiny_model, read_block, run_cli, run_fresh_json
@@ -259,3 +260,11 @@ def test_threshold_mode_and_dense_copies(tiny):
     base = load_in_process(source)
     with torch.inference_mode():
         assert torch.equal(model(ids).logits, base(ids).logits)
+
+
+def test_a_fraction_sparsifies_the_ceiling_of_its_share_of_the_prompt_exactly():
+    """f as written, not as a float product: 0.07 of 100 tokens is 7 (float arithmetic makes it 7.000000000000001)."""
+    for hundredths in range(1, 101):
+        for tokens in (1, 7, 100, 333, 4096):
+            assert sparse_prompt_tokens(hundredths / 100, tokens) == -(-hundredths * tokens // 100), (hundredths, tokens)
+    assert sparse_prompt_tokens(1, 5) == 5 and sparse_prompt_tokens(0.5, 3) == 2

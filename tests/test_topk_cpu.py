@@ -357,3 +357,10 @@ def test_masked_gemm_widens_only_without_a_native_half_gemm(dtype, monkeypatch):
     monkeypatch.setitem(topk_cpu.NATIVE_HALF_GEMM, dtype, True)
     topk_cpu.masked_gemm_cpu(x, weight_t)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_an_empty_step_gives_an_empty_output(with_bias, path):
+    weight_t, bias = torch.randn(64, 48), torch.randn(48) if with_bias else None
+    y = sparse_gemv_cpu(torch.randn(0, 64), weight_t, GemvPlan([32, 16], [20, 64], None, torch.float32), bias)
+    assert y.shape == (0, 48) and y.dtype == torch.float32

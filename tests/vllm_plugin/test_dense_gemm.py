@@ -10,7 +10,8 @@ import torch
 
 from acttail_export.kernels.topk import topk_mask
 from acttail_export.kernels.topk_cpu import NATIVE_HALF_GEMM
-from acttail_export.vllm_sparse import _DENSE_GEMMS, SparseLinearMethod, _sparse_linear
+from acttail_export.modeling.modeling_acttail import max_sparse_rows
+from acttail_export.vllm_sparse import _LAYERS, SparseLinearMethod, _sparse_linear
 
 CASES = [  # d_in, widths (members of one fused layer), TopK counts, bias
     (576, [576, 192, 192], [300, 200, 576], True),
@@ -30,6 +31,15 @@ class _Layer(torch.nn.Module):
         self.output_partition_sizes = widths
 
 
+def _prepared(method: SparseLinearMethod, layer: _Layer, max_rows: int) -> list | None:
+    """``process_weights_after_loading``, then the layer's rows for the sparse GEMV set to ``max_rows``; returns the
+    layer's dense GEMMs (None: masked_gemm_cpu)."""
+    method.process_weights_after_loading(layer)
+    key = layer.acttail_weight_t.data_ptr()
+    _LAYERS[key] = (max_rows, _LAYERS[key][1])
+    return _LAYERS[key][1]
+
+
 @pytest.mark.parametrize("dense_gemm", ["1", "0"])
 @pytest.mark.parametrize("mode", ["topk", "threshold"])
 @pytest.mark.parametrize(("d_in", "widths", "ks", "with_bias"), CASES)
@@ -43,10 +53,9 @@ def test_masked_steps_equal_a_float64_reference(monkeypatch, dense_gemm, mode, d
     thresholds = [0.3, 0.8, 1.5][:len(widths)] if mode == "threshold" else []
     method = SparseLinearMethod([] if thresholds else ks, thresholds, 1.0, False, "cpu")
     layer = _Layer(weight, bias, widths)
-    method.process_weights_after_loading(layer)
-    assert (method.dense_gemm in _DENSE_GEMMS) == (dense_gemm == "1")
-    y = _sparse_linear(x, None, layer.acttail_weight_t, layer.bias, widths, method.ks, method.thresholds, 0,
-                       0, method.dense_gemm)  # max_rows 0: every step masked
+    gemms = _prepared(method, layer, 0)  # every step masked
+    assert (gemms is not None) == (dense_gemm == "1")
+    y = _sparse_linear(x, None, layer.acttail_weight_t, layer.bias, widths, method.ks, method.thresholds, 0)
     masks = [x.abs() > t for t in thresholds] if thresholds else [topk_mask(x, k) for k in ks]
     want = torch.cat([torch.where(mask, x, 0).double() @ part.double().t()
                       for mask, part in zip(masks, weight.split(widths))], dim=-1)
@@ -69,8 +78,8 @@ def test_bfloat16_steps_equal_a_float64_reference(monkeypatch, max_rows, d_in, w
     x = torch.randn(rows, d_in, generator=generator).bfloat16()
     method = SparseLinearMethod(ks, [], 1.0, False, "cpu")
     layer = _Layer(weight, bias, widths)
-    method.process_weights_after_loading(layer)
-    y = _sparse_linear(x, None, layer.acttail_weight_t, layer.bias, widths, method.ks, [], 0, max_rows, -1)
+    _prepared(method, layer, max_rows)
+    y = _sparse_linear(x, None, layer.acttail_weight_t, layer.bias, widths, method.ks, [], 0)
     xs = [torch.where(topk_mask(x, k), x, 0).double() for k in ks]
     unbiased = torch.cat([m @ part.double().t() for m, part in zip(xs, weight.split(widths))], dim=-1)
     scale = torch.cat([m.abs() @ part.double().abs().t() for m, part in zip(xs, weight.split(widths))], dim=-1)
@@ -84,7 +93,27 @@ def test_the_dense_copies_go_with_their_layer(monkeypatch):
     method = SparseLinearMethod([3], [], 0.5, False, "cpu")
     layer = _Layer(torch.randn(16, 8), None, [16])
     method.process_weights_after_loading(layer)
-    assert method.dense_gemm in _DENSE_GEMMS
+    key = layer.acttail_weight_t.data_ptr()
+    assert _LAYERS[key][1] is not None
     del layer
     gc.collect()
-    assert method.dense_gemm not in _DENSE_GEMMS
+    assert key not in _LAYERS
+
+
+@pytest.mark.parametrize("backend, env", [("cpu", {}), ("reference", {}), ("cpu", {"ACTTAIL_VLLM_DENSE_GEMM": "1"})])
+def test_a_layers_path_is_read_when_it_runs(monkeypatch, backend, env):
+    """What decides a step's path (the rows the sparse GEMV serves, vLLM's dense GEMMs) is found from the weight the
+    custom op receives, at run time: a graph that torch.compile cached with other settings cannot carry stale ones."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    method = SparseLinearMethod([3], [], 0.5, False, backend)
+    layer = _Layer(torch.randn(16, 8), None, [16])
+    method.process_weights_after_loading(layer)
+    max_rows, gemms = _LAYERS[layer.acttail_weight_t.data_ptr()]
+    assert max_rows == (0 if backend == "reference" else max_sparse_rows("cpu", 0.5, 16 * 8 * 4, torch.float32))
+    assert max_rows != 0 or backend == "reference"
+    assert (gemms is not None) == bool(env)
+    # a weight no layer registered takes the masked path, exact all the same
+    x, weight_t = torch.randn(2, 8), layer.acttail_weight_t.clone()
+    torch.testing.assert_close(_sparse_linear(x, None, weight_t, None, [16], [3], [], 0),
+                               torch.where(topk_mask(x, 3), x, 0) @ weight_t)
