@@ -29,15 +29,16 @@ import click
 import torch
 
 from .allocation import ALLOCATIONS, DEFAULT_EPSILON, DEFAULT_SPARSER, DIRECTIONS, SITES
-from .calibration import DEFAULT_GREEDY_WINDOWS, DEFAULT_SEQLEN, DEFAULT_WINDOWS
+from .calibration import DEFAULT_GREEDY_WINDOWS, DEFAULT_SEQLEN, DEFAULT_WINDOWS, calibration_ids
 from .compare import METHODS as COMPARE_METHODS
+from .compare import calibrates
 from .compare import compare as run_compare
 from .compare import format_markdown, plot_results
 from .compare import write_csv as write_compare_csv
 from .checkpoint import check_one_path
 from .errors import BadOption, ExportError
-from .evaluate import (check_seqlen, dense_block, is_checkpoint, load_in_process, load_model, load_tokenizer,
-                       model_folder, perplexity, tokenize_windows)
+from .evaluate import (check_disjoint, check_seqlen, dense_block, is_checkpoint, load_in_process, load_model,
+                       load_tokenizer, model_folder, perplexity, tokenize_windows)
 from .greedy import DEFAULT_STEP
 from .hub import push_checkpoint
 from .modeling.activation_sparsity import MODES, PREFILL_MODES, validate_prefill
@@ -184,8 +185,9 @@ def push(checkpoint, repo_id, private, revision, commit_message, endpoint) -> No
 @click.option("--spectra-cache/--no-spectra-cache", default=True, show_default=True,
               help="Reuse (or store) the spectra in the cache folder, so re-exports at other settings skip them.")
 @click.option("--eval", "run_eval", is_flag=True,
-              help=f"Measure dense and sparse perplexity ({EVAL_WINDOWS} x {EVAL_SEQLEN} tokens of the bundled text) "
-                   "and put them in the model card.")
+              help=f"Measure dense and sparse perplexity ({EVAL_WINDOWS} x {EVAL_SEQLEN} tokens from the start of the "
+                   "bundled text) and put them in the model card; calibration windows of that text reaching into them "
+                   "are refused.")
 @click.option("--link-weights", is_flag=True,
               help="Hard-link the weight files instead of copying them (seconds instead of minutes at 7B; on another "
                    "filesystem they are copied, and a line says so). The checkpoint then shares them with MODEL: modify "
@@ -222,7 +224,8 @@ def export(ctx, paths, sparsity, allocation, mode, sites, estimator, epsilon, sp
         link_weights=link_weights, base_model=base_model, overwrite=overwrite, push_to_hub=push_to_hub,
         endpoint=endpoint)
     start = time.perf_counter()
-    result = export_model(model, out, options, command="acttail-export " + shlex.join(sys.argv[1:]), log=click.echo)
+    result = export_model(model, out, options, command="acttail-export " + shlex.join(sys.argv[1:]), log=click.echo,
+                          evaluation=(EVAL_WINDOWS, EVAL_SEQLEN) if run_eval else None)
     _print_summary(result.modules, verbose)
     click.echo(f"effective sparsity {result.block['effective_sparsity']:.4f} (target {sparsity}); "
                f"wrote {out} in {time.perf_counter() - start:.1f} s")
@@ -388,33 +391,46 @@ def patterns(model, text_file, sparsity, windows, seqlen, max_distance, out, tru
 @click.option("--seqlen", type=click.IntRange(2), default=512, show_default=True,
               help="Tokens per window, evaluation and calibration (at most the model's positions).")
 @click.option("--calibration-text", type=click.Path(), default=None,
-              help="Calibration text for thresholds, the greedy search and auto (default: the bundled text; windows "
-                   "from its end, disjoint from the evaluation windows).")
+              help="Calibration text for thresholds, the greedy search, the calibrated curves and auto (default: the "
+                   "bundled text; windows from its end; where it is the evaluation text, windows that would overlap "
+                   "the evaluation windows are refused).")
 @click.option("--calibration-windows", type=click.IntRange(1), default=4, show_default=True,
               help="Calibration windows from the end of the calibration text.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Folder for compare.csv, compare.md and compare.png (default: compare-<model name>).")
-def compare_command(model, sparsities, methods, prefills, text_file, windows, seqlen, calibration_text,
+@click.pass_context
+def compare_command(ctx, model, sparsities, methods, prefills, text_file, windows, seqlen, calibration_text,
                     calibration_windows, out) -> None:
     """Perplexity of each method at each sparsity on the same windows of MODEL (default: SmolLM2-135M-Instruct)."""
     targets = _parse_list(sparsities, float, "--sparsity", lambda s: 0 < s < 1)
     names = _parse_list(methods, str, "--methods", lambda m: m in COMPARE_METHODS)
     policies = [_parse_prefill(p) for p in prefills.split(",")]
+    calibrating = any(map(calibrates, names))
+    if not calibrating:
+        _refuse_given(ctx, ("calibration_text", "calibration_windows"), f"by --methods {methods}: none of them "
+                      f"calibrates (those that do: {', '.join(filter(calibrates, COMPARE_METHODS))})")
     text = read_text(text_file)
-    calibration = read_text(calibration_text)
+    calibration = read_text(calibration_text) if calibrating else None
     source = resolve_model(model)
     check_input_code(source.folder)
     check_seqlen(source.folder, seqlen)
-    eval_ids = tokenize_windows(load_tokenizer(source.folder), text, seqlen, windows)
+    tokenizer = load_tokenizer(source.folder)
+    eval_ids = tokenize_windows(tokenizer, text, seqlen, windows)
+    calibration_ids_ = None
+    if calibrating:
+        if calibration == text:
+            check_disjoint(tokenizer, text, (windows, seqlen), (calibration_windows, seqlen),
+                           text_file or "the bundled Wikipedia text")
+        calibration_ids_ = calibration_ids(source, calibration, calibration_windows, seqlen)
     out = Path(out or f"compare-{Path(source.origin.split()[0]).name}")
     header = (f"token perplexity of {source.origin}: {windows} windows x {seqlen} tokens from the start of "
-              f"{text_file or 'the bundled Wikipedia text'}; calibration: {calibration_windows} windows x "
-              f"{seqlen} tokens from the end of {calibration_text or 'the bundled Wikipedia text'}. Sparse tokens: "
-              "prefill sparse = every token of every window; a fraction f = the last f of each window's tokens "
-              "(loss over all tokens); dense = none.")
+              f"{text_file or 'the bundled Wikipedia text'}" + (
+                  f"; calibration: {calibration_windows} windows x {seqlen} tokens from the end of "
+                  f"{calibration_text or 'the bundled Wikipedia text'}" if calibrating else "") +
+              ". Sparse tokens: prefill sparse = every token of every window; a fraction f = the last f of each "
+              "window's tokens (loss over all tokens); dense = none.")
     click.echo(header)
-    results = run_compare(source, targets, names, policies, eval_ids, calibration, calibration_windows, seqlen,
-                          log=click.echo)
+    results = run_compare(source, targets, names, policies, eval_ids, calibration_ids_, log=click.echo)
     table = format_markdown(results)
     click.echo(table)
     out.mkdir(parents=True, exist_ok=True)  # only now: a compare that fails leaves no empty folder
@@ -422,6 +438,14 @@ def compare_command(model, sparsities, methods, prefills, text_file, windows, se
     write_compare_csv(results, out / "compare.csv")
     plot_results(results, out / "compare.png", f"{Path(source.origin.split()[0]).name}: perplexity vs sparsity")
     click.echo(f"wrote {out}/compare.md, compare.csv, compare.png")
+
+
+def _refuse_given(ctx, names, why: str) -> None:
+    """Refuse the options of ``names`` that were given (not left at their defaults): they would be ignored."""
+    given = [f"--{name.replace('_', '-')}" for name in names
+             if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+    if given:
+        raise BadOption(f"{' and '.join(given)} would be ignored {why}")
 
 
 def _parse_list(value: str, kind, option: str, valid) -> list:

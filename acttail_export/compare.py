@@ -3,7 +3,8 @@
 The model is built once, in this process, by the ActTail runtime every checkpoint ships; each (method, sparsity, prefill)
 applies its block with ``set_activation_sparsity``, so every row runs the modeling code a user would. Calibration (thresholds, the greedy
 search, the auto-tuning search) uses windows from the end of the calibration text, evaluation windows from the start of
-the evaluation text: with the bundled text for both, they are disjoint.
+the evaluation text: with one text for both, ``acttail-export compare`` refuses windows that would overlap
+(:func:`acttail_export.evaluate.check_disjoint`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from .calibration import Calibration, calibration_ids
+from .calibration import Calibration
 from .errors import ExportError
 from .evaluate import dense_block, load_in_process, perplexity, zeroed_inputs
 from .methods import Method, build_block
@@ -21,7 +22,7 @@ from .spectra import ESTIMATORS, estimator_alphas
 from .tuning import tune_block
 from .weights import SourceModel
 
-__all__ = ["METHODS", "Result", "compare", "format_markdown", "write_csv", "plot_results"]
+__all__ = ["METHODS", "Result", "calibrates", "compare", "format_markdown", "write_csv", "plot_results"]
 
 # name -> how its block is built; "dense" and "auto" are special.
 METHODS: dict[str, Method | str] = {
@@ -53,19 +54,28 @@ class Result:
     measured_sparsity: float | None = None
 
 
+def calibrates(method: str) -> bool:
+    """Whether the method ``method`` names runs the model on calibration windows (thresholds, greedy, curves, auto)."""
+    return METHODS[method] == "auto" or (isinstance(METHODS[method], Method) and METHODS[method].needs_calibration)
+
+
 def compare(source: SourceModel, sparsities: list[float], methods: list[str], prefills: list[str | float],
-            eval_ids, calibration_text: str, calibration_windows: int, calibration_seqlen: int,
-            log=print) -> list[Result]:
-    """Every method x sparsity x prefill on ``eval_ids`` (``[windows, seqlen]``); ``log`` gets one line per result."""
+            eval_ids, calibration_ids=None, log=print) -> list[Result]:
+    """Every method x sparsity x prefill on ``eval_ids`` (``[windows, seqlen]``); ``log`` gets one line per result.
+
+    :param calibration_ids: ``[windows, seqlen]`` calibration token ids (see
+        :func:`acttail_export.evaluate.calibration_windows`), needed only by the methods that :func:`calibrates`
+    """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ExportError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    if calibration_ids is None and any(map(calibrates, methods)):
+        raise ExportError(f"methods {', '.join(filter(calibrates, methods))} need calibration windows")
     model = load_in_process(source)
     alphas = estimator_alphas(source, ESTIMATORS)  # each estimator's alphas as export writes them
-    calibration_ids_ = calibration_ids(source, calibration_text, calibration_windows, calibration_seqlen)
     calibration = None
-    if any(isinstance(METHODS[m], Method) and METHODS[m].needs_calibration for m in methods):
-        calibration = Calibration(source, calibration_ids_, "calibration text")
+    if any(calibrates(m) and METHODS[m] != "auto" for m in methods):
+        calibration = Calibration(source, calibration_ids, "calibration text")
     results = []
 
     def measure(name: str, target: float, block: dict) -> None:
@@ -91,7 +101,7 @@ def compare(source: SourceModel, sparsities: list[float], methods: list[str], pr
                 measure(name, 0.0, dense_block(block))
                 break
             if method == "auto":
-                block = tune_block(model, source.projections, alphas, target, calibration_ids_, text="calibration text")
+                block = tune_block(model, source.projections, alphas, target, calibration_ids, text="calibration text")
             else:
                 block, _ = build_block(source, target, method, alphas[method.estimator], calibration)
             measure(name, target, block)

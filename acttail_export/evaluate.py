@@ -18,7 +18,7 @@ from .weights import SUPPORTED_ARCHITECTURES, SourceModel, resolve_model
 
 __all__ = ["is_checkpoint", "model_folder", "check_block", "check_seqlen", "load_model", "load_in_process",
            "load_tokenizer", "dense_block", "perplexity", "zeroed_inputs", "measured_sparsity", "tokenize_windows",
-           "calibration_windows"]
+           "calibration_windows", "check_disjoint"]
 
 
 def is_checkpoint(path: str | None) -> bool:
@@ -145,6 +145,28 @@ def calibration_windows(tokenizer, text: str, seqlen: int, windows: int) -> torc
     if len(ids) < needed:
         raise ExportError(f"the calibration text has {len(ids)} tokens, fewer than {windows} windows x {seqlen}")
     return torch.tensor(ids[-needed:]).view(windows, seqlen)
+
+
+def check_disjoint(tokenizer, text: str, evaluation: tuple[int, int], calibration: tuple[int, int], name: str) -> None:
+    """Refuse evaluation windows (from the start of ``text``, :func:`tokenize_windows`) and calibration windows (from
+    its end, :func:`calibration_windows`) that would share tokens.
+
+    :param evaluation: (windows, seqlen) of the evaluation; ``calibration`` the same for the calibration
+    :param name: the text as the error line names it
+    """
+    head, tail = evaluation[0] * evaluation[1], calibration[0] * calibration[1]
+
+    def count(part: str) -> int:
+        return len(tokenizer(part, return_attention_mask=False)["input_ids"])
+
+    # each takes its tokens from the slice of 8 characters a token it tokenizes: disjoint slices, disjoint windows
+    if 8 * (head + tail) <= len(text) and count(text[:8 * head]) >= head and count(text[-8 * tail:]) >= tail:
+        return
+    total = count(text)
+    if total < head + tail:
+        raise BadOption(f"the evaluation windows ({evaluation[0]} x {evaluation[1]} tokens from the start of {name}) and "
+                        f"the calibration windows ({calibration[0]} x {calibration[1]} from its end) would overlap: it "
+                        f"has {total} tokens; use fewer windows, shorter ones, or another calibration text")
 
 
 @torch.inference_mode()

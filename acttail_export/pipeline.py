@@ -22,7 +22,8 @@ from .calibration import DEFAULT_GREEDY_WINDOWS, DEFAULT_SEQLEN, DEFAULT_WINDOWS
 from .card import CardFacts, card_files, inherited_license
 from .checkpoint import check_out, replace_card, write_checkpoint
 from .errors import BadOption, ExportError
-from .evaluate import check_seqlen, dense_block, load_in_process, load_model, perplexity, tokenize_windows
+from .evaluate import (check_disjoint, check_seqlen, dense_block, load_in_process, load_model, load_tokenizer,
+                       perplexity, tokenize_windows)
 from .greedy import DEFAULT_STEP
 from .hub import check_push_target
 from .methods import Method, build_block
@@ -171,12 +172,14 @@ def _tune(source: SourceModel, alphas: dict[str, dict[str, float]], windows: tor
 
 
 def export(model: str | None, out: str | Path, options: ExportOptions, *, command: str | None = None,
-           log: Callable[[str], None] = print) -> ExportResult:
+           log: Callable[[str], None] = print, evaluation: tuple[int, int] | None = None) -> ExportResult:
     """Export ``model`` to the ActTail checkpoint folder ``out`` (written atomically) and return what was written.
 
     :param model: a model folder, Hub id or ``.gguf`` file; None: the embedded SmolLM2-135M-Instruct
     :param command: how the export was asked for, quoted in the model card (default: this call)
     :param log: called with each line worth telling the user (the input, the spectra, the ``auto`` trials)
+    :param evaluation: (windows, seqlen) that :func:`add_perplexity` is to measure afterwards (``--eval``): when the
+        export calibrates on the bundled text too, windows that would overlap are refused before any work
     """
     out = Path(out)
     _check(model, out, options)
@@ -193,6 +196,9 @@ def export(model: str | None, out: str | Path, options: ExportOptions, *, comman
     for width in {p.in_features for p in site_projections(source.projections, options.sites)}:
         keep_range(width, options.min_sparsity, options.max_sparsity)  # bounds no count fits: refused before any work
     ids = _calibration_ids(source, text, options) if calibrates else None  # before the spectra: fail at once
+    if evaluation and calibrates and (options.calibration_text is None or text == read_text(None)):
+        check_disjoint(load_tokenizer(source.folder), text, evaluation,
+                       (options.calibration_windows, options.calibration_seqlen), "the bundled Wikipedia text")
     calibration = None
     if method.needs_calibration:
         calibration = Calibration(source, ids, options.calibration_text or "bundled Wikipedia text",

@@ -69,3 +69,39 @@ def test_unknown_method_is_one_line(smollm2, tmp_path):
     result = run_cli("compare", smollm2.folder, "--methods", "dense,magic", "--out", tmp_path / "c", check=False)
     assert_one_line_failure(result, "--methods")
     assert not (tmp_path / "c").exists()
+
+
+def test_calibration_options_without_a_method_that_calibrates_are_refused(tmp_path):
+    result = invoke_cli("compare", "--methods", "dense,uniform", "--calibration-windows", "10", "--out", tmp_path / "c")
+    assert_one_line_failure(result, "--calibration-windows would be ignored by --methods dense,uniform: none of them "
+                                    "calibrates (those that do: auto, teal-greedy")
+    assert not (tmp_path / "c").exists()
+
+
+def test_windows_of_one_text_that_would_overlap_are_refused(smollm2, wiki_text, tmp_path):
+    text = tmp_path / "article.txt"
+    text.write_text(wiki_text[:6000])  # about 1300 tokens: 2 x 256 from the start and 4 x 256 from the end overlap
+    result = invoke_cli("compare", smollm2.folder, "--methods", "teal-uniform", "--sparsity", "0.5", "--text", text,
+                        "--calibration-text", text, "--windows", "2", "--seqlen", "256", "--calibration-windows", "4",
+                        "--out", tmp_path / "c")
+    assert_one_line_failure(result, f"the evaluation windows (2 x 256 tokens from the start of {text}) and the "
+                                    "calibration windows (4 x 256 from its end) would overlap: it has ")
+    assert not (tmp_path / "c").exists()
+
+
+def test_the_overlap_check_is_exact(smollm2, wiki_text):
+    """Up to the text's last token the windows pass and are disjoint (the whole text's first and last tokens); one
+    window more is refused."""
+    from acttail_export.errors import BadOption
+    from acttail_export.evaluate import calibration_windows, check_disjoint, load_tokenizer, tokenize_windows
+
+    tokenizer = load_tokenizer(smollm2.folder)
+    text, seqlen = wiki_text[:20000], 50
+    whole = tokenizer(text)["input_ids"]
+    for evaluation in (1, 10, 40):
+        calibration = len(whole) // seqlen - evaluation
+        check_disjoint(tokenizer, text, (evaluation, seqlen), (calibration, seqlen), "the text")
+        assert tokenize_windows(tokenizer, text, seqlen, evaluation).flatten().tolist() == whole[:evaluation * seqlen]
+        assert calibration_windows(tokenizer, text, seqlen, calibration).flatten().tolist() == whole[-calibration * seqlen:]
+        with pytest.raises(BadOption, match="would overlap"):
+            check_disjoint(tokenizer, text, (evaluation, seqlen), (calibration + 1, seqlen), "the text")

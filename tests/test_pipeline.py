@@ -8,6 +8,7 @@ import pytest
 from acttail_export import ExportOptions, export
 from acttail_export.errors import BadOption
 from conftest import invoke_cli, read_block
+from test_cli_errors import assert_one_line_failure
 
 
 def digest(path) -> str:
@@ -72,3 +73,23 @@ def test_analyze_prints_the_alphas_export_writes(estimator, smollm2, tmp_path):
     printed = {line.split()[0]: float(line.split()[column]) for line in lines[2:]}
     assert printed.keys() == written.keys() and len(printed) == 210
     assert all(printed[name] == pytest.approx(alpha, rel=1e-4) for name, alpha in written.items())
+
+
+@pytest.mark.parametrize("same_text", ["default", "a copy"])
+def test_eval_refuses_calibration_windows_that_overlap_its_windows(same_text, smollm2, wiki_text, tmp_path):
+    """--eval measures 8 x 512 tokens from the start of the bundled text: calibration windows of that text (by default,
+    or a copy of it) reaching into them are refused before any work."""
+    from acttail_export.evaluate import load_tokenizer
+
+    total = len(load_tokenizer(smollm2.folder)(wiki_text)["input_ids"])
+    windows = total // 8192  # as many windows of the model's 8192 positions as the text holds
+    assert total - windows * 8192 < 8 * 512  # so they reach into the evaluation windows
+    copy = tmp_path / "wiki.txt"
+    copy.write_text(wiki_text, encoding="utf-8")
+    text = [] if same_text == "default" else ["--calibration-text", copy]
+    out = tmp_path / "out"
+    result = invoke_cli("export", smollm2.folder, out, "--sparsity", "0.5", "--mode", "threshold", "--eval", *text,
+                        "--calibration-windows", windows, "--calibration-seqlen", 8192)
+    assert_one_line_failure(result, f"the evaluation windows (8 x 512 tokens from the start of the bundled Wikipedia "
+                                    f"text) and the calibration windows ({windows} x 8192 from its end) would overlap")
+    assert not out.exists()

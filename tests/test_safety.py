@@ -176,7 +176,7 @@ def test_foreign_code_never_runs_without_the_flag(command, exported, tmp_path, e
 
 
 @pytest.mark.parametrize("command", [["export", "OUT", "--sparsity", "0.5"],
-                                     ["compare", "--methods", "dense", "--calibration-text", "TEXT", "--text", "TEXT"]])
+                                     ["compare", "--methods", "dense", "--text", "TEXT"]])
 def test_input_that_ships_its_own_code_is_refused(command, tiny, tmp_path, env, text):
     add_marker_module(tiny, "evil", tmp_path / "marker")
     set_auto_map(tiny, "tokenizer_config.json", {"AutoTokenizer": ["evil.Evil", None]})
@@ -299,7 +299,7 @@ def no_loading(monkeypatch):
     monkeypatch.setattr(cli, "load_in_process", load_model)
 
 
-@pytest.mark.parametrize("command", [["eval"], ["patterns"], ["compare", "--methods", "dense", "--calibration-text", "TEXT"]])
+@pytest.mark.parametrize("command", [["eval"], ["patterns"], ["compare", "--methods", "dense"]])
 def test_seqlen_beyond_the_positions_is_refused(command, tiny, no_loading, env, text):
     command = [text[1] if a == "TEXT" else a for a in command]
     result = invoke_cli(command[0], tiny, *command[1:], *text, "--seqlen", "129", env=env)
