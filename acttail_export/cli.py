@@ -168,7 +168,9 @@ def push(checkpoint, repo_id, private, revision, commit_message, endpoint) -> No
               help="UTF-8 text for calibrated, teal-greedy, threshold mode and --epsilon auto; windows come from its end "
                    "(default: the bundled Wikipedia text, whose start eval uses).")
 @click.option("--calibration-windows", type=click.IntRange(1), default=DEFAULT_WINDOWS, show_default=True,
-              help="Calibration windows (TEAL used 10 x 2048 tokens; the default is sized for a CPU).")
+              help="Calibration windows (TEAL used 10 x 2048 tokens; the default is sized for a CPU). Thresholds and "
+                   "--epsilon auto read all N; the calibrated curves read min(N, 4) of them, teal-greedy's search "
+                   "--greedy-windows.")
 @click.option("--calibration-seqlen", type=click.IntRange(2), default=DEFAULT_SEQLEN, show_default=True,
               help="Tokens per calibration window.")
 @click.option("--greedy-step", type=Number(0, 1, min_open=True, max_open=True), default=DEFAULT_STEP,
@@ -223,6 +225,11 @@ def export(ctx, paths, sparsity, allocation, mode, sites, estimator, epsilon, sp
         gguf_file=gguf_file, device=device, spectra_dtype=spectra_dtype_name, spectra_cache=spectra_cache,
         link_weights=link_weights, base_model=base_model, overwrite=overwrite, push_to_hub=push_to_hub,
         endpoint=endpoint)
+    if not (options.method().needs_calibration or options.auto):
+        _refuse_given(ctx, ("calibration_text", "calibration_windows", "calibration_seqlen"),
+                      f"by --allocation {allocation} --mode {mode}, which reads no calibration text")
+    if allocation != "teal-greedy":
+        _refuse_given(ctx, ("greedy_step", "greedy_windows"), f"by --allocation {allocation}: only teal-greedy searches")
     start = time.perf_counter()
     result = export_model(model, out, options, command="acttail-export " + shlex.join(sys.argv[1:]), log=click.echo,
                           evaluation=(EVAL_WINDOWS, EVAL_SEQLEN) if run_eval else None)

