@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib.util
 import json
 import os
@@ -34,6 +35,9 @@ SUPPORTED_ARCHITECTURES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwe
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "README.md"]
+# Written into each GGUF conversion: the file it came from (path, size, SHA-256), so that only our own conversions of an
+# older version of that path are ever removed.
+_GGUF_SOURCE = "acttail-gguf-source.json"
 
 
 @dataclass(frozen=True)
@@ -100,18 +104,44 @@ def _gguf_bar_on_terminal_only():
         gguf_utils.tqdm = original
 
 
+def _sha256(path: Path) -> str:
+    """The file's SHA-256 (about 1.3 GB/s on this machine: seconds for a 7B GGUF, whose conversion takes minutes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:  # hashlib.file_digest needs Python 3.11
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _remove_older_conversions(source: str, digest: str) -> None:
+    """Remove the conversions this tool wrote of ``source`` with other content than ``digest`` (an older version of the
+    file); folders without our record, links and unfinished conversions are left alone."""
+    for record in (cache_dir() / "gguf").glob(f"*/{_GGUF_SOURCE}"):
+        folder = record.parent
+        if folder.is_symlink() or folder.name.startswith("."):
+            continue
+        try:
+            written = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(written, dict) and written.get("source") == source and written.get("sha256") != digest:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def convert_gguf(gguf: Path, dtype: torch.dtype | None = None) -> Path:
-    """Dequantize a GGUF file into a safetensors folder (cached; keyed by file name, size and mtime) and return it."""
+    """Dequantize a GGUF file into a safetensors folder and return it; cached by the file's size and SHA-256 (a
+    reinstall of the same file reuses it), and a conversion of a new version of a path removes the older one's."""
     if not gguf.is_file():
         raise ExportError(f"GGUF file not found: {gguf}")
-    stat = gguf.stat()
+    size, digest = gguf.stat().st_size, _sha256(gguf)
     dtype_tag = str(dtype).removeprefix("torch.") if dtype else "native"
-    folder = cache_dir() / "gguf" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}-{dtype_tag}"
+    folder = cache_dir() / "gguf" / f"{gguf.stem}-{size}-{digest[:16]}-{dtype_tag}"
     if (folder / "config.json").is_file():
         return folder
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    source = str(gguf.resolve())
     try:
         with _gguf_bar_on_terminal_only():
             model = AutoModelForCausalLM.from_pretrained(
@@ -119,6 +149,7 @@ def convert_gguf(gguf: Path, dtype: torch.dtype | None = None) -> Path:
             )
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        (tmp / _GGUF_SOURCE).write_text(json.dumps({"source": source, "size": size, "sha256": digest}))
         try:
             tmp.rename(folder)
         except OSError:
@@ -128,6 +159,7 @@ def convert_gguf(gguf: Path, dtype: torch.dtype | None = None) -> Path:
         raise ExportError(f"could not read GGUF file {gguf}: {type(e).__name__}: {e}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _remove_older_conversions(source, digest)
     return folder
 
 

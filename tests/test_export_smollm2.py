@@ -168,6 +168,36 @@ def test_export_peak_memory_stays_bounded(smollm2, tmp_path):
     assert peak_kib / 1024 < 600  # MB
 
 
+def test_gguf_conversion_cache_is_keyed_by_content(tmp_path, monkeypatch):
+    """A reinstall of the same GGUF (same bytes, new mtime) reuses its conversion; a new version at the same path
+    replaces the older version's conversion; a folder the tool did not write is never touched."""
+    import shutil
+
+    from acttail_export.weights import convert_gguf, default_gguf
+
+    monkeypatch.setenv("ACTTAIL_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "models" / "smollm2.gguf"
+    gguf.parent.mkdir()
+    shutil.copyfile(default_gguf(), gguf)
+    first = convert_gguf(gguf)
+    foreign = first.parent / "not-ours"
+    foreign.mkdir()
+    (foreign / "config.json").write_text("{}")
+
+    shutil.copyfile(default_gguf(), gguf)  # reinstalled
+    os.utime(gguf, (gguf.stat().st_atime, gguf.stat().st_mtime + 100))
+    assert convert_gguf(gguf) == first
+    assert sorted(p.name for p in first.parent.iterdir()) == sorted([first.name, "not-ours"])
+
+    data = bytearray(gguf.read_bytes())
+    at = data.index(b"Smollm2 135M")  # the model's name in the metadata: a new version, still a valid GGUF
+    data[at + 6:at + 7] = b"3"
+    gguf.write_bytes(bytes(data))
+    second = convert_gguf(gguf)
+    assert second != first and (second / "config.json").is_file()
+    assert sorted(p.name for p in first.parent.iterdir()) == sorted([second.name, "not-ours"])
+
+
 def test_gguf_conversion_draws_no_bar_into_a_pipe(tmp_path):
     """The real conversion of the bundled GGUF (a cold conversion cache) with stdout and stderr piped, as the demo's log
     is: transformers' "Converting and de-quantizing GGUF tensors" bar, like every other bar, only on a terminal."""
