@@ -256,5 +256,6 @@ def allocate(projections: list[Projection] | tuple[Projection, ...], alphas: dic
     achieved = effective_sparsity(modules)
     if abs(achieved - target) > BUDGET_TOLERANCE:
         raise ExportError(f"effective sparsity {achieved:.4f} misses the target {target} by more than {BUDGET_TOLERANCE} "
-                          "(the model is too small for integer TopK counts within --min-sparsity and --max-sparsity to meet it)")
+                          "(the model is too small for integer TopK counts within --min-sparsity and --max-sparsity "
+                          "to meet it)")
     return modules
