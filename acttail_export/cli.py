@@ -140,11 +140,11 @@ def push(checkpoint, repo_id, private, revision, commit_message, endpoint) -> No
 @click.option("--sparsity", type=Number(0, 1, max_open=True), required=True,
               help="Target sparsity S: mean over all projection parameters, in [0, 1).")
 @click.option("--allocation", type=click.Choice(ALLOCATIONS), default=DEFAULT_ALLOCATION, show_default=True,
-              help="calibrated (the default): per-projection loss-increase curves from forward and backward passes over "
-                   "calibration text (--calibration-text, else the bundled text), guided by alpha (best quality, under "
-                   "a minute on SmolLM2); acttail: per-projection alpha from the weights alone (no text, no forward "
-                   "pass); block: per-block mean alpha; uniform: S everywhere; teal-greedy: TEAL's block-wise greedy "
-                   "search on calibration text.")
+              help="calibrated (the default): per-projection loss-increase curves from forward and backward passes "
+                   "over calibration text (--calibration-text, else the bundled text), guided by alpha (best quality, "
+                   "under a minute on SmolLM2); acttail: per-projection alpha from the weights alone (no text, no "
+                   "forward pass); block: per-block mean alpha; uniform: S everywhere; teal-greedy: TEAL's block-wise "
+                   "greedy search on calibration text.")
 @click.option("--mode", type=click.Choice(MODES), default="topk", show_default=True,
               help="topk: keep exactly k inputs per token; threshold: zero |x| <= a threshold calibrated per projection "
                    "(TEAL).")
@@ -225,11 +225,12 @@ def export(ctx, paths, sparsity, allocation, mode, sites, estimator, epsilon, sp
         gguf_file=gguf_file, device=device, spectra_dtype=spectra_dtype_name, spectra_cache=spectra_cache,
         link_weights=link_weights, base_model=base_model, overwrite=overwrite, push_to_hub=push_to_hub,
         endpoint=endpoint)
-    if not (options.method().needs_calibration or options.auto):
+    if not options.calibrates:
         _refuse_given(ctx, ("calibration_text", "calibration_windows", "calibration_seqlen"),
                       f"by --allocation {allocation} --mode {mode}, which reads no calibration text")
     if allocation != "teal-greedy":
-        _refuse_given(ctx, ("greedy_step", "greedy_windows"), f"by --allocation {allocation}: only teal-greedy searches")
+        _refuse_given(ctx, ("greedy_step", "greedy_windows"),
+                      f"by --allocation {allocation}: only teal-greedy searches")
     start = time.perf_counter()
     result = export_model(model, out, options, command="acttail-export " + shlex.join(sys.argv[1:]), log=click.echo,
                           evaluation=(EVAL_WINDOWS, EVAL_SEQLEN) if run_eval else None)

@@ -131,7 +131,8 @@ def format_markdown(results: list[Result]) -> str:
 def write_csv(results: list[Result], path: Path) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["method", "target_sparsity", "prefill", "effective_sparsity", "perplexity", "measured_sparsity"])
+        writer.writerow(["method", "target_sparsity", "prefill", "effective_sparsity", "perplexity",
+                         "measured_sparsity"])
         for r in results:
             writer.writerow([r.method, r.sparsity, r.prefill, f"{r.effective_sparsity:.6f}", f"{r.perplexity:.6f}",
                              "" if r.measured_sparsity is None else f"{r.measured_sparsity:.6f}"])

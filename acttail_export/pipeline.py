@@ -100,6 +100,11 @@ class ExportOptions:
     def auto(self) -> bool:
         return self.epsilon == "auto"
 
+    @property
+    def calibrates(self) -> bool:
+        """Whether the export runs the model on calibration text (thresholds, a search, curves, or ``auto``)."""
+        return self.method().needs_calibration or self.auto
+
     def method(self) -> Method:
         """The method these options name (for ``auto``: epsilon 0 until the search chooses)."""
         return Method(self.allocation, self.mode, self.sites, self.estimator or DEFAULT_ESTIMATOR,
@@ -191,7 +196,7 @@ def export(model: str | None, out: str | Path, options: ExportOptions, *, comman
     out = Path(out)
     _check(model, out, options)
     method = options.method()
-    calibrates = method.needs_calibration or options.auto
+    calibrates = options.calibrates
     text = read_text(options.calibration_text) if calibrates else None
     is_gguf = _is_gguf(model, options)
     dtype = getattr(torch, options.dtype) if options.dtype else None

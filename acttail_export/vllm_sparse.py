@@ -201,10 +201,10 @@ class SparseLinearMethod(UnquantizedLinearMethod):
             gemms = [_MemberGemm(part, part_bias) for part, part_bias in zip(weight.split(self.widths), biases)]
             for gemm in gemms:
                 dispatch_cpu_unquantized_gemm(gemm, remove_weight=True)
-        entry = (max_rows, gemms)
-        _LAYERS[layer.acttail_weight_t.data_ptr()] = entry
+        key, entry = layer.acttail_weight_t.data_ptr(), (max_rows, gemms)
+        _LAYERS[key] = entry
         # the entry (and any packed copies) goes with the layer: an engine shut down in a process that starts another
-        weakref.finalize(layer, _forget, layer.acttail_weight_t.data_ptr(), entry)
+        weakref.finalize(layer, _forget, key, entry)
         # the [out, in] weight is not used again (vLLM's CPU method drops it too after packing its own copy)
         layer.weight = nn.Parameter(torch.empty(0, dtype=weight.dtype, device=weight.device), requires_grad=False)
 

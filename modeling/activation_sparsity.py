@@ -58,7 +58,8 @@ def environment_backend() -> str:
     """The environment variable ACTTAIL_SPARSE_BACKEND, which a ``sparse_backend`` of "auto" reads ("auto" if unset)."""
     backend = os.environ.get("ACTTAIL_SPARSE_BACKEND", "auto")
     if backend not in SPARSE_BACKENDS:
-        raise ValueError(f"the environment variable ACTTAIL_SPARSE_BACKEND must be one of {SPARSE_BACKENDS}, got {backend!r}")
+        raise ValueError(f"the environment variable ACTTAIL_SPARSE_BACKEND must be one of {SPARSE_BACKENDS}, "
+                         f"got {backend!r}")
     return backend
 
 
