@@ -161,14 +161,31 @@ class SparseGroup:
         return [y] if len(self.widths) == 1 else list(y.split(self.widths, dim=-1))
 
 
+class PromptRows:
+    """Which tokens of the model's current call a fractional ``prefill`` sparsifies, where the call is a padded batch:
+    each row's last ceil(f * n) of its own n tokens, as if the prompt ran alone (and as vLLM counts each request's own
+    prompt). ``rows`` is ``[batch, tokens]`` bool during such a call (set by ``ActTailMixin.forward``), else None."""
+
+    def __init__(self):
+        self.rows = None
+
+    @staticmethod
+    def of(prefill: float, real: torch.Tensor) -> torch.Tensor:
+        """``[batch, tokens]`` bool from ``real``, the attention mask's ``[batch, tokens]`` of the call's own tokens."""
+        from_end = real.flip(-1).cumsum(-1).flip(-1)  # each position: how many real tokens from it to the row's end
+        counts = torch.tensor([sparse_prompt_tokens(prefill, int(n)) for n in real.sum(-1)], device=real.device)
+        return real & (from_end <= counts[:, None])
+
+
 class TopKLinear(nn.Linear):
     """``nn.Linear`` whose input keeps only its ``keep`` largest-magnitude entries per token, or, with a ``threshold``
     (mode "threshold"), only the entries with |x| > threshold.
 
     ``prefill`` decides which tokens of a multi-token call (a prompt, or a perplexity window) are sparsified:
-    "sparse" all of them, "dense" none, a fraction f the last ceil(f * S). Single-token calls (decode steps) are always
-    sparse. Multi-token calls, and decode steps before ``prepare_sparse_decode``, use the mask + dense matmul (the
-    reference path). Prepared decode steps read only the kept weight rows through the module's :class:`SparseGroup`.
+    "sparse" all of them, "dense" none, a fraction f the last ceil(f * S) (of each row's own tokens in a padded batch:
+    :class:`PromptRows`). Single-token calls (decode steps) are always sparse. Multi-token calls, and decode steps
+    before ``prepare_sparse_decode``, use the mask + dense matmul (the reference path). Prepared decode steps read
+    only the kept weight rows through the module's :class:`SparseGroup`.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, keep: int, prefill="sparse",
@@ -179,6 +196,7 @@ class TopKLinear(nn.Linear):
         self.threshold = threshold  # None: TopK; a float: zero |x| <= threshold
         self.group = None  # SparseGroup serving this projection's decode steps (prepare_sparse_decode), or None
         self.slot = 0  # this projection's place among its group's members
+        self.prompt = None  # the model's PromptRows (set_activation_sparsity), for a fractional prefill
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, keep: int, prefill, threshold: float | None = None) -> "TopKLinear":
@@ -204,6 +222,9 @@ class TopKLinear(nn.Linear):
             return self.sparsify_all(x)
         if self.prefill == "dense":
             return x
+        rows = self.prompt.rows if self.prompt is not None else None
+        if rows is not None and rows.shape == x.shape[:-1]:  # a padded batch: each row's own last tokens
+            return torch.where(rows.unsqueeze(-1), self.sparsify_all(x), x)
         tokens = x.shape[-2]
         sparse_tokens = sparse_prompt_tokens(self.prefill, tokens)
         head, tail = x.split([tokens - sparse_tokens, sparse_tokens], dim=-2)
@@ -258,6 +279,9 @@ class ActTailMixin:
 
     def __init__(self, config):
         super().__init__(config)
+        self._prompt = PromptRows()
+        self.register_forward_pre_hook(self._mark_padded_prompt, with_kwargs=True)
+        self.register_forward_hook(self._clear_padded_prompt)
         if config.activation_sparsity is not None:
             self.set_activation_sparsity(config.activation_sparsity)
 
@@ -284,6 +308,8 @@ class ActTailMixin:
             else:
                 parent, _, child = name.rpartition(".")
                 setattr(self.get_submodule(parent), child, TopKLinear.from_linear(module, spec.keep, sparsity.prefill, threshold))
+        for module in self.topk_modules().values():
+            module.prompt = self._prompt
         self.config.activation_sparsity = sparsity.to_dict()
         self.set_sparse_backend(self.config.sparse_backend)
 
@@ -360,6 +386,24 @@ class ActTailMixin:
     def generate(self, *args, **kwargs):
         self.prepare_sparse_decode()
         return super().generate(*args, **kwargs)
+
+    def _mark_padded_prompt(self, module, args, kwargs) -> None:
+        """Forward pre-hook (a hook, not a ``forward`` override: generate reads forward's signature): in a padded
+        multi-token call under a fractional ``prefill``, tell the projections each row's own tokens
+        (:class:`PromptRows`), so that a prompt's result does not depend on its batch; None otherwise."""
+        self._prompt.rows = None
+        prefill = (self.config.activation_sparsity or {}).get("prefill", "sparse")
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        tokens = kwargs.get("inputs_embeds") if tokens is None else tokens
+        if isinstance(prefill, str) or mask is None or mask.dim() != 2 or tokens is None or tokens.shape[1] < 2:
+            return
+        real = mask[:, -tokens.shape[1]:].bool()  # a 2-D mask covers the cached tokens too: this call's are last
+        if not bool(real.all()):
+            self._prompt.rows = PromptRows.of(prefill, real)
+
+    def _clear_padded_prompt(self, module, args, output) -> None:
+        self._prompt.rows = None
 
 
 class ActTailLlamaForCausalLM(ActTailMixin, LlamaForCausalLM):

@@ -113,3 +113,34 @@ def test_prefill_policy_sparsifies_the_right_tokens(prefill, tiny_models, tmp_pa
     expected = [True] * 9 if prefill == "dense" else [True] * 4 + [False] * 5  # last ceil(0.5 * 9) = 5 tokens sparse
     assert report["dense_rows"] == expected
     assert report["decode_sparse"] is True
+
+
+def test_fractional_prefill_counts_each_padded_prompt_its_own_tokens(tiny_models, tmp_path):
+    """A left-padded batch sparsifies the last ceil(f * n) of each prompt's own n tokens (as vLLM does per request),
+    so each prompt's logits are those it gets alone; the padded length would make the short prompt all sparse."""
+    out = tmp_path / "out"
+    export(tiny_models["llama"], out, "--sparsity", "0.5", "--allocation", "acttail", "--prefill", "0.5")
+    report = run_fresh_json(f"""
+        import torch
+        import torch.nn.functional as F
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+        proj = model.model.layers[1].mlp.down_proj
+        seen = []
+        proj.register_forward_hook(lambda m, a, o: seen.append((a[0], o)))
+        ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+        ids[1, :4] = 0  # row 1: 4 pads, then its 5 tokens
+        mask = torch.ones_like(ids)
+        mask[1, :4] = 0
+        with torch.no_grad():
+            batch = model(ids, attention_mask=mask).logits
+            alone = [model(ids[:1]).logits[0], model(ids[1:, 4:]).logits[0]]
+        x, y = seen[0]
+        dense_rows = (F.linear(x, proj.weight) - y).abs().amax(-1) < 1e-6
+        report(dense_rows=dense_rows.tolist(), rows_cleared=getattr(getattr(model, "_prompt", None), "rows", None) is None,
+               gap=[float((batch[0] - alone[0]).abs().max()), float((batch[1, 4:] - alone[1]).abs().max())])
+    """, tmp_path)
+    assert report["dense_rows"][0] == [True] * 4 + [False] * 5  # 9 tokens: the last 5 sparse
+    assert report["dense_rows"][1][4:] == [True] * 2 + [False] * 3  # its own 5 tokens: the last 3 sparse
+    assert report["rows_cleared"] is True
+    assert max(report["gap"]) < 1e-4, report["gap"]
