@@ -67,8 +67,12 @@ def split_budget(curves: list[np.ndarray], weights: np.ndarray, lo: np.ndarray, 
     :param lo: fewest dropped inputs of p (from the max keep); ``hi`` the most
     :param target: parameters to skip
     """
-    scale = max(float(max(c[-1] for c in curves)), 1e-30) / float(weights.min())
-    low, high = 0.0, scale  # at lam = scale every curve is better off at its hi (the cost is below lam * weight * j)
+    # lam = +-scale exceeds any curve's rise or fall over [lo, hi] per skipped parameter, so at -scale every curve takes
+    # its lo and at +scale its hi (a curve, a sum over tokens of squared running sums, is not monotone: it can dip
+    # inside [lo, hi] or rise above its value at d_in, so 0 and max C(d_in) are not the bounds)
+    span = max(float(c[lo_p:hi_p + 1].max() - c[lo_p:hi_p + 1].min()) for c, lo_p, hi_p in zip(curves, lo, hi))
+    scale = 2 * max(span, 1e-30) / float(weights.min())
+    low, high = -scale, scale
     for _ in range(100):
         mid = (low + high) / 2
         if float(weights @ _choice(curves, weights, lo, hi, mid)) < target:

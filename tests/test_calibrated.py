@@ -175,6 +175,17 @@ def test_split_budget_is_optimal_on_convex_curves():
         assert cost <= sum(c[j] for c, j in zip(curves, greedy)) + 1e-9
 
 
+@pytest.mark.parametrize(("curves", "lo", "hi", "target", "expected"), [
+    # a curve's minimum inside [lo, hi] (running sums of u * x cross zero): a target at every lo is reachable
+    ([[0.0, 4.0, 1.0, 9.0], [0.0, 4.0, 1.0, 9.0]], [1, 1], [3, 3], 2.0, [1, 1]),
+    # a curve higher inside its range than at d_in: a target at every hi is reachable
+    ([[0.0, 5.0, 10.0, 1.0], [0.0, 0.1, 0.2, 0.3]], [0, 0], [2, 3], 5.0, [2, 3]),
+])
+def test_split_budget_reaches_targets_at_the_bounds(curves, lo, hi, target, expected):
+    chosen = split_budget([np.array(c) for c in curves], np.ones(2), np.array(lo), np.array(hi), target)
+    assert chosen.tolist() == expected
+
+
 @pytest.mark.parametrize(("target", "slope"), [(0.74, -1.0), (0.26, 1.0)])
 def test_calibrated_split_keeps_every_projection_within_the_bounds(target, slope):
     """Curves that push every projection to a bound (falling: drop all they may; rising: drop the fewest) stop at the
