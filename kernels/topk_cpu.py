@@ -22,6 +22,7 @@ import math
 import os
 import platform
 import sys
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -307,7 +308,9 @@ class GemvPlan:
         self.chunks = ends[-1]
         self.owner = [m for m, count in enumerate(owned) for _ in range(count)]  # the member of each block
         self.entries = None if ks is None else sum(ks[m] for m in self.owner)  # bag entries of a row, TopK mode
-        self.buffers = {}  # (rows, entries) -> (idx, values, offsets) and their numpy views
+        # (rows, entries) -> (idx, values, offsets) and their numpy views, per thread: embedding_bag reads them
+        # without the GIL, so two threads decoding through one plan would overwrite each other's bags
+        self.local = threading.local()
         self.compiled = USE_NUMBA and dtype in _KEY_BITS  # bags and masks from numba; else from torch ops
         # the direct GEMV can serve it (see DIRECT_MAX_BYTES); 16-bit weights: every member whole words (even widths),
         # in the little-endian order the word halves assume
@@ -324,12 +327,13 @@ class GemvPlan:
     def bags(self, rows: int, entries: int):
         """Buffers for ``rows`` rows of at most ``entries`` entries each (kept while the shape recurs)."""
         key = (rows, entries)
-        if key not in self.buffers:
+        buffers = self.local.__dict__.setdefault("buffers", {})
+        if key not in buffers:
             idx = torch.empty(rows * entries, dtype=torch.int32)
             values = torch.empty(rows * entries, dtype=self.dtype)
             offsets = torch.empty(rows * self.chunks, dtype=torch.int32)
-            self.buffers[key] = (idx, values, offsets), (_np(idx), _np(values), _np(offsets))
-        return self.buffers[key]
+            buffers[key] = (idx, values, offsets), (_np(idx), _np(values), _np(offsets))
+        return buffers[key]
 
 
 def _block_width(widths: list[int], threads: int) -> int:

@@ -6,7 +6,10 @@ for :class:`TopKLinear`, which keeps the same parameters, so state-dict keys and
 The block's ``mode`` picks TopK (exact count per token) or a calibrated magnitude threshold per projection (TEAL).
 """
 
+import itertools
 import math
+import operator
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +89,9 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
     return requested
 
 
+_GROUP = operator.attrgetter("group")
+
+
 class SparseGroup:
     """Sparse projections that read one input (q/k/v, gate/up, or one alone), run as one sparse decode per step.
 
@@ -121,17 +127,23 @@ class SparseGroup:
             if self.by_threshold and path == "triton" else None
         self.cpu_plan = GemvPlan(self.widths, None if self.by_threshold else self.ks, self.thresholds, weight.dtype) \
             if path == "cpu" else None
-        self.layout = self._pointers()  # a moved or replaced weight or bias shows as another pointer
+        # where the members keep their weights and biases, read at every step (C-level maps: ~1 us a group, where a
+        # loop over ``m.weight`` took 7 us, 1.7% of a SmolLM2 step): a moved or replaced one shows as another pointer
+        self._slots = [(m._parameters, name) for m in members for name in ("weight", "bias")
+                       if m._parameters.get(name) is not None]
+        self._planned = [self] * len(members)
+        self.layout = self._pointers()
         # this decode step's outputs, computed together by the parent's pre-hook, each taken once by its member (kept
-        # here, not on the modules: nn.Module.__setattr__ costs microseconds, ~400 times a step)
-        self.step_outputs = None
+        # here, not on the modules: nn.Module.__setattr__ costs microseconds, ~400 times a step), per thread: two
+        # threads decoding through one model must not take each other's
+        self.step = threading.local()
 
-    def _pointers(self) -> list[int]:
-        return [t.data_ptr() for m in self.members for t in (m.weight, m.bias) if t is not None]
+    def _pointers(self) -> tuple[int, ...]:
+        return tuple(map(torch.Tensor.data_ptr, itertools.starmap(dict.__getitem__, self._slots)))
 
     def is_current(self) -> bool:
         """Whether the members still hold the weights and biases this group laid out (not moved, cast or replaced)."""
-        return self._pointers() == self.layout and all(m.group is self for m in self.members)
+        return list(map(_GROUP, self.members)) == self._planned and self._pointers() == self.layout
 
     def typical_step(self, rows: int) -> torch.Tensor:
         """A random decode step ``[rows, 1, d_in]`` keeping about the planned fraction of inputs, to autotune on: with
@@ -145,8 +157,10 @@ class SparseGroup:
         return x.to(first.weight.dtype)
 
     def wins(self, x: torch.Tensor) -> bool:
-        """Whether x is a decode step the sparse path serves: ``[B, 1, d]`` with few enough rows to beat dense."""
-        return x.dim() == 3 and x.shape[1] == 1 and x.shape[0] <= self.max_rows
+        """Whether x is a decode step the sparse path serves: ``[B, 1, d]`` with few enough rows to beat dense, in the
+        weights' dtype (not under autocast), and the group still current (weights not replaced since planning)."""
+        return (x.dim() == 3 and x.shape[1] == 1 and x.shape[0] <= self.max_rows and x.dtype == self.weight_t.dtype
+                and (torch.compiler.is_compiling() or self.is_current()))  # a traced graph reads no pointers
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every member's output for the decode step x (``[B, 1, d_in]``): ``[B, 1, d_out]`` each."""
@@ -161,7 +175,7 @@ class SparseGroup:
         return [y] if len(self.widths) == 1 else list(y.split(self.widths, dim=-1))
 
 
-class PromptRows:
+class PromptRows(threading.local):
     """Which tokens of the model's current call a fractional ``prefill`` sparsifies, where the call is a padded batch:
     each row's last ceil(f * n) of its own n tokens, as if the prompt ran alone (and as vLLM counts each request's own
     prompt). ``rows`` is ``[batch, tokens]`` bool during such a call (set by ``ActTailMixin.forward``), else None."""
@@ -236,8 +250,9 @@ class TopKLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group = self.group
-        if group is not None and group.step_outputs is not None and group.step_outputs[self.slot] is not None:
-            y, group.step_outputs[self.slot] = group.step_outputs[self.slot], None  # the parent's pre-hook ran the group
+        outputs = getattr(group.step, "outputs", None) if group is not None else None
+        if outputs is not None and outputs[self.slot] is not None:
+            y, outputs[self.slot] = outputs[self.slot], None  # the parent's pre-hook ran the group
             return y
         if group is not None and len(group.members) == 1 and group.wins(x):
             return group(x)[0]
@@ -259,8 +274,8 @@ def _run_group_pre_hook(group: SparseGroup):
 
     def hook(module, args, kwargs):
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        if group.members[0].group is group and group.wins(x):  # still planned (a moved model is not) and a decode step
-            group.step_outputs = group(x)
+        if group.wins(x):  # a decode step, and the group still planned (a moved model is not) and current
+            group.step.outputs = group(x)
 
     return hook
 
@@ -269,7 +284,7 @@ def _clear_group_hook(group: SparseGroup):
     """A forward hook after the parent: drop outputs a member did not take (a parent that skipped a projection)."""
 
     def hook(module, args, output):
-        group.step_outputs = None
+        group.step.outputs = None
 
     return hook
 

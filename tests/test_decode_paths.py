@@ -251,3 +251,58 @@ def test_every_prefill_policy_passes_the_input_itself_exactly_where_the_projecti
         kept = member.sparsify(x)
         assert (kept is x) == (not member.sparse or (prefill == "dense" and tokens > 1))
         assert torch.equal(kept, x) == (kept is x)
+
+
+def test_planned_decode_serves_only_the_steps_it_was_planned_for(tiny_qwen2_50, tmp_path):
+    """Weights replaced after planning (``load_state_dict(assign=True)``, ``p.data = ...``) and steps in another
+    dtype (CPU autocast) take the reference path until ``prepare_sparse_decode`` plans again: before, they read the
+    planned layout's old weights, or its bits as the wrong dtype (a crash on the direct GEMV, garbage on the bags)."""
+    report = run_fresh_json(PATHS.format(path=str(tiny_qwen2_50)) + """
+    model, reference = load("cpu"), load("reference")
+    model.prepare_sparse_decode()
+    state = {n: t * 1.5 + 0.25 if n.endswith(("bias", "proj.weight")) else t for n, t in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    reference.load_state_dict(state)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.data = reference.model.layers[1].mlp.down_proj.weight.data * 0.5
+        reference.model.layers[1].mlp.down_proj.weight.data *= 0.5
+    stale = (decode_step(model) - decode_step(reference)).abs().max().item()
+    model.prepare_sparse_decode()
+    replanned = model.model.layers[1].mlp.down_proj.group.is_current()
+    fresh = load("cpu")
+    fresh.prepare_sparse_decode()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = [torch.equal(fresh.generate(ids, max_new_tokens=4, do_sample=False),
+                                load("reference").generate(ids, max_new_tokens=4, do_sample=False))]
+    report(stale=stale, replanned=replanned, autocast=autocast,
+           step=(decode_step(model) - decode_step(reference)).abs().max().item())
+    """, tmp_path)
+    assert report["stale"] < 1e-4
+    assert report["replanned"] is True and report["step"] < 1e-4
+    assert report["autocast"] == [True]
+
+
+def test_threads_decoding_through_one_model_keep_their_own_outputs(tiny_qwen2_50, tmp_path):
+    """A planned group's pre-hook leaves q/k/v (gate/up) their outputs for the step; two threads decoding through one
+    model (a threaded server) each take their own."""
+    report = run_fresh_json(PATHS.format(path=str(tiny_qwen2_50)) + """
+    import threading
+    torch.set_num_threads(1)
+    model = load("cpu")
+    model.prepare_sparse_decode()
+    inputs = [torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    with torch.inference_mode():
+        expected = [model(x).logits for x in inputs]
+    wrong = [0, 0]
+    def decode(t):
+        with torch.inference_mode():
+            for _ in range(300):
+                wrong[t] += not torch.allclose(model(inputs[t]).logits, expected[t], atol=1e-6)
+    threads = [threading.Thread(target=decode, args=(t,)) for t in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    report(wrong=wrong, planned=model.model.layers[0].mlp.gate_proj.group is not None)
+    """, tmp_path)
+    assert report == {"wrong": [0, 0], "planned": True}

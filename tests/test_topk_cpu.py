@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -50,7 +51,7 @@ def make_input(rows: int, d: int, dtype, make: str, seed: int) -> torch.Tensor:
 
 def poison(plan: GemvPlan) -> None:
     """Fill the plan's reused bag buffers with garbage, so a bag entry or offset the kernel forgot to write shows."""
-    for (idx, values, offsets), _ in plan.buffers.values():
+    for (idx, values, offsets), _ in getattr(plan.local, "buffers", {}).values():
         idx.fill_(-7777)
         offsets.fill_(-7777)
         values.fill_(float("nan"))
@@ -364,3 +365,25 @@ def test_an_empty_step_gives_an_empty_output(with_bias, path):
     weight_t, bias = torch.randn(64, 48), torch.randn(48) if with_bias else None
     y = sparse_gemv_cpu(torch.randn(0, 64), weight_t, GemvPlan([32, 16], [20, 64], None, torch.float32), bias)
     assert y.shape == (0, 48) and y.dtype == torch.float32
+
+
+def test_threads_sharing_a_plan_get_their_own_results(path):
+    """Two threads decoding through one plan (one model in a threaded server) each get their own outputs: the bags'
+    reused buffers are per thread (embedding_bag reads them without the GIL)."""
+    plan = GemvPlan([256, 256], [100, 60], None, torch.float32, threads=4)  # column blocks as on a 4-core machine
+    g = torch.Generator().manual_seed(0)
+    weight_t = torch.randn(512, 512, generator=g)
+    xs = [torch.randn(1, 512, generator=g) for _ in range(2)]
+    expected = [sparse_gemv_cpu(x, weight_t, plan).clone() for x in xs]
+    wrong = [0, 0]
+
+    def decode(t):
+        for _ in range(3000):
+            wrong[t] += not torch.equal(sparse_gemv_cpu(xs[t], weight_t, plan), expected[t])
+
+    threads = [threading.Thread(target=decode, args=(t,)) for t in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == [0, 0]
