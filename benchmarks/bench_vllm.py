@@ -5,8 +5,9 @@ SmolLM2 (TopK 50% and 70%, threshold 50%) into ``--out`` unless there, then runs
 process and prints a markdown table: decode tokens/s and per-token latency (ms per step), and the speed-up over dense.
 Decode time is the time of a greedy generation of ``--tokens`` + 1 tokens minus that of 1 token (the prompt's
 prefill and the first token). A 2-layer, 128-wide random model gives vLLM's own per-step cost (scheduling, sampling,
-Python), which no kernel can remove. ``--dense-copy`` adds each sparse checkpoint served with the plugin's copy of
-the weights for vLLM's dense GEMM in the masked steps (``ACTTAIL_VLLM_DENSE_GEMM=1``).
+Python), which no kernel can remove. Engines run eagerly (``enforce_eager``) unless ``--compiled`` (vLLM's default:
+torch.compile's graph, the plugin's layers one custom op in it). ``--dense-copy`` adds each sparse checkpoint served
+with the plugin's copy of the weights for vLLM's dense GEMM in the masked steps (``ACTTAIL_VLLM_DENSE_GEMM=1``).
 
 ``--random-llama 2048,5632,22,32,4`` serves a larger model instead of SmolLM2 (random bf16 weights in those shapes,
 TinyLlama-1.1B's here, built once into ``--out``): one whose decode step is mostly weight reads, where vLLM's per-step
@@ -27,11 +28,12 @@ EXPORTS = {"topk-50": ["--sparsity", "0.5", "--allocation", "acttail"],
 PROMPT = "The history of the city begins in the Roman period, when"
 
 
-def measure(model: str, batches: list[int], tokens: int, dtype: str, repeats: int, memory: float) -> dict:
+def measure(model: str, batches: list[int], tokens: int, dtype: str, repeats: int, memory: float,
+            compiled: bool) -> dict:
     """One engine: per batch size, the best of ``repeats`` decode timings (``tokens`` steps of ``batch`` rows)."""
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model, dtype=dtype, enforce_eager=True, gpu_memory_utilization=memory, max_model_len=512, seed=0,
+    llm = LLM(model, dtype=dtype, enforce_eager=not compiled, gpu_memory_utilization=memory, max_model_len=512, seed=0,
               skip_tokenizer_init=True)
     results = {}
     for batch in batches:
@@ -51,14 +53,15 @@ def measure(model: str, batches: list[int], tokens: int, dtype: str, repeats: in
 
 def in_process(args) -> None:
     batches = [int(b) for b in args.batches.split(",")]
-    result = measure(args.model, batches, args.tokens, args.dtype, args.repeats, args.gpu_memory_utilization)
+    result = measure(args.model, batches, args.tokens, args.dtype, args.repeats, args.gpu_memory_utilization,
+                     args.compiled)
     print("RESULT " + json.dumps(result))
 
 
 def subprocess_measure(model, args, env: dict | None = None) -> dict:
     command = [sys.executable, __file__, "--one", "--model", str(model), "--batches", args.batches, "--tokens",
                str(args.tokens), "--dtype", args.dtype, "--repeats", str(args.repeats),
-               "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+               "--gpu-memory-utilization", str(args.gpu_memory_utilization)] + (["--compiled"] if args.compiled else [])
     result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL,
                             env={**os.environ, **(env or {})})
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
@@ -119,6 +122,9 @@ def main() -> None:
     parser.add_argument("--dense-copy", action="store_true",
                         help="also run each sparse checkpoint with ACTTAIL_VLLM_DENSE_GEMM=1 (a second copy of the "
                              "weights: batches past the break-even run vLLM's oneDNN GEMM instead of torch's matmul)")
+    parser.add_argument("--compiled", action="store_true",
+                        help="vLLM's default mode (torch.compile's graph of the model; the plugin's layers are one "
+                             "custom op in it) instead of enforce_eager; the first start of each model compiles")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -135,6 +141,7 @@ def main() -> None:
             per_model[f"{name}, dense copy"] = subprocess_measure(models[name], args, {"ACTTAIL_VLLM_DENSE_GEMM": "1"})
     results = {(name, b): per_model[name][b] for b in batches for name in per_model}
     print(f"{'random Llama ' + args.random_llama if args.random_llama else 'SmolLM2-135M'}, {args.dtype}, "
+          f"{'compiled (vLLM default)' if args.compiled else 'enforce_eager'}, "
           f"{args.tokens} decode steps, best of {args.repeats}; floor: a 2-layer 128-wide random Llama (vLLM's own "
           "cost of a step)")
     print(f"| checkpoint ({args.dtype}) | batch | decode tokens/s | ms per step | vs dense |")
