@@ -24,8 +24,8 @@ from .errors import BadOption, ExportError
 from .modeling.activation_sparsity import FORMAT_VERSION, ActivationSparsity, ModuleSpec
 from .weights import SUPPORTED_ARCHITECTURES, SourceModel
 
-__all__ = ["TOKENIZER_FILES", "is_export", "check_one_path", "check_out", "remove_stale_partials", "shipped_code_files",
-           "sparsity_block", "write_checkpoint", "replace_card"]
+__all__ = ["TOKENIZER_FILES", "is_export", "check_one_path", "check_out", "remove_stale_partials",
+           "restore_interrupted_swap", "shipped_code_files", "sparsity_block", "write_checkpoint", "replace_card"]
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
@@ -198,6 +198,26 @@ def remove_stale_partials(out: Path) -> list[Path]:
 def _input_paths(source: SourceModel) -> list[Path]:
     named = Path(source.origin).expanduser()
     return [source.folder] + ([named] if named.exists() else [])
+
+
+def restore_interrupted_swap(out: Path) -> list[str]:
+    """Undo what an export killed between its two renames left (OUT moved aside to ``.OUT.old-PID``, the new one not
+    yet in place, or in place with the old one not yet removed): with OUT missing the old checkpoint goes back to OUT,
+    with OUT present the old one is removed (it was being replaced). Only folders of processes no longer running.
+    Returns a line per folder handled."""
+    out = Path(out).absolute()
+    lines = []
+    for old in sorted(out.parent.glob(f".{glob.escape(out.name)}.old-*")):
+        pid = old.name.rsplit("-", 1)[1]
+        if not (pid.isdigit() and old.is_dir() and not old.is_symlink() and not _alive(int(pid))):
+            continue
+        if out.exists() or out.is_symlink():
+            shutil.rmtree(old)
+            lines.append(f"removed {old.name}, the checkpoint an interrupted export had replaced")
+        else:
+            old.rename(out)
+            lines.append(f"restored {out} from {old.name}, where an interrupted export had moved it")
+    return lines
 
 
 def write_checkpoint(source: SourceModel, out: Path, block: dict, card: dict[str, bytes], overwrite: bool = False,

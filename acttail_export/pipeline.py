@@ -20,7 +20,7 @@ from .allocation import (DEFAULT_EPSILON, DEFAULT_SPARSER, DIRECTIONS, ModuleSpa
                          site_projections, site_target)
 from .calibration import DEFAULT_GREEDY_WINDOWS, DEFAULT_SEQLEN, DEFAULT_WINDOWS, Calibration, calibration_ids
 from .card import CardFacts, card_files, inherited_license
-from .checkpoint import check_out, replace_card, write_checkpoint
+from .checkpoint import check_out, replace_card, restore_interrupted_swap, write_checkpoint
 from .errors import BadOption, ExportError
 from .evaluate import (check_disjoint, check_seqlen, dense_block, load_in_process, load_model, load_tokenizer,
                        perplexity, tokenize_windows)
@@ -194,6 +194,8 @@ def export(model: str | None, out: str | Path, options: ExportOptions, *, comman
         export calibrates on the bundled text too, windows that would overlap are refused before any work
     """
     out = Path(out)
+    for line in restore_interrupted_swap(out):  # first: an OUT put back counts as existing in the checks
+        log(line)
     _check(model, out, options)
     method = options.method()
     calibrates = options.calibrates

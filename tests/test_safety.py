@@ -284,6 +284,27 @@ def test_stale_partial_of_a_dead_export_is_removed(tiny, tmp_path, env):
         alive.wait()
 
 
+def test_export_killed_between_its_renames_is_undone(tiny, tmp_path, env):
+    """SIGKILL between moving OUT aside and putting the new one in place leaves ``.OUT.old-PID``: the next export puts
+    the old checkpoint back (and, without --overwrite, refuses to replace it); after the second rename only the old
+    folder is left, and the next export removes it."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out, old = tmp_path / "out", tmp_path / f".out.old-{dead.pid}"
+    export = ("export", tiny, out, "--sparsity", "0.5", "--allocation", "acttail")
+    assert invoke_cli(*export, env=env).exit_code == 0
+    before = digest(out)
+    out.rename(old)  # killed after the first rename
+    result = invoke_cli(*export, env=env)
+    assert_fails(result, "already exists; pass --overwrite to replace it", 1)
+    assert f"restored {out} from {old.name}" in result.stdout
+    assert digest(out) == before and not old.exists()
+    shutil.copytree(out, old)  # killed after the second rename
+    result = invoke_cli(*export, "--overwrite", env=env)
+    assert result.exit_code == 0, result.stderr
+    assert f"removed {old.name}" in result.stdout and not old.exists() and (out / "model.safetensors").is_file()
+
+
 # Checks before a model loads
 
 
