@@ -21,8 +21,9 @@ def test_shipped_code_is_flat_and_self_contained():
             assert module in names, (f.name, module)
         # What transformers requires installed (imports outside try blocks): the standard library and what it needs
         # itself; triton and numba are optional.
-        assert set(get_imports(f)) <= {"dataclasses", "fractions", "functools", "hashlib", "math", "os", "platform", "re",
-                                       "sys", "typing", "torch", "transformers", "huggingface_hub"}, f.name
+        assert set(get_imports(f)) <= {"dataclasses", "fractions", "functools", "hashlib", "itertools", "math",
+                                       "operator", "os", "platform", "re", "sys", "threading", "typing", "torch",
+                                       "transformers", "huggingface_hub"}, f.name
         assert not re.search(r"^from \.\.", text, flags=re.M)
 
 

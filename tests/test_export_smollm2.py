@@ -238,7 +238,7 @@ def test_sparse_decode_path_equals_the_reference_path(smollm2_50, wiki_text, tmp
             # a batch of 3 rows: a group serves it sparse while 3 x its kept fraction < BATCH_BREAK_EVEN["cpu"]
             rows = tok({wiki_text[2000:6000]!r}, return_tensors="pt").input_ids[:, :96].reshape(3, 32)
             groups = {{m.group for m in model.topk_modules().values() if m.sparse}}
-            report(batch_sparse_groups=sum(g.wins(torch.zeros(3, 1, 1)) for g in groups), groups=len(groups))
+            report(batch_sparse_groups=sum(g.wins(torch.zeros(3, 1, 1, dtype=torch.float64)) for g in groups), groups=len(groups))
             fast_rows = model.generate(rows, max_new_tokens=6, do_sample=False)
             for h in handles:
                 h.remove()
