@@ -89,19 +89,24 @@ def test_input_model_code_is_never_run(tiny_models, tmp_path):
     assert not marker.exists()
 
 
+# A fresh process with the export at {out} loaded, recording (input, output) of every call of layer 1's down_proj
+DOWN_PROJ_CALLS = """
+        import torch
+        import torch.nn.functional as F
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({out!r}, trust_remote_code=True).eval()
+        proj = model.model.layers[1].mlp.down_proj
+        seen = []
+        proj.register_forward_hook(lambda m, a, o: seen.append((a[0], o)))
+"""
+
+
 @pytest.mark.parametrize("prefill", ["dense", "0.5"])
 def test_prefill_policy_sparsifies_the_right_tokens(prefill, tiny_models, tmp_path):
     out = tmp_path / "out"
     export(tiny_models["llama"], out, "--sparsity", "0.5", "--allocation", "acttail", "--prefill", prefill)
     assert read_block(out)["prefill"] == (prefill if prefill == "dense" else 0.5)
-    report = run_fresh_json(f"""
-        import math, torch
-        import torch.nn.functional as F
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
-        proj = model.model.layers[1].mlp.down_proj
-        seen = []
-        proj.register_forward_hook(lambda m, a, o: seen.append((a[0], o)))
+    report = run_fresh_json(DOWN_PROJ_CALLS.format(out=str(out)) + """
         ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             model(ids)
@@ -120,14 +125,7 @@ def test_fractional_prefill_counts_each_padded_prompt_its_own_tokens(tiny_models
     so each prompt's logits are those it gets alone; the padded length would make the short prompt all sparse."""
     out = tmp_path / "out"
     export(tiny_models["llama"], out, "--sparsity", "0.5", "--allocation", "acttail", "--prefill", "0.5")
-    report = run_fresh_json(f"""
-        import torch
-        import torch.nn.functional as F
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
-        proj = model.model.layers[1].mlp.down_proj
-        seen = []
-        proj.register_forward_hook(lambda m, a, o: seen.append((a[0], o)))
+    report = run_fresh_json(DOWN_PROJ_CALLS.format(out=str(out)) + """
         ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(0))
         ids[1, :4] = 0  # row 1: 4 pads, then its 5 tokens
         mask = torch.ones_like(ids)
