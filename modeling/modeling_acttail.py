@@ -178,7 +178,8 @@ class SparseGroup:
 class PromptRows(threading.local):
     """Which tokens of the model's current call a fractional ``prefill`` sparsifies, where the call is a padded batch:
     each row's last ceil(f * n) of its own n tokens, as if the prompt ran alone (and as vLLM counts each request's own
-    prompt). ``rows`` is ``[batch, tokens]`` bool during such a call (set by ``ActTailMixin.forward``), else None."""
+    prompt). ``rows`` is ``[batch, tokens]`` bool during such a call (set by the model's forward pre-hook), else None;
+    per thread, as two threads may run the model at once."""
 
     def __init__(self):
         self.rows = None
@@ -405,7 +406,7 @@ class ActTailMixin:
     def _mark_padded_prompt(self, module, args, kwargs) -> None:
         """Forward pre-hook (a hook, not a ``forward`` override: generate reads forward's signature): in a padded
         multi-token call under a fractional ``prefill``, tell the projections each row's own tokens
-        (:class:`PromptRows`), so that a prompt's result does not depend on its batch; None otherwise."""
+        (:class:`PromptRows`), so that a prompt's result does not depend on its batch."""
         self._prompt.rows = None
         prefill = (self.config.activation_sparsity or {}).get("prefill", "sparse")
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
