@@ -90,6 +90,7 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
 
 
 _GROUP = operator.attrgetter("group")
+_SETTINGS = operator.attrgetter("keep", "threshold")
 
 
 class SparseGroup:
@@ -133,6 +134,7 @@ class SparseGroup:
                        if m._parameters.get(name) is not None]
         self._planned = [self] * len(members)
         self.layout = self._pointers()
+        self.settings = list(map(_SETTINGS, members))  # counts or thresholds set on a member later show too
         # this decode step's outputs, computed together by the parent's pre-hook, each taken once by its member (kept
         # here, not on the modules: nn.Module.__setattr__ costs microseconds, ~400 times a step), per thread: two
         # threads decoding through one model must not take each other's
@@ -142,8 +144,10 @@ class SparseGroup:
         return tuple(map(torch.Tensor.data_ptr, itertools.starmap(dict.__getitem__, self._slots)))
 
     def is_current(self) -> bool:
-        """Whether the members still hold the weights and biases this group laid out (not moved, cast or replaced)."""
-        return list(map(_GROUP, self.members)) == self._planned and self._pointers() == self.layout
+        """Whether the members still hold the weights and biases this group laid out (not moved, cast or replaced),
+        and the counts or thresholds it planned with."""
+        return (list(map(_GROUP, self.members)) == self._planned and self._pointers() == self.layout
+                and list(map(_SETTINGS, self.members)) == self.settings)
 
     def typical_step(self, rows: int) -> torch.Tensor:
         """A random decode step ``[rows, 1, d_in]`` keeping about the planned fraction of inputs, to autotune on: with

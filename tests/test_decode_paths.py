@@ -254,9 +254,10 @@ def test_every_prefill_policy_passes_the_input_itself_exactly_where_the_projecti
 
 
 def test_planned_decode_serves_only_the_steps_it_was_planned_for(tiny_qwen2_50, tmp_path):
-    """Weights replaced after planning (``load_state_dict(assign=True)``, ``p.data = ...``) and steps in another
-    dtype (CPU autocast) take the reference path until ``prepare_sparse_decode`` plans again: before, they read the
-    planned layout's old weights, or its bits as the wrong dtype (a crash on the direct GEMV, garbage on the bags)."""
+    """Weights replaced after planning (``load_state_dict(assign=True)``, ``p.data = ...``), counts set on a member
+    directly and steps in another dtype (CPU autocast) take the reference path until ``prepare_sparse_decode`` plans
+    again: before, they read the planned layout's old weights or counts, or its bits as the wrong dtype (a crash on
+    the direct GEMV, garbage on the bags)."""
     report = run_fresh_json(PATHS.format(path=str(tiny_qwen2_50)) + """
     model, reference = load("cpu"), load("reference")
     model.prepare_sparse_decode()
@@ -274,10 +275,15 @@ def test_planned_decode_serves_only_the_steps_it_was_planned_for(tiny_qwen2_50, 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         autocast = [torch.equal(fresh.generate(ids, max_new_tokens=4, do_sample=False),
                                 load("reference").generate(ids, max_new_tokens=4, do_sample=False))]
-    report(stale=stale, replanned=replanned, autocast=autocast,
-           step=(decode_step(model) - decode_step(reference)).abs().max().item())
+    step = (decode_step(model) - decode_step(reference)).abs().max().item()
+    for m in (model, reference):  # a count set on a member directly, not through set_activation_sparsity
+        m.model.layers[0].self_attn.k_proj.keep //= 2
+    report(stale=stale, replanned=replanned, autocast=autocast, step=step,
+           recounted_current=model.model.layers[0].self_attn.k_proj.group.is_current(),
+           recounted=(decode_step(model) - decode_step(reference)).abs().max().item())
     """, tmp_path)
     assert report["stale"] < 1e-4
+    assert report["recounted_current"] is False and report["recounted"] < 1e-4
     assert report["replanned"] is True and report["step"] < 1e-4
     assert report["autocast"] == [True]
 
