@@ -182,16 +182,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _left_by_dead_exports(out: Path, kind: str) -> list[Path]:
+    """The folders ``.OUT.<kind>-PID`` beside OUT whose export process no longer runs (SIGKILL, power loss)."""
+    left = []
+    for folder in sorted(out.parent.glob(f".{glob.escape(out.name)}.{kind}-*")):
+        pid = folder.name.rsplit("-", 1)[1]
+        if pid.isdigit() and folder.is_dir() and not folder.is_symlink() and not _alive(int(pid)):
+            left.append(folder)
+    return left
+
+
 def remove_stale_partials(out: Path) -> list[Path]:
-    """Remove the temporary folders ``.OUT.partial-PID`` that a killed export (SIGKILL, power loss) left beside OUT;
-    those of a running process are kept. Returns the removed folders."""
-    out = Path(out).absolute()
-    removed = []
-    for tmp in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
-        pid = tmp.name.rsplit("-", 1)[1]
-        if pid.isdigit() and tmp.is_dir() and not tmp.is_symlink() and not _alive(int(pid)):
-            shutil.rmtree(tmp)
-            removed.append(tmp)
+    """Remove the temporary folders ``.OUT.partial-PID`` that a killed export left beside OUT; those of a running
+    process are kept. Returns the removed folders."""
+    removed = _left_by_dead_exports(Path(out).absolute(), "partial")
+    for tmp in removed:
+        shutil.rmtree(tmp)
     return removed
 
 
@@ -207,10 +213,7 @@ def restore_interrupted_swap(out: Path) -> list[str]:
     Returns a line per folder handled."""
     out = Path(out).absolute()
     lines = []
-    for old in sorted(out.parent.glob(f".{glob.escape(out.name)}.old-*")):
-        pid = old.name.rsplit("-", 1)[1]
-        if not (pid.isdigit() and old.is_dir() and not old.is_symlink() and not _alive(int(pid))):
-            continue
+    for old in _left_by_dead_exports(out, "old"):
         if out.exists() or out.is_symlink():
             shutil.rmtree(old)
             lines.append(f"removed {old.name}, the checkpoint an interrupted export had replaced")
