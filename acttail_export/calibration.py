@@ -1,6 +1,6 @@
 """Calibration on text: the source model run on calibration windows, one decoder layer at a time.
 
-The threshold mode takes t_p = the s_p-quantile of |x| at projection p's input (TEAL), calibrated in one forward in
+The threshold mode takes t_p = the s_p-quantile of |x| at projection p's input (TEAL), calibrated in a forward in
 which every earlier input is already thresholded; the teal-greedy search (greedy.py) starts from each decoder block's
 dense input, output and attention arguments on the first windows; the ``calibrated`` allocation reads Fisher
 loss-increase curves from forward and backward passes (fisher.py).
@@ -21,7 +21,7 @@ from .fisher import topk_curves
 from .greedy import search_block
 from .kernels.topk import threshold_sparsify
 from .layerwise import LayerwiseModel
-from .modeling.projections import PROJECTION_PATHS
+from .modeling.projections import INPUT_OF, PROJECTION_PATHS
 from .weights import SourceModel
 
 __all__ = [
@@ -31,7 +31,7 @@ __all__ = [
     "SAMPLES_PER_INPUT",
     "DEFAULT_CURVE_WINDOWS",
     "CURVE_PASS_WINDOWS",
-    "threshold_hooks",
+    "THRESHOLD_CHUNK_TOKENS",
     "calibration_ids",
     "Calibration",
 ]
@@ -49,6 +49,10 @@ CURVE_PASS_WINDOWS = 2
 # |x| entries a threshold is the quantile of: from n samples the quantile's level has a standard error of about
 # sqrt(s (1 - s) / n) = 0.001 (torch.quantile refuses more than 16 M elements; 8 x 512 tokens x 1536 inputs are 6 M).
 SAMPLES_PER_INPUT = 1 << 18
+# Calibration tokens the threshold pass runs through a layer at once. The default windows (8 x 512) are one chunk, one
+# forward; more are run in chunks, so that a layer's intermediates (a 7B MLP's are 2.7x its hidden states, attention's
+# can be windows x heads x seqlen^2) are one chunk's, at the cost of re-running parts of the layer (see thresholds).
+THRESHOLD_CHUNK_TOKENS = 4096
 
 
 def calibration_ids(source: SourceModel, text: str, windows: int, seqlen: int) -> torch.Tensor:
@@ -75,12 +79,15 @@ class Calibration:
     :param samples: |x| entries per input a threshold is the quantile of
     :param curve_windows: how many of the windows the ``calibrated`` allocation's curves read
     :param curve_pass: how many of those a forward and backward pass reads at a time
+    :param chunk_tokens: calibration tokens the threshold pass runs through a layer at once (whole windows, at least one)
     """
 
     def __init__(self, source: SourceModel, ids: torch.Tensor, text: str = "token ids",
                  greedy_windows: int = DEFAULT_GREEDY_WINDOWS, samples: int = SAMPLES_PER_INPUT, progress: bool = True,
-                 curve_windows: int = DEFAULT_CURVE_WINDOWS, curve_pass: int = CURVE_PASS_WINDOWS):
+                 curve_windows: int = DEFAULT_CURVE_WINDOWS, curve_pass: int = CURVE_PASS_WINDOWS,
+                 chunk_tokens: int = THRESHOLD_CHUNK_TOKENS):
         self.source, self.ids, self.text, self.samples, self.progress = source, ids, text, samples, progress
+        self.chunk_windows = max(1, chunk_tokens // ids.shape[1])
         self.greedy_windows = min(greedy_windows, len(ids))
         self.curve_windows, self.curve_pass = min(curve_windows, len(ids)), curve_pass
         self.model = LayerwiseModel(source)
@@ -98,20 +105,50 @@ class Calibration:
     def thresholds(self, modules: dict[str, ModuleSparsity]) -> dict[str, float]:
         """t_p = the s_p-quantile of |x| at p's input over the calibration tokens (0 keeps every input).
 
-        One pass over all windows as one batch, in forward order: each input is thresholded as soon as its threshold
-        is known (its quantile needs every calibration token), so later thresholds see the activations the sparse model
-        produces. (Quantiles of the dense model's activations,
-        as TEAL took them, left SmolLM2 at 0.528 measured sparsity on held-out text for a 0.5 target.)
+        In forward order, each input is thresholded as soon as its threshold is known, so later thresholds see the
+        activations the sparse model produces. (Quantiles of the dense model's activations, as TEAL took them, left
+        SmolLM2 at 0.528 measured sparsity on held-out text for a 0.5 target.) A quantile needs every calibration
+        token's input: with one chunk of windows (the default) that is one forward; with several, each chunk runs the
+        layer until the first input whose threshold is unknown, hands in its samples and stops, and the layer is run
+        again once that threshold is known (up to 2.5x a layer's forward, for one chunk's intermediates in memory).
+        Chunks sample the same entries a single batch would, so the thresholds are the same up to float rounding.
         """
+        chunks = [self.model.embed(ids) for ids in self.ids.split(self.chunk_windows)]  # (hidden, calls) per chunk
+        tokens = [len(hidden) * hidden.shape[1] for hidden, _ in chunks]
+        generator = torch.Generator().manual_seed(0)
         thresholds: dict[str, float] = {}
-        hook = threshold_hooks(modules, thresholds, self.samples)
 
-        def hooks(i, layer):
-            return [_linear(layer, p).register_forward_pre_hook(hook(p.name))
-                    for p in self.by_layer[i] if p.name in modules]
+        def hook(quantiles: _Quantiles, name: str, sparsity: float, key: str, chunk: int):
+            def threshold(module, args):
+                x = args[0]
+                if name not in thresholds:
+                    if not quantiles.add(key, chunk, x):
+                        raise _Stop  # the other chunks' inputs are still to come
+                    thresholds[name] = quantiles.at(key, sparsity)
+                return (threshold_sparsify(x, thresholds[name]),)
+            return threshold
 
         with self._bar("thresholds") as bar:
-            for _ in self.model.forward(self.ids, hooks):
+            for i in range(len(self.model.layers)):
+                with self.model.loaded(f"model.layers.{i}") as layer:
+                    quantiles = _Quantiles(self.samples, tokens, generator)
+                    outputs = [None] * len(chunks)
+                    while any(out is None for out in outputs):
+                        for c, (hidden, calls) in enumerate(chunks):
+                            if outputs[c] is not None:
+                                continue
+                            handles = [_linear(layer, p).register_forward_pre_hook(
+                                hook(quantiles, p.name, modules[p.name].sparsity, INPUT_OF[p.kind], c))
+                                for p in self.by_layer.get(i, ()) if p.name in modules]
+                            try:
+                                with torch.no_grad():
+                                    outputs[c] = self.model.run(layer, hidden, calls[i])
+                            except _Stop:
+                                pass
+                            finally:
+                                for handle in handles:
+                                    handle.remove()
+                    chunks = [(out, calls) for out, (_, calls) in zip(outputs, chunks)]
                 bar.update()
         return thresholds
 
@@ -202,30 +239,52 @@ class Calibration:
         return {"text": self.text, "windows": windows, "seqlen": seqlen}
 
 
-def threshold_hooks(modules: dict[str, ModuleSparsity], thresholds: dict[str, float], samples: int):
-    """Forward pre-hook factory of the threshold calibration: the hook of module ``name`` sets ``thresholds[name]`` to
-    the s-quantile of |x| at its input and thresholds the input. Hooks must run in forward order, all windows at once.
+class _Stop(Exception):
+    """Raised by a threshold hook to end a chunk's forward at an input whose threshold the other chunks must wait for."""
 
-    :param samples: |x| entries the quantile is taken over (a seeded random subset when there are more)
+
+class _Quantiles:
+    """Quantiles of |x| at each input (``key``: q/k/v's, o's, gate/up's, down's) of one layer on the calibration
+    batch, handed in chunk by chunk.
+
+    Over more than ``samples`` entries a quantile is taken over a seeded random subset: indices drawn over the whole
+    batch, in the order its inputs are first seen (forward order, layer after layer with one ``generator``), so chunked
+    or not, the same entries are read.
+
+    :param tokens: each chunk's tokens (windows x seqlen), in batch order
     """
-    generator = torch.Generator().manual_seed(0)
-    last = {"input": None, "sorted": None}  # q/k/v (gate/up) are called with one input object: sample it once
 
-    def make(name: str):
-        sparsity = modules[name].sparsity
+    def __init__(self, samples: int, tokens: list[int], generator: torch.Generator):
+        self.samples, self.tokens, self.generator = samples, tokens, generator
+        self.starts = np.cumsum([0] + tokens[:-1])
+        self.drawn: dict[str, torch.Tensor | None] = {}
+        self.seen: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+        self.sorted: dict[str, torch.Tensor] = {}
 
-        def hook(module, args):
-            x = args[0]
-            if last["input"] is not x:
-                flat = x.abs().flatten()
-                if flat.numel() > samples:
-                    flat = flat[torch.randint(flat.numel(), (samples,), generator=generator)]
-                last.update(input=x, sorted=flat.sort().values)
-            rank = round(sparsity * len(last["sorted"]))
-            thresholds[name] = float(last["sorted"][rank - 1]) if rank > 0 else 0.0
-            return (threshold_sparsify(x, thresholds[name]),)
-        return hook
-    return make
+    def add(self, key: str, chunk: int, x: torch.Tensor) -> bool:
+        """Hand in ``chunk``'s input at ``key`` (once; q/k/v, gate/up share one); whether every chunk's is in."""
+        if key not in self.sorted and chunk not in self.seen[key]:
+            width = x.shape[-1]
+            if key not in self.drawn:
+                total = sum(self.tokens) * width
+                self.drawn[key] = (torch.randint(total, (self.samples,), generator=self.generator)
+                                   if total > self.samples else None)
+            flat = x.abs().flatten()
+            if self.drawn[key] is not None:
+                start = int(self.starts[chunk]) * width
+                mine = self.drawn[key][(self.drawn[key] >= start) & (self.drawn[key] < start + flat.numel())]
+                flat = flat[mine - start]
+            self.seen[key][chunk] = flat
+            if len(self.seen[key]) == len(self.tokens):
+                self.sorted[key] = torch.cat([self.seen[key][c] for c in range(len(self.tokens))]).sort().values
+                del self.seen[key]
+        return key in self.sorted
+
+    def at(self, key: str, level: float) -> float:
+        """The ``level``-quantile at ``key`` (0 where it keeps every entry)."""
+        values = self.sorted[key]
+        rank = round(level * len(values))
+        return float(values[rank - 1]) if rank > 0 else 0.0
 
 
 def _linear(layer: torch.nn.Module, p) -> torch.nn.Module:

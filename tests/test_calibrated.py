@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from acttail_export.allocation import BUDGET_TOLERANCE, allocate, effective_sparsity
-from acttail_export.calibration import SAMPLES_PER_INPUT, Calibration, calibration_ids, threshold_hooks
+from acttail_export.calibration import SAMPLES_PER_INPUT, Calibration, calibration_ids
 from acttail_export.fisher import calibrated_sparsity, split_budget, topk_curves
 from acttail_export.greedy import search_block
-from acttail_export.kernels.topk import topk_sparsify
+from acttail_export.kernels.topk import threshold_sparsify, topk_sparsify
 from acttail_export.methods import Method, build_block
-from acttail_export.weights import Projection
-from conftest import read_block, run_cli, run_fresh_json
+from acttail_export.weights import Projection, resolve_model
+from conftest import TINY_ARCHITECTURES, make_tiny_model, read_block, run_cli, run_fresh_json
 from test_cli_errors import assert_one_line_failure
 
 SEQLEN = 128
@@ -52,19 +52,73 @@ def alphas(smollm2):
     return estimator_alphas(smollm2, ("mid",), log=lambda line: None)["mid"]
 
 
-def test_layerwise_thresholds_equal_the_whole_model_pass(smollm2, calibration, whole_model, alphas):
-    modules = allocate(smollm2.projections, alphas, 0.5)
-    expected = {}
-    hook = threshold_hooks(modules, expected, SAMPLES_PER_INPUT)
-    handles = [whole_model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in modules]
+def whole_model_thresholds(model, ids: torch.Tensor, modules: dict, samples: int) -> dict[str, float]:
+    """The thresholds' definition on the whole model, all windows in one batch: in forward order, t_p = the
+    s_p-quantile of |x| at p's input (over a seeded random subset of ``samples`` entries when there are more), the
+    input thresholded before the model goes on."""
+    generator = torch.Generator().manual_seed(0)
+    last = {"input": None, "sorted": None}  # q/k/v (gate/up) are called with one input object: sampled once
+    thresholds = {}
+
+    def hook(name):
+        def threshold(module, args):
+            x = args[0]
+            if last["input"] is not x:
+                flat = x.abs().flatten()
+                if flat.numel() > samples:
+                    flat = flat[torch.randint(flat.numel(), (samples,), generator=generator)]
+                last.update(input=x, sorted=flat.sort().values)
+            rank = round(modules[name].sparsity * len(last["sorted"]))
+            thresholds[name] = float(last["sorted"][rank - 1]) if rank > 0 else 0.0
+            return (threshold_sparsify(x, thresholds[name]),)
+        return threshold
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in modules]
     try:
         with torch.inference_mode():
-            whole_model(input_ids=calibration.ids, use_cache=False, logits_to_keep=1)
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
     finally:
         for handle in handles:
             handle.remove()
+    return thresholds
+
+
+def test_layerwise_thresholds_equal_the_whole_model_pass(smollm2, calibration, whole_model, alphas):
+    modules = allocate(smollm2.projections, alphas, 0.5)
+    expected = whole_model_thresholds(whole_model, calibration.ids, modules, SAMPLES_PER_INPUT)
     assert len(expected) == 210 and all(t > 0 for t in expected.values())
     assert calibration.thresholds(modules) == expected  # bit for bit: the same operations on the same batch
+
+
+@pytest.mark.parametrize("chunk_tokens", [SEQLEN, 3 * SEQLEN])
+def test_thresholds_in_chunks_of_windows_equal_one_batch(smollm2, wiki_text, whole_model, alphas, chunk_tokens):
+    """Windows run through each layer a chunk at a time (4 or 2 chunks; the last one shorter) give the thresholds of
+    the whole batch, sampled entries included (fewer samples than entries here), up to float rounding."""
+    ids = calibration_ids(smollm2, wiki_text, 4, SEQLEN)
+    modules = allocate(smollm2.projections, alphas, 0.5)
+    samples = 40_000  # of 4 x 128 x 576 = 295k entries at q/k/v's input
+    expected = whole_model_thresholds(whole_model, ids, modules, samples)
+    chunked = Calibration(smollm2, ids, samples=samples, chunk_tokens=chunk_tokens, progress=False)
+    assert chunked.chunk_windows < 4
+    got = chunked.thresholds(modules)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert got[name] == pytest.approx(expected[name], rel=1e-4, abs=1e-6), name
+
+
+@pytest.mark.parametrize("arch,overrides", [(arch, {}) for arch in TINY_ARCHITECTURES] +
+                         [("mistral", {"sliding_window": 8}), ("qwen2", {"use_sliding_window": True, "sliding_window": 8,
+                                                                          "max_window_layers": 1})])
+def test_thresholds_in_chunks_equal_one_batch_on_every_architecture(tmp_path, arch, overrides):
+    source = resolve_model(str(make_tiny_model(arch, tmp_path / arch, initializer_range=0.2, **overrides)))
+    ids = torch.randint(source.config["vocab_size"], (3, 24), generator=torch.Generator().manual_seed(1))
+    modules = allocate(source.projections, {p.name: 2.0 for p in source.projections}, 0.5, "uniform")
+    one_batch = Calibration(source, ids, samples=1000, progress=False).thresholds(modules)
+    chunked = Calibration(source, ids, samples=1000, chunk_tokens=40, progress=False)  # 1 window a chunk
+    assert chunked.chunk_windows == 1
+    got = chunked.thresholds(modules)
+    assert all(t > 0 for t in one_batch.values())
+    assert got == pytest.approx(one_batch, rel=1e-5)
 
 
 def test_layerwise_greedy_rows_equal_the_whole_model_search(smollm2, calibration, whole_model):
