@@ -132,23 +132,23 @@ class Calibration:
             for i in range(len(self.model.layers)):
                 with self.model.loaded(f"model.layers.{i}") as layer:
                     quantiles = _Quantiles(self.samples, tokens, generator)
-                    outputs = [None] * len(chunks)
-                    while any(out is None for out in outputs):
+                    done = [False] * len(chunks)
+                    while not all(done):
                         for c, (hidden, calls) in enumerate(chunks):
-                            if outputs[c] is not None:
+                            if done[c]:
                                 continue
                             handles = [_linear(layer, p).register_forward_pre_hook(
                                 hook(quantiles, p.name, modules[p.name].sparsity, INPUT_OF[p.kind], c))
                                 for p in self.by_layer.get(i, ()) if p.name in modules]
                             try:
                                 with torch.no_grad():
-                                    outputs[c] = self.model.run(layer, hidden, calls[i])
+                                    chunks[c] = (self.model.run(layer, hidden, calls[i]), calls)  # the input is freed
+                                done[c] = True
                             except _Stop:
                                 pass
                             finally:
                                 for handle in handles:
                                     handle.remove()
-                    chunks = [(out, calls) for out, (_, calls) in zip(outputs, chunks)]
                 bar.update()
         return thresholds
 
